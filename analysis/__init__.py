@@ -1,0 +1,1 @@
+"""fgm.analysis"""

@@ -1,0 +1,98 @@
+"""Typed rows of the warehouse tables (sqlmodel). schema.sql is the definition;
+tests/test_schema.py checks that these classes match it column for column."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Field, SQLModel
+
+
+class Sweep(SQLModel):
+    __tablename__ = "sweeps"
+    sweep_id: str = Field(primary_key=True)
+    name: str
+    dataset: str | None = None
+    config: str | None = None  # JSON
+    code_version: str | None = None
+    created_at: datetime | None = None
+
+
+class Model(SQLModel):
+    __tablename__ = "models"
+    model_id: str = Field(primary_key=True)
+    sweep_id: str
+    dataset: str
+    seed: int
+    config_hash: str
+    status: str
+    created_at: datetime | None = None
+
+
+class Hyperparameter(SQLModel):
+    __tablename__ = "hyperparameters"
+    model_id: str = Field(primary_key=True)
+    axis: str = Field(primary_key=True)
+    level: int
+    value_text: str
+    value_num: float | None = None
+
+
+class Checkpoint(SQLModel):
+    __tablename__ = "checkpoints"
+    model_id: str = Field(primary_key=True)
+    role: str = Field(primary_key=True)
+    path: str
+    sha256: str
+    bytes: int
+
+
+class TracePoint(SQLModel):
+    __tablename__ = "traces"
+    model_id: str = Field(primary_key=True)
+    step: int = Field(primary_key=True)
+    epoch: float
+    train_loss: float | None = None
+    lr: float | None = None
+    seconds: float | None = None
+
+
+class Outcome(SQLModel):
+    __tablename__ = "outcomes"
+    model_id: str = Field(primary_key=True)
+    train_acc: float | None = None
+    test_acc: float | None = None
+    train_loss: float | None = None
+    test_loss: float | None = None
+    gap: float
+    converged: bool | None = None
+    steps: int | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+
+
+class MeasureValue(SQLModel):
+    __tablename__ = "measures"
+    model_id: str = Field(primary_key=True)
+    measure: str = Field(primary_key=True)
+    value: float | None = None
+    status: str
+    error: str | None = None
+    params: str | None = None  # JSON
+    computed_at: datetime
+    code_version: str | None = None
+
+
+class MeasureDefinition(SQLModel):
+    __tablename__ = "measure_definitions"
+    measure: str = Field(primary_key=True)
+    equation: str | None = None
+    family: str | None = None
+    needs: list[str] | None = None
+    description: str | None = None
+
+
+ROW_CLASSES: tuple[type[SQLModel], ...] = (
+    Sweep, Model, Hyperparameter, Checkpoint, TracePoint, Outcome, MeasureValue,
+    MeasureDefinition,
+)

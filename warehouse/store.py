@@ -1,0 +1,151 @@
+"""The DuckDB store: find the file, open it, apply schema.sql and the views.
+
+Writers open the file read-write (one process at a time, DuckDB's rule);
+queries open it read-only. schema.sql is the only definition of the tables;
+views come from warehouse/views/*.sql, one view per file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+
+import duckdb
+
+from .errors import FgmError, SchemaVersionError, WarehouseLocked
+
+DEFAULT_DB = "fgm.duckdb"
+_PKG = files("fgm.warehouse")
+
+
+def schema_sql() -> str:
+    return _PKG.joinpath("schema.sql").read_text()
+
+
+def _declared_version(sql: str) -> int:
+    match = re.search(r"'schema_version',\s*'(\d+)'", sql)
+    if match is None:  # pragma: no cover - guards edits to schema.sql
+        raise RuntimeError("schema.sql does not declare a schema_version")
+    return int(match.group(1))
+
+
+SCHEMA_VERSION = _declared_version(schema_sql())
+
+
+def view_files() -> dict[str, str]:
+    """{view name: SELECT body} from warehouse/views/*.sql, in file-name order."""
+    views = _PKG.joinpath("views")
+    return {
+        Path(f.name).stem: f.read_text()
+        for f in sorted(views.iterdir(), key=lambda f: f.name)
+        if f.name.endswith(".sql")
+    }
+
+
+def resolve_db(db: str | os.PathLike | None = None) -> Path:
+    """--db, else $FGM_DB, else ./fgm.duckdb."""
+    return Path(db or os.environ.get("FGM_DB") or DEFAULT_DB)
+
+
+def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        text = str(exc)
+        if "lock" in text.lower():
+            holder = re.search(r"held in (.*)", text)
+            who = f" ({holder.group(1).split('. See')[0]})" if holder else ""
+            raise WarehouseLocked(
+                f"{path}: the warehouse is in use by another process{who}. "
+                "Wait for it to finish, or use another --db.") from None
+        raise FgmError(f"{path}: cannot open the warehouse: {text}") from None
+    except duckdb.Error as exc:
+        raise FgmError(f"{path}: not a DuckDB warehouse ({exc})") from None
+
+
+def stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    has_meta = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_name = 'fgm_meta' AND table_schema = 'main'").fetchone()[0]
+    if not has_meta:
+        return None
+    row = con.execute("SELECT value FROM fgm_meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else None
+
+
+def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    found = stored_version(con)
+    if found is not None and found > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path}: the warehouse has schema version {found}, newer than this fgm "
+            f"understands (version {SCHEMA_VERSION}). Upgrade fgm to read it.")
+    if found is not None and found < SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path}: the warehouse has schema version {found}, older than this fgm "
+            f"(version {SCHEMA_VERSION}), and no migration exists for it.")
+
+
+def apply_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Apply schema.sql and (re)create the views. Idempotent."""
+    con.execute(schema_sql())
+    apply_views(con)
+
+
+def apply_views(con: duckdb.DuckDBPyConnection) -> None:
+    pending = view_files()
+    # Views are bound when created, so one may need another first: create in
+    # passes until every file is done; a pass that creates none is an error.
+    while pending:
+        failed: dict[str, Exception] = {}
+        for name, body in pending.items():
+            try:
+                con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {body}')
+            except duckdb.CatalogException as exc:
+                failed[name] = exc
+        if len(failed) == len(pending):
+            name, exc = next(iter(failed.items()))
+            raise RuntimeError(f"warehouse/views/{name}.sql: {exc}")
+        pending = {name: pending[name] for name in failed}
+
+
+def connect(db: str | os.PathLike | None = None, *,
+            read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse. Writers get schema.sql applied; readers get a version check."""
+    path = resolve_db(db)
+    if read_only:
+        if not path.exists():
+            raise FgmError(
+                f"{path}: no warehouse here. Ingest a results table (fgm-ingest) or train "
+                "a grid (fgm-train grid) first, or point --db / $FGM_DB at one.")
+        con = _open(path, read_only=True)
+        _check_version(con, path)
+        if stored_version(con) is None:
+            con.close()
+            raise FgmError(f"{path}: a DuckDB file, but not an fgm warehouse (no fgm_meta).")
+        return con
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    con = _open(path, read_only=False)
+    try:
+        _check_version(con, path)
+        apply_schema(con)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """All or nothing: on any error the warehouse is left exactly as it was."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
