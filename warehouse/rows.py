@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import ARRAY, Column, String
 from sqlmodel import Field, SQLModel
 
 
-class Sweep(SQLModel):
+class Sweep(SQLModel, table=True):
     __tablename__ = "sweeps"
     sweep_id: str = Field(primary_key=True)
     name: str
@@ -18,7 +19,7 @@ class Sweep(SQLModel):
     created_at: datetime | None = None
 
 
-class Model(SQLModel):
+class Model(SQLModel, table=True):
     __tablename__ = "models"
     model_id: str = Field(primary_key=True)
     sweep_id: str
@@ -29,7 +30,7 @@ class Model(SQLModel):
     created_at: datetime | None = None
 
 
-class Hyperparameter(SQLModel):
+class Hyperparameter(SQLModel, table=True):
     __tablename__ = "hyperparameters"
     model_id: str = Field(primary_key=True)
     axis: str = Field(primary_key=True)
@@ -38,7 +39,7 @@ class Hyperparameter(SQLModel):
     value_num: float | None = None
 
 
-class Checkpoint(SQLModel):
+class Checkpoint(SQLModel, table=True):
     __tablename__ = "checkpoints"
     model_id: str = Field(primary_key=True)
     role: str = Field(primary_key=True)
@@ -47,7 +48,7 @@ class Checkpoint(SQLModel):
     bytes: int
 
 
-class TracePoint(SQLModel):
+class TracePoint(SQLModel, table=True):
     __tablename__ = "traces"
     model_id: str = Field(primary_key=True)
     step: int = Field(primary_key=True)
@@ -57,7 +58,7 @@ class TracePoint(SQLModel):
     seconds: float | None = None
 
 
-class Outcome(SQLModel):
+class Outcome(SQLModel, table=True):
     __tablename__ = "outcomes"
     model_id: str = Field(primary_key=True)
     train_acc: float | None = None
@@ -71,7 +72,7 @@ class Outcome(SQLModel):
     test_size: int | None = None
 
 
-class MeasureValue(SQLModel):
+class MeasureValue(SQLModel, table=True):
     __tablename__ = "measures"
     model_id: str = Field(primary_key=True)
     measure: str = Field(primary_key=True)
@@ -83,12 +84,12 @@ class MeasureValue(SQLModel):
     code_version: str | None = None
 
 
-class MeasureDefinition(SQLModel):
+class MeasureDefinition(SQLModel, table=True):
     __tablename__ = "measure_definitions"
     measure: str = Field(primary_key=True)
     equation: str | None = None
     family: str | None = None
-    needs: list[str] | None = None
+    needs: list[str] | None = Field(default=None, sa_column=Column(ARRAY(String)))
     description: str | None = None
 
 

@@ -67,14 +67,20 @@ def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         raise FgmError(f"{path}: not a DuckDB warehouse ({exc})") from None
 
 
+def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None):
+    """The first column of the first row, or None. Fetches the whole result:
+    DuckDB refuses further work on a connection while a result is half read."""
+    rows = con.execute(sql, params or []).fetchall()
+    return rows[0][0] if rows else None
+
+
 def stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
-    has_meta = con.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_name = 'fgm_meta' AND table_schema = 'main'").fetchone()[0]
+    has_meta = scalar(con, "SELECT count(*) FROM information_schema.tables "
+                      "WHERE table_name = 'fgm_meta' AND table_schema = 'main'")
     if not has_meta:
         return None
-    row = con.execute("SELECT value FROM fgm_meta WHERE key = 'schema_version'").fetchone()
-    return int(row[0]) if row else None
+    value = scalar(con, "SELECT value FROM fgm_meta WHERE key = 'schema_version'")
+    return int(value) if value is not None else None
 
 
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:

@@ -1,0 +1,93 @@
+"""What every fgm CLI shares: --db, --format, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import polars as pl
+
+from .errors import FgmError
+
+FORMATS = ("table", "csv", "json")
+
+db_option = click.option(
+    "--db", type=click.Path(dir_okay=False), default=None, envvar="FGM_DB",
+    help="The warehouse file (default: $FGM_DB, else ./fgm.duckdb).")
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+    help="Output format.")
+
+
+def friendly_errors(func: Callable) -> Callable:
+    """Turn FgmError (and DuckDB's own errors) into one line on stderr and exit 1."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FgmError as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null, numpy scalars plain Python."""
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(clean(obj), indent=None, default=str)
+
+
+def _plain_table(frame: pl.DataFrame, title: str | None) -> str:
+    def fmt(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.6g}"
+        return str(v)
+    cells = [[fmt(v) for v in row] for row in frame.iter_rows()]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(frame.columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.ljust(w) for c, w in zip(frame.columns, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) if _numeric(c) else c.ljust(w)
+                        for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def emit_frame(frame: pl.DataFrame, fmt: str, *, title: str | None = None) -> None:
+    """Print a result frame as an aligned table, CSV, or a JSON array of row objects."""
+    if fmt == "json":
+        click.echo(to_json(frame.to_dicts()))
+    elif fmt == "csv":
+        flat = frame.with_columns(
+            pl.col(c).cast(pl.String) for c, t in frame.schema.items() if t.is_nested())
+        click.echo(flat.write_csv(), nl=False)
+    else:
+        click.echo(_plain_table(frame, title))
+
+
+def echo_err(message: str) -> None:
+    click.echo(message, file=sys.stderr)
