@@ -1,0 +1,349 @@
+"""Results tables (SPEC §5): one row per model, read into the warehouse.
+
+Columns: `hp.<axis>` (value), optional `level.<axis>` (else the dense rank of
+the value on its axis, ascending), `complexity.<measure>`, `train_acc` and
+`test_acc` (fractions) or `gen.gap`, optional `model_id`, `seed`, `dataset`,
+`is.converged`. This is the convention of the public table of 10,000 models
+from "In Search of Robust Measures of Generalization" (Dziugaite et al. 2020).
+
+Everything is checked before anything is written; the write is one
+transaction, so a bad table leaves the warehouse exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import polars as pl
+from fgm.warehouse import InputError, code_version, transaction
+from fgm.warehouse.upsert import upsert
+
+NULL_TOKENS = ["", "na", "nan", "null", "none", "n/a"]
+TRUE_TOKENS = {"true", "1", "yes", "t", "y", "1.0"}
+FALSE_TOKENS = {"false", "0", "no", "f", "n", "0.0"}
+KNOWN = {"model_id", "seed", "dataset", "train_acc", "test_acc", "gen.gap", "is.converged"}
+
+
+@dataclass
+class ParsedTable:
+    """A results table split into the warehouse's tables (Polars frames)."""
+    path: Path
+    models: pl.DataFrame
+    hyperparameters: pl.DataFrame
+    outcomes: pl.DataFrame
+    measures: pl.DataFrame
+    axes: list[str]
+    measure_names: list[str]
+    ignored_columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IngestSummary:
+    path: Path
+    models: tuple[int, int, int]   # added, updated, unchanged
+    n_measures: int
+    values: tuple[int, int, int]   # added, updated, unchanged
+    ignored_columns: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        m, v = self.models, self.values
+        lines = [
+            f"{self.path}: {sum(m)} models ({m[0]} added, {m[1]} updated, {m[2]} unchanged), "
+            f"{self.n_measures} measures, {sum(v)} values "
+            f"({v[0]} added, {v[1]} updated, {v[2]} unchanged)"]
+        if self.ignored_columns:
+            lines.append(f"ignored columns (not part of the format): "
+                         f"{', '.join(self.ignored_columns)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_table(path: Path) -> pl.DataFrame:
+    """CSV (every column read as text, so that each cell is checked by us) or Parquet."""
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "the file is empty: expected a header and one row per model")
+    try:
+        if suffix == ".csv":
+            frame = pl.read_csv(path, infer_schema=False, null_values=None)
+        elif suffix in (".parquet", ".pq"):
+            frame = pl.read_parquet(path)
+        else:
+            raise InputError(path, "expected a .csv or .parquet results table")
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(path, f"cannot be read as {suffix[1:]}: {exc}") from None
+    if frame.height == 0:
+        raise InputError(path, "the table has no rows: expected one row per model")
+    return frame
+
+
+def _row_label(path: Path, index: int) -> int:
+    """1-based data row (the header is not a row)."""
+    return index + 1
+
+
+def _as_text(frame: pl.DataFrame, col: str) -> pl.Series:
+    s = frame[col]
+    if s.dtype == pl.String:
+        text = s.str.strip_chars()
+    else:
+        text = s.cast(pl.String)
+    return pl.Series(col, [None if t is None or t.lower() in NULL_TOKENS else t
+                           for t in text.to_list()], dtype=pl.String)
+
+
+def _as_float(path: Path, frame: pl.DataFrame, col: str, *, required: bool) -> pl.Series:
+    s = frame[col]
+    if s.dtype.is_numeric() or s.dtype == pl.Boolean:
+        values = s.cast(pl.Float64)
+        values = values.fill_nan(None)
+    else:
+        text = _as_text(frame, col)
+        values = text.cast(pl.Float64, strict=False).fill_nan(None)
+        bad = (text.is_not_null() & values.is_null()).arg_true()
+        if bad.len():
+            i = bad[0]
+            raise InputError(path, f"expected a number, found {text[i]!r}",
+                             row=_row_label(path, i), column=col)
+    if required and values.null_count():
+        i = values.is_null().arg_true()[0]
+        raise InputError(path, "a value is required here", row=_row_label(path, i), column=col)
+    return values.alias(col)
+
+
+def _canonical(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+# --------------------------------------------------------------------------- parsing
+
+def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
+                dataset: str | None = None, sweep_id: str = "") -> ParsedTable:
+    path = Path(path)
+    frame = read_table(path) if frame is None else frame
+    cols = frame.columns
+    if len(set(cols)) != len(cols):
+        raise InputError(path, "duplicate column names in the header")
+    hp_cols = [c for c in cols if c.startswith("hp.")]
+    level_cols = [c for c in cols if c.startswith("level.")]
+    measure_cols = [c for c in cols if c.startswith("complexity.")]
+    ignored = [c for c in cols if c not in KNOWN and c not in hp_cols + level_cols + measure_cols]
+    axes = [c[3:] for c in hp_cols]
+    for c in level_cols:
+        if c[6:] not in axes:
+            raise InputError(path, f"there is no hp.{c[6:]} column for this level", column=c)
+
+    # the gap: gen.gap, or train_acc - test_acc
+    train_acc = test_acc = None
+    if "train_acc" in cols or "test_acc" in cols:
+        if not {"train_acc", "test_acc"} <= set(cols):
+            raise InputError(path, "train_acc and test_acc go together: one is missing")
+        train_acc = _as_float(path, frame, "train_acc", required="gen.gap" not in cols)
+        test_acc = _as_float(path, frame, "test_acc", required="gen.gap" not in cols)
+        for s in (train_acc, test_acc):
+            out = ((s < 0) | (s > 1)).arg_true()
+            if out.len():
+                raise InputError(path, f"expected an accuracy as a fraction in [0, 1], "
+                                 f"found {s[out[0]]}", row=_row_label(path, out[0]),
+                                 column=s.name)
+    if "gen.gap" in cols:
+        gap = _as_float(path, frame, "gen.gap", required=True)
+        if train_acc is not None:
+            off = ((train_acc - test_acc - gap).abs() > 1e-6).fill_null(False).arg_true()
+            if off.len():
+                i = off[0]
+                raise InputError(path, f"gen.gap {gap[i]} disagrees with train_acc - test_acc = "
+                                 f"{train_acc[i] - test_acc[i]}", row=_row_label(path, i),
+                                 column="gen.gap")
+    elif train_acc is not None:
+        gap = (train_acc - test_acc).alias("gen.gap")
+    else:
+        raise InputError(path, "no gap columns: expected train_acc and test_acc (fractions), "
+                         f"or gen.gap. Columns found: {', '.join(cols)}")
+
+    n = frame.height
+    seeds = _as_float(path, frame, "seed", required=True) if "seed" in cols else \
+        pl.Series("seed", [0.0] * n)
+    if (seeds != seeds.round(0)).any():
+        i = (seeds != seeds.round(0)).arg_true()[0]
+        raise InputError(path, f"expected an integer seed, found {seeds[i]}",
+                         row=_row_label(path, i), column="seed")
+    seeds = seeds.cast(pl.Int64)
+    if "dataset" in cols:
+        datasets = _as_text(frame, "dataset").fill_null(dataset or "unknown")
+    else:
+        datasets = pl.Series("dataset", [dataset or "unknown"] * n)
+    converged = pl.Series("converged", [None] * n, dtype=pl.Boolean)
+    if "is.converged" in cols:
+        text = _as_text(frame, "is.converged")
+        vals = []
+        for i, t in enumerate(text.to_list()):
+            if t is None:
+                vals.append(None)
+            elif t.lower() in TRUE_TOKENS:
+                vals.append(True)
+            elif t.lower() in FALSE_TOKENS:
+                vals.append(False)
+            else:
+                raise InputError(path, f"expected true/false, found {t!r}",
+                                 row=_row_label(path, i), column="is.converged")
+        converged = pl.Series("converged", vals, dtype=pl.Boolean)
+
+    # hyperparameters: value as text and number, level given or dense-ranked
+    hp_parts = []
+    canon_values = {}
+    for axis in axes:
+        col = f"hp.{axis}"
+        text = _as_text(frame, col)
+        if text.null_count():
+            i = text.is_null().arg_true()[0]
+            raise InputError(path, "a hyperparameter value is required", row=_row_label(path, i),
+                             column=col)
+        num = text.cast(pl.Float64, strict=False)
+        numeric = num.null_count() == 0
+        value_text = num.map_elements(_canonical, return_dtype=pl.String) if numeric else text
+        value_num = num if numeric else pl.Series([None] * n, dtype=pl.Float64)
+        if f"level.{axis}" in cols:
+            lv = _as_float(path, frame, f"level.{axis}", required=True)
+            bad = ((lv < 0) | (lv != lv.round(0))).arg_true()
+            if bad.len():
+                raise InputError(path, f"expected a level 0, 1, 2, ..., found {lv[bad[0]]}",
+                                 row=_row_label(path, bad[0]), column=f"level.{axis}")
+            level = lv.cast(pl.Int64)
+        else:
+            key = value_num if numeric else value_text
+            level = (key.rank("dense") - 1).cast(pl.Int64)
+        part = pl.DataFrame({"row": range(n), "axis": axis, "level": level,
+                             "value_text": value_text, "value_num": value_num})
+        clash = part.group_by("value_text").agg(pl.col("level").n_unique().alias("k"),
+                                                pl.col("row"), pl.col("level"))
+        clash = clash.filter(pl.col("k") > 1)
+        if clash.height:
+            r = clash.row(0, named=True)
+            rows, levels = r["row"], r["level"]
+            j = next(k for k in range(len(rows)) if levels[k] != levels[0])
+            raise InputError(path, f"value {r['value_text']} has level {levels[0]} in row "
+                             f"{rows[0] + 1} but level {levels[j]} here",
+                             row=rows[j] + 1, column=f"level.{axis}")
+        hp_parts.append(part)
+        canon_values[axis] = value_num.to_list() if numeric else value_text.to_list()
+
+    config = [{axis: canon_values[axis][i] for axis in axes} for i in range(n)]
+    config_hash = [hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()
+                   for c in config]
+    if "model_id" in cols:
+        ids = _as_text(frame, "model_id")
+        if ids.null_count():
+            i = ids.is_null().arg_true()[0]
+            raise InputError(path, "empty model_id", row=_row_label(path, i), column="model_id")
+    else:
+        ids = pl.Series("model_id", [
+            hashlib.sha256(f"{h}|{d}|{s}".encode()).hexdigest()[:16]
+            for h, d, s in zip(config_hash, datasets.to_list(), seeds.to_list(), strict=True)])
+    dup = pl.DataFrame({"id": ids, "row": range(n)}).group_by("id").agg(pl.col("row"))
+    dup = dup.filter(pl.col("row").list.len() > 1)
+    if dup.height:
+        r = dup.row(0, named=True)
+        what = "model_id" if "model_id" in cols else "configuration, seed and dataset"
+        raise InputError(path, f"duplicate {what} {r['id']!r}: also in row {r['row'][0] + 1}",
+                         row=r["row"][1] + 1, column="model_id" if "model_id" in cols else None)
+
+    ids = ids.alias("model_id")
+    models = pl.DataFrame({"model_id": ids, "sweep_id": sweep_id, "dataset": datasets,
+                           "seed": seeds, "config_hash": config_hash, "status": "done"})
+    hyperparameters = (pl.concat(hp_parts).join(pl.DataFrame({"row": range(n), "model_id": ids}),
+                                                on="row").drop("row")
+                       if hp_parts else
+                       pl.DataFrame(schema={"axis": pl.String, "level": pl.Int64,
+                                            "value_text": pl.String, "value_num": pl.Float64,
+                                            "model_id": pl.String}))
+    outcomes = pl.DataFrame({
+        "model_id": ids, "train_acc": train_acc if train_acc is not None else [None] * n,
+        "test_acc": test_acc if test_acc is not None else [None] * n,
+        "gap": gap, "converged": converged}, schema_overrides={
+            "train_acc": pl.Float64, "test_acc": pl.Float64})
+    measure_names = [c[len("complexity."):] for c in measure_cols]
+    if measure_cols:
+        values = pl.DataFrame([ids] + [_as_float(path, frame, c, required=False)
+                                       .alias(c[len("complexity."):]) for c in measure_cols])
+        measures = values.unpivot(index="model_id", variable_name="measure", value_name="value")
+    else:
+        measures = pl.DataFrame(schema={"model_id": pl.String, "measure": pl.String,
+                                        "value": pl.Float64})
+    return ParsedTable(path, models, hyperparameters, outcomes, measures, axes, measure_names,
+                       ignored)
+
+
+# --------------------------------------------------------------------------- writing
+
+def sweep_id_for(name: str) -> str:
+    return hashlib.sha256(f"sweep:{name}".encode()).hexdigest()[:16]
+
+
+def _check_levels_against_warehouse(con: duckdb.DuckDBPyConnection,
+                                    parsed: ParsedTable) -> None:
+    con.register("_incoming_levels", parsed.hyperparameters)
+    try:
+        clash = con.sql("""
+            SELECT i.model_id, i.axis, i.value_text, i.level, h.level AS stored, h.model_id AS other
+            FROM _incoming_levels AS i
+            JOIN hyperparameters AS h USING (axis, value_text)
+            WHERE h.level <> i.level AND h.model_id NOT IN (SELECT model_id FROM _incoming_levels)
+            LIMIT 1""").fetchall()
+    finally:
+        con.unregister("_incoming_levels")
+    if clash:
+        model_id, axis, value, level, stored, other = clash[0]
+        row = parsed.models["model_id"].to_list().index(model_id) + 1
+        raise InputError(parsed.path, f"{axis} = {value} has level {level} here, but the "
+                         f"warehouse already stores level {stored} for that value (model "
+                         f"{other}). Give level.{axis} explicitly so the levels agree.",
+                         row=row, column=f"hp.{axis}")
+
+
+def ingest_table(con: duckdb.DuckDBPyConnection, path: Path | str, *,
+                 frame: pl.DataFrame | None = None, sweep: str | None = None,
+                 dataset: str | None = None) -> IngestSummary:
+    """Validate, then write a results table in one transaction. `frame` gives the
+    table in memory (then `path` only names it in messages)."""
+    path = Path(path)
+    name = sweep or path.stem
+    sid = sweep_id_for(name)
+    parsed = parse_table(path, frame, dataset=dataset, sweep_id=sid)
+    now = datetime.now().replace(microsecond=0)
+    version = code_version()
+    datasets = parsed.models["dataset"].unique().to_list()
+    sweeps = pl.DataFrame({
+        "sweep_id": [sid], "name": [name],
+        "dataset": [datasets[0] if len(datasets) == 1 else None],
+        "config": [json.dumps({"source": str(path.resolve()), "axes": parsed.axes})],
+        "code_version": [version]})
+    measures = parsed.measures.with_columns(
+        pl.when(pl.col("value").is_null()).then(pl.lit("missing")).otherwise(pl.lit("ok"))
+        .alias("status"),
+        pl.when(pl.col("value").is_null()).then(pl.lit("empty in the results table"))
+        .otherwise(pl.lit(None, pl.String)).alias("error"),
+        pl.lit(json.dumps({"source": str(path.name)})).alias("params"),
+        pl.lit(now).alias("computed_at"), pl.lit(version).alias("code_version"))
+    with transaction(con):
+        _check_levels_against_warehouse(con, parsed)
+        upsert(con, "sweeps", sweeps, ["sweep_id"], ignore=("code_version", "config"))
+        touched = [upsert(con, "models", parsed.models, ["model_id"]),
+                   upsert(con, "hyperparameters", parsed.hyperparameters, ["model_id", "axis"]),
+                   upsert(con, "outcomes", parsed.outcomes, ["model_id"])]
+        values = upsert(con, "measures", measures, ["model_id", "measure"],
+                        ignore=("computed_at", "code_version", "params"))
+    added = set(touched[0].added["model_id"].to_list())
+    changed = set().union(*(t.updated["model_id"].to_list() for t in touched),
+                          touched[1].added["model_id"].to_list()) - added
+    n = parsed.models.height
+    return IngestSummary(path, (len(added), len(changed), n - len(added) - len(changed)),
+                         len(parsed.measure_names), values.counts(), parsed.ignored_columns)
