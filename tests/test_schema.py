@@ -1,0 +1,92 @@
+import duckdb
+import pytest
+from fgm.warehouse import SCHEMA_VERSION, SchemaVersionError, apply_schema, connect, resolve_db
+from fgm.warehouse.rows import ROW_CLASSES
+from fgm.warehouse.store import schema_sql, view_files
+from sqlalchemy import ARRAY, Boolean, DateTime, Float, Integer, String, TypeDecorator
+from warehouse_fixture import TABLES, build_warehouse, dump
+
+
+def test_schema_applies_to_an_empty_database_and_reapplies_cleanly(db):
+    con = connect(db)
+    tables = {r[0] for r in con.sql("SELECT table_name FROM information_schema.tables "
+                                     "WHERE table_type = 'BASE TABLE'").fetchall()}
+    assert set(TABLES) <= tables
+    con.close()
+    before = dump(db)
+    con = connect(db)
+    apply_schema(con)
+    apply_schema(con)
+    con.close()
+    assert dump(db) == before
+
+
+def test_reapplying_keeps_data(db):
+    build_warehouse(db, {"hp.depth": [2, 4], "gen.gap": [0.1, 0.2], "complexity.m": [1.0, 2.0]})
+    before = dump(db)
+    con = connect(db)
+    con.execute(schema_sql())
+    con.close()
+    assert dump(db) == before and len(before["models"]) == 2
+
+
+def test_schema_version_is_stored(db):
+    connect(db).close()
+    con = duckdb.connect(str(db))
+    assert con.sql("SELECT value FROM fgm_meta WHERE key='schema_version'").fetchall() == [
+        (str(SCHEMA_VERSION),)]
+    con.close()
+
+
+def test_a_newer_warehouse_gives_a_clear_error(db):
+    connect(db).close()
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE fgm_meta SET value = '999' WHERE key = 'schema_version'")
+    con.close()
+    for read_only in (False, True):
+        with pytest.raises(SchemaVersionError, match=r"version 999, newer than this fgm"):
+            connect(db, read_only=read_only)
+
+
+def test_views_come_from_sql_files_one_per_file(db):
+    con = connect(db)
+    views = {r[0] for r in con.sql("SELECT view_name FROM duckdb_views() "
+                                   "WHERE NOT internal").fetchall()}
+    con.close()
+    assert set(view_files()) == views
+    assert {"model_measures", "model_outcomes"} <= views
+
+
+DUCK_TO_SA = {"VARCHAR": String, "INTEGER": Integer, "BIGINT": Integer, "DOUBLE": Float,
+              "BOOLEAN": Boolean, "TIMESTAMP": DateTime, "JSON": String}
+
+
+@pytest.mark.parametrize("row_class", ROW_CLASSES, ids=lambda c: c.__tablename__)
+def test_sqlmodel_rows_match_schema_sql(db, row_class):
+    con = connect(db)
+    cols = con.sql("SELECT column_name, data_type FROM information_schema.columns "
+                   "WHERE table_name = ? ORDER BY ordinal_position",
+                   params=[row_class.__tablename__]).fetchall()
+    keys = con.sql("SELECT constraint_column_names FROM duckdb_constraints() "
+                   "WHERE table_name = ? AND constraint_type = 'PRIMARY KEY'",
+                   params=[row_class.__tablename__]).fetchall()
+    con.close()
+    table = row_class.__table__
+    assert [c for c, _ in cols] == [c.name for c in table.columns]
+    for name, duck_type in cols:
+        sa_type = table.columns[name].type
+        if isinstance(sa_type, TypeDecorator):  # sqlmodel's AutoString wraps String
+            sa_type = sa_type.impl_instance
+        if duck_type.endswith("[]"):
+            assert isinstance(sa_type, ARRAY) and isinstance(sa_type.item_type, String)
+        else:
+            assert isinstance(sa_type, DUCK_TO_SA[duck_type]), (name, duck_type, sa_type)
+    assert set(keys[0][0]) == {c.name for c in table.primary_key.columns}
+
+
+def test_db_path_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("FGM_DB", raising=False)
+    assert str(resolve_db()) == "fgm.duckdb"
+    monkeypatch.setenv("FGM_DB", str(tmp_path / "env.duckdb"))
+    assert resolve_db() == tmp_path / "env.duckdb"
+    assert resolve_db(tmp_path / "x.duckdb") == tmp_path / "x.duckdb"

@@ -1,0 +1,33 @@
+"""Build small warehouses from in-memory tables, for any test that needs one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from fgm.ingest.table import ingest_table
+from fgm.warehouse import connect
+
+TABLES = ["fgm_meta", "sweeps", "models", "hyperparameters", "checkpoints", "traces",
+          "outcomes", "measures", "measure_definitions"]
+
+
+def build_warehouse(path: Path, table: pl.DataFrame | dict, *, sweep: str = "fixture",
+                    dataset: str | None = None) -> Path:
+    """Write `table` (results-table format, SPEC §5) into a new warehouse at `path`."""
+    frame = table if isinstance(table, pl.DataFrame) else pl.DataFrame(table)
+    con = connect(path)
+    try:
+        ingest_table(con, Path(f"{sweep}.csv"), frame=frame, sweep=sweep, dataset=dataset)
+    finally:
+        con.close()
+    return path
+
+
+def dump(path: Path) -> dict[str, list[tuple]]:
+    """Every row of every table, sorted: equal dumps mean an unchanged warehouse."""
+    con = connect(path, read_only=True)
+    try:
+        return {t: con.sql(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in TABLES}
+    finally:
+        con.close()
