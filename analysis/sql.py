@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import duckdb
 import polars as pl
+
 from fgm.warehouse import FgmError
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}

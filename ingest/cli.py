@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from fgm.warehouse import FgmError, connect
 from fgm.warehouse.cli import db_option, friendly_errors
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
+
 from fgm.warehouse import InputError, code_version, transaction
 from fgm.warehouse.upsert import upsert
 

@@ -2,11 +2,12 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from warehouse_fixture import build_warehouse, dump
+
 from fgm.ingest.cli import main as ingest_cli
 from fgm.ingest.synthetic import synthetic_table
 from fgm.ingest.table import ingest_table
 from fgm.warehouse import InputError, connect
-from warehouse_fixture import build_warehouse, dump
 
 GOOD = """\
 model_id,hp.lr,hp.optimizer,level.optimizer,complexity.a,complexity.b,train_acc,test_acc,is.converged

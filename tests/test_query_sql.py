@@ -5,8 +5,9 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
-from fgm.analysis.cli import main as query
 from warehouse_fixture import build_warehouse
+
+from fgm.analysis.cli import main as query
 
 TABLE = {"model_id": ["a", "b", "c"], "hp.depth": [2, 4, 8], "hp.optimizer": ["sgd", "adam", "sgd"],
          "train_acc": [1.0, 1.0, 0.99], "test_acc": [0.9, 0.8, 0.85],

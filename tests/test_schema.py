@@ -1,10 +1,11 @@
 import duckdb
 import pytest
+from sqlalchemy import ARRAY, Boolean, DateTime, Float, Integer, String, TypeDecorator
+from warehouse_fixture import TABLES, build_warehouse, dump
+
 from fgm.warehouse import SCHEMA_VERSION, SchemaVersionError, apply_schema, connect, resolve_db
 from fgm.warehouse.rows import ROW_CLASSES
 from fgm.warehouse.store import schema_sql, view_files
-from sqlalchemy import ARRAY, Boolean, DateTime, Float, Integer, String, TypeDecorator
-from warehouse_fixture import TABLES, build_warehouse, dump
 
 
 def test_schema_applies_to_an_empty_database_and_reapplies_cleanly(db):

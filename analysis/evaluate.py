@@ -1,0 +1,285 @@
+"""Evaluation over the warehouse: which models, which values, and the paper's
+quantities as the JSON objects of SPEC §5 and the Table 5 / Table 6 frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from fgm.warehouse import FgmError
+
+from .ranking import (
+    Conditioning,
+    big_psi,
+    cmi_by_set,
+    kendall_tau,
+    oracle_psi,
+    oracle_tau,
+    psi_per_axis,
+)
+
+ORACLE_EPS = (0.01, 0.02, 0.05, 0.1)
+# App. C.4: the level order believed to predict the gap, per axis (+1: larger
+# value → larger gap), and the optimizer order SGD < Adam < RMSProp.
+CANONICAL_DIRECTION = {"batch_size": 1.0, "depth": -1.0, "width": -1.0, "dropout": -1.0,
+                       "weight_decay": -1.0, "learning_rate": -1.0}
+CANONICAL_OPTIMIZERS = ("sgd", "adam", "rmsprop")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which models are evaluated (SPEC §1: converged only unless all_models)."""
+    where: str | None = None
+    dataset: str | None = None
+    sweep: str | None = None
+    all_models: bool = False
+
+
+@dataclass
+class Models:
+    """The evaluated models: ids, gaps, levels (n, k) and hyperparameter values."""
+    ids: np.ndarray
+    gap: np.ndarray
+    levels: np.ndarray
+    axes: list[str]
+    values: pl.DataFrame   # model_id, axis, value_text, value_num
+
+    def subset(self, keep: np.ndarray) -> Models:
+        ids = self.ids[keep]
+        return Models(ids, self.gap[keep], self.levels[keep], self.axes,
+                      self.values.filter(pl.col("model_id").is_in(ids.tolist())))
+
+
+def _names(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
+    return [r[0] for r in con.sql(sql).fetchall()]
+
+
+def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) -> Models:
+    conditions, params = [], []
+    if not sel.all_models:
+        conditions.append("included")
+    if sel.dataset:
+        conditions.append("dataset = ?")
+        params.append(sel.dataset)
+    if sel.sweep:
+        conditions.append("(sweep = ? OR sweep_id = ?)")
+        params += [sel.sweep, sel.sweep]
+    if sel.where:
+        conditions.append(f"model_id IN (SELECT model_id FROM hp_wide WHERE {sel.where})")
+    sql = "SELECT model_id, gap FROM model_outcomes"
+    if conditions:
+        sql += " WHERE " + " AND ".join(conditions)
+    try:
+        models = con.sql(sql + " ORDER BY model_id", params=params).pl()
+    except duckdb.BinderException as exc:
+        cols = [c for c in con.sql("SELECT * FROM hp_wide LIMIT 0").columns]
+        raise FgmError(f"--where {sel.where!r}: {str(exc).splitlines()[0]}. "
+                       f"Columns you can use: {', '.join(cols)}") from None
+    except duckdb.Error as exc:
+        raise FgmError(f"--where {sel.where!r}: {str(exc).splitlines()[0]}") from None
+    for name, value in (("dataset", sel.dataset), ("sweep", sel.sweep)):
+        if value and models.height == 0:
+            column = "name" if name == "sweep" else "dataset"
+            table = "sweeps" if name == "sweep" else "models"
+            known = _names(con, f"SELECT DISTINCT {column} FROM {table} ORDER BY 1")
+            if value not in known and not (name == "sweep" and value in _names(
+                    con, "SELECT sweep_id FROM sweeps")):
+                raise FgmError(f"unknown {name} {value!r}; the warehouse has: {', '.join(known)}")
+    hp = con.sql("SELECT h.model_id, h.axis, h.level, h.value_text, h.value_num "
+                 "FROM hyperparameters AS h JOIN model_outcomes AS o USING (model_id) "
+                 + ("WHERE " + " AND ".join(conditions) if conditions else ""),
+                 params=params).pl()
+    axes = sorted(hp["axis"].unique().to_list())
+    ids = models["model_id"]
+    if axes:
+        wide = hp.pivot(on="axis", index="model_id", values="level")
+        wide = pl.DataFrame({"model_id": ids}).join(wide, on="model_id", how="left")
+        levels = wide.select(axes).fill_null(-1).to_numpy().astype(np.int64)
+    else:
+        levels = np.zeros((models.height, 0), dtype=np.int64)
+    return Models(ids.to_numpy(), models["gap"].to_numpy().astype(np.float64), levels, axes,
+                  hp.drop("level"))
+
+
+def measure_names(con: duckdb.DuckDBPyConnection) -> list[str]:
+    return _names(con, "SELECT DISTINCT measure FROM measures ORDER BY measure")
+
+
+def measure_values(con: duckdb.DuckDBPyConnection, measure: str, models: Models):
+    """(μ, models restricted to those with a value). Unknown measure → error listing them."""
+    known = measure_names(con)
+    if measure not in known:
+        raise FgmError(f"unknown measure {measure!r}; the warehouse has: "
+                       f"{', '.join(known) if known else '(none)'}")
+    vals = con.sql("SELECT model_id, value FROM measures WHERE measure = ? AND value IS NOT NULL",
+                   params=[measure]).pl()
+    frame = pl.DataFrame({"model_id": models.ids}).join(vals, on="model_id", how="left")
+    mu = frame["value"].to_numpy().astype(np.float64)
+    keep = ~np.isnan(mu)
+    return mu[keep], models.subset(keep)
+
+
+# --------------------------------------------------------------------------- results
+
+def _num(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def psi_result(name: str, mu: np.ndarray, models: Models) -> dict:
+    psi = psi_per_axis(mu, models.gap, models.levels)
+    return {"measure": name, "n_models": int(len(mu)),
+            "tau": _num(kendall_tau(mu, models.gap)),
+            "psi": {a: _num(p) for a, p in zip(models.axes, psi, strict=True)},
+            "Psi": _num(big_psi(psi))}
+
+
+def _summarise_cmi(values: np.ndarray, cond: Conditioning, axes: list[str]) -> dict:
+    def best(size):
+        idx = [i for i, s in enumerate(cond.sets) if len(s) == size and np.isfinite(values[i])]
+        return min(idx, key=lambda i: values[i]) if idx else None
+    per_axis = {a: None for a in axes}
+    for i, s in enumerate(cond.sets):
+        if len(s) == 1:
+            per_axis[axes[s[0]]] = _num(values[i])
+    picks = {size: best(size) for size in (0, 1, 2)}
+    finite = [i for i in range(len(values)) if np.isfinite(values[i])]
+    k = min(finite, key=lambda i: values[i]) if finite else None
+    return {"per_axis": per_axis,
+            **{f"s{size}": (_num(values[i]) if i is not None else None)
+               for size, i in picks.items()},
+            "K": _num(values[k]) if k is not None else None,
+            "argmin": [axes[j] for j in cond.sets[k]] if k is not None else None}
+
+
+def cmi_result(name: str, mu: np.ndarray, models: Models, pgdl: bool = False) -> dict:
+    cond = Conditioning.build(models.levels, sizes=(2,) if pgdl else None)
+    summary = _summarise_cmi(cmi_by_set(mu, models.gap, cond, pgdl=pgdl), cond, models.axes)
+    if pgdl:
+        summary.update(per_axis={a: None for a in models.axes}, s0=None, s1=None)
+    return {"measure": name, "n_models": int(len(mu)), **summary}
+
+
+def oracle_result(models: Models, eps: float, draws: int = 10, seed: int = 0) -> dict:
+    """Noisy oracle g + N(0, ε²): τ and ψ exact in closed form; CMI by seeded Monte Carlo."""
+    psi = oracle_psi(models.gap, models.levels, eps)
+    cond = Conditioning.build(models.levels)
+    rng = np.random.default_rng(seed)
+    runs = [_summarise_cmi(cmi_by_set(models.gap + rng.normal(0.0, eps, len(models.gap)),
+                                      models.gap, cond), cond, models.axes)
+            for _ in range(draws)]
+    cmi = _mean_and_stderr(runs, models.axes)
+    return {"eps": float(eps), "n_models": int(len(models.gap)),
+            "tau": _num(oracle_tau(models.gap, eps)),
+            "psi": {a: _num(p) for a, p in zip(models.axes, psi, strict=True)},
+            "Psi": _num(big_psi(psi)),
+            "cmi": {"measure": f"oracle_{eps:g}", "n_models": int(len(models.gap)), **cmi,
+                    "draws": draws}}
+
+
+def _mean_and_stderr(runs: list[dict], axes: list[str]) -> dict:
+    def stats(values):
+        v = np.array([np.nan if x is None else x for x in values], dtype=float)
+        v = v[np.isfinite(v)]
+        if not len(v):
+            return None, None
+        se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
+        return float(v.mean()), se
+    out, err = {"per_axis": {}}, {"per_axis": {}}
+    for a in axes:
+        out["per_axis"][a], err["per_axis"][a] = stats([r["per_axis"][a] for r in runs])
+    for key in ("s0", "s1", "s2", "K"):
+        out[key], err[key] = stats([r[key] for r in runs])
+    argmins = [tuple(r["argmin"]) for r in runs if r["argmin"] is not None]
+    out["argmin"] = list(max(set(argmins), key=argmins.count)) if argmins else None
+    out["stderr"] = err
+    return out
+
+
+def canonical_measure(models: Models, axis: str) -> np.ndarray | None:
+    """App. C.4's canonical ordering for one axis as a measure, or None if unknown."""
+    vals = models.values.filter(pl.col("axis") == axis)
+    frame = pl.DataFrame({"model_id": models.ids}).join(vals, on="model_id", how="left")
+    if axis == "optimizer":
+        names = frame["value_text"].str.to_lowercase().to_list()
+        if any(n not in CANONICAL_OPTIMIZERS for n in names):
+            return None
+        return np.array([CANONICAL_OPTIMIZERS.index(n) for n in names], dtype=float)
+    if axis in CANONICAL_DIRECTION and frame["value_num"].null_count() == 0:
+        return CANONICAL_DIRECTION[axis] * frame["value_num"].to_numpy().astype(float)
+    return None
+
+
+def random_measure(models: Models, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(size=len(models.gap))
+
+
+# --------------------------------------------------------------------------- tables
+
+def table5(con, sel: Selection, *, measures: list[str] | None = None,
+           eps_list=ORACLE_EPS, seed: int = 0, progress=None) -> pl.DataFrame:
+    """Table 5's shape: one row per measure (ψ per axis, τ, Ψ), then the oracles,
+    the canonical orderings and the random baseline."""
+    models = select_models(con, sel)
+    rows = []
+    for name in measures or measure_names(con):
+        mu, sub = measure_values(con, name, models)
+        rows.append({"kind": "measure", **_flat(psi_result(name, mu, sub), models.axes)})
+        if progress:
+            progress()
+    for eps in eps_list:
+        psi = oracle_psi(models.gap, models.levels, eps)
+        rows.append({"kind": "oracle", "measure": f"oracle_{eps:g}", "n_models": len(models.gap),
+                     **{a: _num(p) for a, p in zip(models.axes, psi, strict=True)},
+                     "tau": _num(oracle_tau(models.gap, eps)), "Psi": _num(big_psi(psi))})
+    for j, axis in enumerate(models.axes):
+        mu = canonical_measure(models, axis)
+        if mu is None:
+            continue
+        own = psi_per_axis(mu, models.gap, models.levels, only=[j])[j]
+        rows.append({"kind": "canonical", "measure": f"canonical_{axis}",
+                     "n_models": len(models.gap), axis: _num(own)})
+    rows.append({"kind": "random", **_flat(psi_result("random", random_measure(models, seed),
+                                                      models), models.axes)})
+    return _frame(rows, ["kind", "measure", "n_models", *models.axes, "tau", "Psi"])
+
+
+def table6(con, sel: Selection, *, measures: list[str] | None = None,
+           eps_list=ORACLE_EPS, draws: int = 10, seed: int = 0, progress=None) -> pl.DataFrame:
+    """Table 6's shape: per-axis CMI, |S| = 0, min |S| = 1, min |S| = 2, K, argmin."""
+    models = select_models(con, sel)
+    rows = []
+    for name in measures or measure_names(con):
+        mu, sub = measure_values(con, name, models)
+        rows.append({"kind": "measure", **_flat_cmi(cmi_result(name, mu, sub), models.axes)})
+        if progress:
+            progress()
+    for eps in eps_list:
+        res = oracle_result(models, eps, draws=draws, seed=seed)["cmi"]
+        rows.append({"kind": "oracle", **_flat_cmi(res, models.axes),
+                     "K_stderr": res["stderr"]["K"], "draws": draws})
+    rows.append({"kind": "random", **_flat_cmi(
+        cmi_result("random", random_measure(models, seed), models), models.axes)})
+    return _frame(rows, ["kind", "measure", "n_models", *models.axes, "s0", "s1", "s2", "K",
+                         "argmin", "K_stderr", "draws"])
+
+
+def _flat(res: dict, axes: list[str]) -> dict:
+    return {"measure": res["measure"], "n_models": res["n_models"],
+            **{a: res["psi"].get(a) for a in axes}, "tau": res["tau"], "Psi": res["Psi"]}
+
+
+def _flat_cmi(res: dict, axes: list[str]) -> dict:
+    return {"measure": res["measure"], "n_models": res["n_models"],
+            **{a: res["per_axis"].get(a) for a in axes},
+            **{k: res[k] for k in ("s0", "s1", "s2", "K")},
+            "argmin": "+".join(res["argmin"]) if res["argmin"] is not None else None}
+
+
+def _frame(rows: list[dict], columns: list[str]) -> pl.DataFrame:
+    present = [c for c in columns if any(c in r for r in rows)]
+    schema = {c: (pl.String if c in ("kind", "measure", "argmin") else
+                  pl.Int64 if c in ("n_models", "draws") else pl.Float64) for c in present}
+    return pl.DataFrame([{c: r.get(c) for c in present} for r in rows], schema=schema)
