@@ -162,21 +162,24 @@ def cmi_result(name: str, mu: np.ndarray, models: Models, pgdl: bool = False) ->
     return {"measure": name, "n_models": int(len(mu)), **summary}
 
 
-def oracle_result(models: Models, eps: float, draws: int = 10, seed: int = 0) -> dict:
-    """Noisy oracle g + N(0, ε²): τ and ψ exact in closed form; CMI by seeded Monte Carlo."""
-    psi = oracle_psi(models.gap, models.levels, eps)
+def oracle_cmi(models: Models, eps: float, draws: int = 10, seed: int = 0) -> dict:
+    """The noisy oracle's CMI: mean over seeded Monte Carlo draws, with standard errors."""
     cond = Conditioning.build(models.levels)
     rng = np.random.default_rng(seed)
     runs = [_summarise_cmi(cmi_by_set(models.gap + rng.normal(0.0, eps, len(models.gap)),
                                       models.gap, cond), cond, models.axes)
             for _ in range(draws)]
-    cmi = _mean_and_stderr(runs, models.axes)
+    return {"measure": f"oracle_{eps:g}", "n_models": int(len(models.gap)),
+            **_mean_and_stderr(runs, models.axes), "draws": draws}
+
+
+def oracle_result(models: Models, eps: float, draws: int = 10, seed: int = 0) -> dict:
+    """Noisy oracle g + N(0, ε²): τ and ψ exact in closed form; CMI by seeded Monte Carlo."""
+    psi = oracle_psi(models.gap, models.levels, eps)
     return {"eps": float(eps), "n_models": int(len(models.gap)),
             "tau": _num(oracle_tau(models.gap, eps)),
             "psi": {a: _num(p) for a, p in zip(models.axes, psi, strict=True)},
-            "Psi": _num(big_psi(psi)),
-            "cmi": {"measure": f"oracle_{eps:g}", "n_models": int(len(models.gap)), **cmi,
-                    "draws": draws}}
+            "Psi": _num(big_psi(psi)), "cmi": oracle_cmi(models, eps, draws, seed)}
 
 
 def _mean_and_stderr(runs: list[dict], axes: list[str]) -> dict:
@@ -257,7 +260,7 @@ def table6(con, sel: Selection, *, measures: list[str] | None = None,
         if progress:
             progress()
     for eps in eps_list:
-        res = oracle_result(models, eps, draws=draws, seed=seed)["cmi"]
+        res = oracle_cmi(models, eps, draws=draws, seed=seed)
         rows.append({"kind": "oracle", **_flat_cmi(res, models.axes),
                      "K_stderr": res["stderr"]["K"], "draws": draws})
     rows.append({"kind": "random", **_flat_cmi(

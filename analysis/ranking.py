@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.special import ndtr
@@ -52,10 +53,12 @@ def kendall_tau(mu: np.ndarray, gap: np.ndarray) -> float:
 
 def other_axes_groups(levels: np.ndarray, axis: int) -> np.ndarray:
     """Group id per model: models that share the level of every axis but `axis`."""
-    rest = np.delete(levels, axis, axis=1)
-    if rest.shape[1] == 0:
-        return np.zeros(len(levels), dtype=np.int64)
-    return np.unique(rest, axis=0, return_inverse=True)[1].reshape(-1)
+    key = np.zeros(len(levels), dtype=np.int64)
+    for j in range(levels.shape[1]):
+        if j != axis:  # mixed-radix code of the other levels: one 1-D unique, not a row unique
+            column = dense_rank(levels[:, j])
+            key = key * (int(column.max(initial=0)) + 1) + column
+    return dense_rank(key)
 
 
 def psi_per_axis(mu: np.ndarray, gap: np.ndarray, levels: np.ndarray,
@@ -131,7 +134,7 @@ def oracle_psi(gap: np.ndarray, levels: np.ndarray, eps: float) -> list[float]:
 
 # --------------------------------------------------------------------------- CMI
 
-@dataclass(frozen=True)
+@dataclass
 class Conditioning:
     """All sets S of axes with |S| ≤ max_size, and each model's cell in each."""
     sets: list[tuple[int, ...]]
@@ -159,7 +162,9 @@ class Conditioning:
             n_cells.append(count)
         return cls(sets, cells, n_cells)
 
+    @cached_property
     def onehot(self) -> np.ndarray:
+        """(n, Σ cells) indicator of each model's cell in each set, block by block."""
         n = len(self.cells[0]) if self.cells else 0
         blocks = [np.eye(c, dtype=np.float64)[cell] for cell, c in zip(self.cells, self.n_cells,
                                                                        strict=True)]
@@ -169,11 +174,9 @@ class Conditioning:
 def _aggregate(cond: Conditioning, per_model: np.ndarray) -> list[np.ndarray]:
     """Per set S: T[A, B] = Σ_{a in cell A} per_model[a, column of cell B in S's block]."""
     out, col = [], 0
-    for cell, c in zip(cond.cells, cond.n_cells, strict=True):
-        block = per_model[:, col:col + c]
-        table = np.zeros((c, c))
-        np.add.at(table, cell, block)
-        out.append(table)
+    for c in cond.n_cells:
+        block = slice(col, col + c)
+        out.append(cond.onehot[:, block].T @ per_model[:, block])
         col += c
     return out
 
@@ -182,7 +185,7 @@ def slice_tables(mu: np.ndarray, gap: np.ndarray, cond: Conditioning,
                  self_pairs: bool = False) -> list[np.ndarray]:
     """Per set S: array (cells_a, cells_b, 2, 2) of ordered-pair counts by
     (V_g, V_μ), V = 1 when the first model's value is strictly larger."""
-    onehot = cond.onehot()
+    onehot = cond.onehot
     both = _aggregate(cond, dominance_counts(gap, mu, onehot))      # V_g = 1, V_μ = 1
     g_up = _aggregate(cond, lower_counts(gap, onehot))              # V_g = 1
     m_up = _aggregate(cond, lower_counts(mu, onehot))               # V_μ = 1
