@@ -27,9 +27,9 @@ def create_hp_wide(con: duckdb.DuckDBPyConnection) -> None:
     cols = []
     for axis, numeric in axes(con):
         value = "value_num" if numeric else "value_text"
-        cols.append(f"any_value({value}) FILTER (WHERE axis = '{axis.replace(chr(39), '')}') "
-                    f"AS {_quote(axis)}")
-        cols.append(f"any_value(level) FILTER (WHERE axis = '{axis.replace(chr(39), '')}') "
+        literal = "'" + axis.replace("'", "''") + "'"
+        cols.append(f"any_value({value}) FILTER (WHERE axis = {literal}) AS {_quote(axis)}")
+        cols.append(f"any_value(level) FILTER (WHERE axis = {literal}) "
                     f"AS {_quote(axis + '_level')}")
     select = ", ".join(["m.model_id", "m.dataset", "m.seed", "m.sweep_id"] + cols)
     con.execute(f"CREATE OR REPLACE TEMP VIEW hp_wide AS SELECT {select} FROM models AS m "

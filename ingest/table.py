@@ -86,7 +86,7 @@ def read_table(path: Path) -> pl.DataFrame:
     return frame
 
 
-def _row_label(path: Path, index: int) -> int:
+def _row_label(index: int) -> int:
     """1-based data row (the header is not a row)."""
     return index + 1
 
@@ -113,10 +113,10 @@ def _as_float(path: Path, frame: pl.DataFrame, col: str, *, required: bool) -> p
         if bad.len():
             i = bad[0]
             raise InputError(path, f"expected a number, found {text[i]!r}",
-                             row=_row_label(path, i), column=col)
+                             row=_row_label(i), column=col)
     if required and values.null_count():
         i = values.is_null().arg_true()[0]
-        raise InputError(path, "a value is required here", row=_row_label(path, i), column=col)
+        raise InputError(path, "a value is required here", row=_row_label(i), column=col)
     return values.alias(col)
 
 
@@ -153,7 +153,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
             out = ((s < 0) | (s > 1)).arg_true()
             if out.len():
                 raise InputError(path, f"expected an accuracy as a fraction in [0, 1], "
-                                 f"found {s[out[0]]}", row=_row_label(path, out[0]),
+                                 f"found {s[out[0]]}", row=_row_label(out[0]),
                                  column=s.name)
     if "gen.gap" in cols:
         gap = _as_float(path, frame, "gen.gap", required=True)
@@ -162,7 +162,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
             if off.len():
                 i = off[0]
                 raise InputError(path, f"gen.gap {gap[i]} disagrees with train_acc - test_acc = "
-                                 f"{train_acc[i] - test_acc[i]}", row=_row_label(path, i),
+                                 f"{train_acc[i] - test_acc[i]}", row=_row_label(i),
                                  column="gen.gap")
     elif train_acc is not None:
         gap = (train_acc - test_acc).alias("gen.gap")
@@ -176,7 +176,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
     if (seeds != seeds.round(0)).any():
         i = (seeds != seeds.round(0)).arg_true()[0]
         raise InputError(path, f"expected an integer seed, found {seeds[i]}",
-                         row=_row_label(path, i), column="seed")
+                         row=_row_label(i), column="seed")
     seeds = seeds.cast(pl.Int64)
     if "dataset" in cols:
         datasets = _as_text(frame, "dataset").fill_null(dataset or "unknown")
@@ -195,7 +195,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
                 vals.append(False)
             else:
                 raise InputError(path, f"expected true/false, found {t!r}",
-                                 row=_row_label(path, i), column="is.converged")
+                                 row=_row_label(i), column="is.converged")
         converged = pl.Series("converged", vals, dtype=pl.Boolean)
 
     # hyperparameters: value as text and number, level given or dense-ranked
@@ -206,7 +206,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
         text = _as_text(frame, col)
         if text.null_count():
             i = text.is_null().arg_true()[0]
-            raise InputError(path, "a hyperparameter value is required", row=_row_label(path, i),
+            raise InputError(path, "a hyperparameter value is required", row=_row_label(i),
                              column=col)
         num = text.cast(pl.Float64, strict=False)
         numeric = num.null_count() == 0
@@ -217,7 +217,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
             bad = ((lv < 0) | (lv != lv.round(0))).arg_true()
             if bad.len():
                 raise InputError(path, f"expected a level 0, 1, 2, ..., found {lv[bad[0]]}",
-                                 row=_row_label(path, bad[0]), column=f"level.{axis}")
+                                 row=_row_label(bad[0]), column=f"level.{axis}")
             level = lv.cast(pl.Int64)
         else:
             key = value_num if numeric else value_text
@@ -244,7 +244,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
         ids = _as_text(frame, "model_id")
         if ids.null_count():
             i = ids.is_null().arg_true()[0]
-            raise InputError(path, "empty model_id", row=_row_label(path, i), column="model_id")
+            raise InputError(path, "empty model_id", row=_row_label(i), column="model_id")
     else:
         ids = pl.Series("model_id", [
             hashlib.sha256(f"{h}|{d}|{s}".encode()).hexdigest()[:16]

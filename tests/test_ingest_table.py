@@ -1,9 +1,15 @@
+import json
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
 from warehouse_fixture import build_warehouse, dump
 
+from fgm.analysis.cli import main as query
 from fgm.ingest.cli import main as ingest_cli
 from fgm.ingest.synthetic import synthetic_table
 from fgm.ingest.table import ingest_table
@@ -172,3 +178,51 @@ def test_fixture_helper_builds_a_queryable_warehouse(db):
                    ).fetchall()
     con.close()
     assert rows == [(2, 0.1, 1.0), (1, 0.2, 2.0), (0, 0.3, 3.0)]
+
+
+def test_a_second_writer_is_told_which_file_is_busy(db, tmp_path):
+    path = write(tmp_path, GOOD)
+    ingest(db, path)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time
+        con = duckdb.connect({str(db)!r})
+        print("locked", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = CliRunner().invoke(ingest_cli, [str(path), "--db", str(db)])
+        assert out.exit_code == 1
+        assert f"{db}: the warehouse is in use by another process" in out.output
+        assert "Traceback" not in out.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ingest(db, path).models == (0, 0, 3)  # nothing was lost or half-written
+
+
+def test_a_directory_gets_a_clear_error(db, tmp_path):
+    out = CliRunner().invoke(ingest_cli, [str(tmp_path), "--db", str(db)])
+    assert out.exit_code == 1 and "a directory" in out.output and "Traceback" not in out.output
+
+
+def test_axis_names_with_quotes_work_in_hp_wide(db, tmp_path):
+    text = "hp.it's,gen.gap,complexity.m\n1,0.1,1\n2,0.2,2\n"
+    ingest(db, write(tmp_path, text))
+    out = CliRunner().invoke(query, ["sql", 'select "it\'s" as v from hp_wide order by 1',
+                                     "--db", str(db), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    assert [r["v"] for r in json.loads(out.output)] == [1.0, 2.0]
+
+
+def test_synthetic_table_writer_feeds_the_quickstart(db, tmp_path, capsys):
+    from fgm.ingest.synthetic import main as synthetic_main
+    out = tmp_path / "results.csv"
+    synthetic_main([str(out), "--models", "100", "--measures", "2"])
+    assert "100 models, 2 measures" in capsys.readouterr().out
+    summary = ingest(db, out)
+    assert summary.models == (100, 0, 0) and summary.values == (200, 0, 0)
+    con = connect(db, read_only=True)
+    axes = con.sql("SELECT count(DISTINCT axis) FROM hyperparameters").fetchall()
+    con.close()
+    assert axes == [(7,)]
