@@ -26,10 +26,19 @@ def main() -> None:
     """Query the fgm warehouse (read-only)."""
 
 
-def open_readonly(db: str | None):
-    con = connect(db, read_only=True)
-    create_hp_wide(con)
-    return con
+class _readonly:
+    """The warehouse opened read-only, with the per-axis view hp_wide."""
+
+    def __init__(self, db: str | None):
+        self.db = db
+
+    def __enter__(self):
+        self.con = connect(self.db, read_only=True)
+        create_hp_wide(self.con)
+        return self.con
+
+    def __exit__(self, *exc):
+        self.con.close()
 
 
 @main.command()
@@ -41,12 +50,9 @@ def sql(query: str, db: str | None, fmt: str) -> None:
     """Run a SELECT on the warehouse. Tables: models, hyperparameters, outcomes,
     measures, traces, checkpoints, sweeps; views: model_measures, model_outcomes,
     model_levels, measure_summary, hp_wide (a column per axis)."""
-    con = open_readonly(db)
-    try:
+    with _readonly(db) as con:
         lock_down(con)
         emit_frame(run_readonly(con, query), fmt)
-    finally:
-        con.close()
 
 
 @main.command()
@@ -55,15 +61,12 @@ def sql(query: str, db: str | None, fmt: str) -> None:
 @friendly_errors
 def models(db: str | None, fmt: str) -> None:
     """List the models: hyperparameters, gap, convergence."""
-    con = open_readonly(db)
-    try:
+    with _readonly(db) as con:
         frame = con.sql("SELECT w.*, o.train_acc, o.test_acc, o.gap, o.converged "
                         "FROM hp_wide AS w JOIN model_outcomes AS o USING (model_id) "
                         "ORDER BY w.model_id").pl()
-        frame = frame.drop([c for c in frame.columns if c.endswith("_level")] + ["sweep_id"])
-        emit_frame(frame, fmt)
-    finally:
-        con.close()
+    frame = frame.drop([c for c in frame.columns if c.endswith("_level")] + ["sweep_id"])
+    emit_frame(frame, fmt)
 
 
 @main.command()
@@ -72,11 +75,9 @@ def models(db: str | None, fmt: str) -> None:
 @friendly_errors
 def measures(db: str | None, fmt: str) -> None:
     """List the measures: how many models have a value, failed, or miss one."""
-    con = open_readonly(db)
-    try:
-        emit_frame(con.sql("SELECT * FROM measure_summary").pl(), fmt)
-    finally:
-        con.close()
+    with _readonly(db) as con:
+        frame = con.sql("SELECT * FROM measure_summary").pl()
+    emit_frame(frame, fmt)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -194,15 +195,3 @@ def table(kind, draws, seed, where, dataset, sweep, all_models, db, fmt):
         else:
             frame = table6(con, sel, draws=draws, seed=seed)
     emit_frame(frame, fmt)
-
-
-class _readonly:
-    def __init__(self, db):
-        self.db = db
-
-    def __enter__(self):
-        self.con = open_readonly(self.db)
-        return self.con
-
-    def __exit__(self, *exc):
-        self.con.close()

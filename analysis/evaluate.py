@@ -226,12 +226,8 @@ def table5(con, sel: Selection, *, measures: list[str] | None = None,
     """Table 5's shape: one row per measure (ψ per axis, τ, Ψ), then the oracles,
     the canonical orderings and the random baseline."""
     models = select_models(con, sel)
-    rows = []
-    for name in measures or measure_names(con):
-        mu, sub = measure_values(con, name, models)
-        rows.append({"kind": "measure", **_flat(psi_result(name, mu, sub), models.axes)})
-        if progress:
-            progress()
+    rows = _per_measure(con, models, measures, progress,
+                        lambda name, mu, sub: _flat(psi_result(name, mu, sub), models.axes))
     for eps in eps_list:
         psi = oracle_psi(models.gap, models.levels, eps)
         rows.append({"kind": "oracle", "measure": f"oracle_{eps:g}", "n_models": len(models.gap),
@@ -253,12 +249,8 @@ def table6(con, sel: Selection, *, measures: list[str] | None = None,
            eps_list=ORACLE_EPS, draws: int = 10, seed: int = 0, progress=None) -> pl.DataFrame:
     """Table 6's shape: per-axis CMI, |S| = 0, min |S| = 1, min |S| = 2, K, argmin."""
     models = select_models(con, sel)
-    rows = []
-    for name in measures or measure_names(con):
-        mu, sub = measure_values(con, name, models)
-        rows.append({"kind": "measure", **_flat_cmi(cmi_result(name, mu, sub), models.axes)})
-        if progress:
-            progress()
+    rows = _per_measure(con, models, measures, progress,
+                        lambda name, mu, sub: _flat_cmi(cmi_result(name, mu, sub), models.axes))
     for eps in eps_list:
         res = oracle_cmi(models, eps, draws=draws, seed=seed)
         rows.append({"kind": "oracle", **_flat_cmi(res, models.axes),
@@ -267,6 +259,17 @@ def table6(con, sel: Selection, *, measures: list[str] | None = None,
         cmi_result("random", random_measure(models, seed), models), models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "s0", "s1", "s2", "K",
                          "argmin", "K_stderr", "draws"])
+
+
+def _per_measure(con, models: Models, measures: list[str] | None, progress, row) -> list[dict]:
+    """One table row per measure: row(name, μ, models with a value)."""
+    rows = []
+    for name in measures or measure_names(con):
+        mu, sub = measure_values(con, name, models)
+        rows.append({"kind": "measure", **row(name, mu, sub)})
+        if progress:
+            progress()
+    return rows
 
 
 def _flat(res: dict, axes: list[str]) -> dict:

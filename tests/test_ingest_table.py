@@ -1,13 +1,10 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from warehouse_fixture import build_warehouse, dump
+from warehouse_fixture import build_warehouse, dump, write_lock_held
 
 from fgm.analysis.cli import main as query
 from fgm.ingest.cli import main as ingest_cli
@@ -183,21 +180,11 @@ def test_fixture_helper_builds_a_queryable_warehouse(db):
 def test_a_second_writer_is_told_which_file_is_busy(db, tmp_path):
     path = write(tmp_path, GOOD)
     ingest(db, path)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        con = duckdb.connect({str(db)!r})
-        print("locked", flush=True)
-        time.sleep(30)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with write_lock_held(db):
         out = CliRunner().invoke(ingest_cli, [str(path), "--db", str(db)])
         assert out.exit_code == 1
         assert f"{db}: the warehouse is in use by another process" in out.output
         assert "Traceback" not in out.output
-    finally:
-        holder.kill()
-        holder.wait()
     assert ingest(db, path).models == (0, 0, 3)  # nothing was lost or half-written
 
 

@@ -1,11 +1,8 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from click.testing import CliRunner
-from warehouse_fixture import build_warehouse
+from warehouse_fixture import build_warehouse, write_lock_held
 
 from fgm.analysis.cli import main as query
 
@@ -84,18 +81,8 @@ def test_missing_warehouse_is_a_clear_error(tmp_path):
 
 
 def test_a_writer_holding_the_file_gives_a_clear_message(wh):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, sys, time
-        con = duckdb.connect({str(wh)!r})
-        print("locked", flush=True)
-        time.sleep(30)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with write_lock_held(wh):
         out = run("models", "--db", wh)
         assert out.exit_code == 1
         assert f"{wh}: the warehouse is in use by another process" in out.output
         assert "Traceback" not in out.output
-    finally:
-        holder.kill()
-        holder.wait()
