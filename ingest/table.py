@@ -22,6 +22,7 @@ import duckdb
 import polars as pl
 
 from fgm.warehouse import InputError, code_version, transaction
+from fgm.warehouse.ids import config_hash, model_id_for
 from fgm.warehouse.upsert import upsert
 
 NULL_TOKENS = ["", "na", "nan", "null", "none", "n/a"]
@@ -237,9 +238,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
         hp_parts.append(part)
         canon_values[axis] = value_num.to_list() if numeric else value_text.to_list()
 
-    config = [{axis: canon_values[axis][i] for axis in axes} for i in range(n)]
-    config_hash = [hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()
-                   for c in config]
+    hashes = [config_hash({axis: canon_values[axis][i] for axis in axes}) for i in range(n)]
     if "model_id" in cols:
         ids = _as_text(frame, "model_id")
         if ids.null_count():
@@ -247,8 +246,8 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
             raise InputError(path, "empty model_id", row=_row_label(i), column="model_id")
     else:
         ids = pl.Series("model_id", [
-            hashlib.sha256(f"{h}|{d}|{s}".encode()).hexdigest()[:16]
-            for h, d, s in zip(config_hash, datasets.to_list(), seeds.to_list(), strict=True)])
+            model_id_for(h, d, s)
+            for h, d, s in zip(hashes, datasets.to_list(), seeds.to_list(), strict=True)])
     dup = pl.DataFrame({"id": ids, "row": range(n)}).group_by("id").agg(pl.col("row"))
     dup = dup.filter(pl.col("row").list.len() > 1)
     if dup.height:
@@ -259,7 +258,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
 
     ids = ids.alias("model_id")
     models = pl.DataFrame({"model_id": ids, "sweep_id": sweep_id, "dataset": datasets,
-                           "seed": seeds, "config_hash": config_hash, "status": "done"})
+                           "seed": seeds, "config_hash": hashes, "status": "done"})
     hyperparameters = (pl.concat(hp_parts).join(pl.DataFrame({"row": range(n), "model_id": ids}),
                                                 on="row").drop("row")
                        if hp_parts else
