@@ -26,6 +26,10 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame,
     (NULL equals NULL). Unchanged rows are not written at all, so columns such
     as computed_at keep telling when a value really was computed.
     """
+    dup = frame.group_by(keys).len().filter(pl.col("len") > 1)
+    if dup.height:
+        raise ValueError(f"{table}: the rows to write repeat the key "
+                         f"{dict(zip(keys, dup.row(0)[:-1], strict=True))}")
     compare = [c for c in frame.columns if c not in keys and c not in ignore]
     name = f"_incoming_{table}"
     con.register(name, frame)
