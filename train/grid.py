@@ -1,0 +1,199 @@
+"""Grids as plain data: a TOML file of axes and training settings, expanded into
+configurations. Presets live in train/grids/*.toml."""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+from fgm.warehouse import FgmError
+from fgm.warehouse.ids import config_hash
+
+AXES = ("width", "depth", "dropout", "batch_size", "optimizer", "learning_rate",
+        "weight_decay")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+PER_OPTIMIZER = ("learning_rate", "weight_decay")  # may be tables keyed by optimizer
+DATASETS = ("cifar10", "svhn", "fashion_mnist", "digits")
+TRAIN_DEFAULTS = {
+    "stop_cross_entropy": 0.01, "max_steps": 300_000, "lr_drop_steps": [60_000, 90_000],
+    "lr_drop_factor": 0.1, "estimate_batches": 100, "trace_every": 500,
+}
+ALLOWED = {
+    "width": "positive integers", "depth": "positive integers",
+    "dropout": "numbers in [0, 1)", "batch_size": "positive integers",
+    "optimizer": f"names among {', '.join(OPTIMIZERS)}",
+    "learning_rate": "positive numbers, or a table {sgd = [...], adam = [...], rmsprop = [...]}",
+    "weight_decay": "numbers >= 0, or a table {sgd = [...], adam = [...], rmsprop = [...]}",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One model of the grid: a value and a level per axis."""
+    values: dict[str, object]
+    levels: dict[str, int]
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.values)
+
+
+@dataclass
+class Grid:
+    name: str
+    dataset: str
+    axes: dict[str, object]
+    train: dict[str, object] = field(default_factory=dict)
+    source: str = ""
+
+    def configs(self) -> list[Config]:
+        """Every combination. Levels: a number's rank among its axis's values
+        (ascending; per optimizer for tables), a name's position in its list."""
+        plain = [a for a in AXES if a not in PER_OPTIMIZER]
+        out = []
+        for combo in itertools.product(*(self.axes[a] for a in plain)):
+            values = dict(zip(plain, combo, strict=True))
+            per = [self._values_for(a, values["optimizer"]) for a in PER_OPTIMIZER]
+            for extra in itertools.product(*per):
+                v = dict(values, **dict(zip(PER_OPTIMIZER, extra, strict=True)))
+                levels = {a: self._level(a, v[a], v["optimizer"]) for a in AXES}
+                out.append(Config({a: v[a] for a in AXES}, levels))
+        return out
+
+    def _values_for(self, axis: str, optimizer: str) -> list:
+        spec = self.axes[axis]
+        return spec[optimizer] if isinstance(spec, dict) else spec
+
+    def _level(self, axis: str, value: object, optimizer: str) -> int:
+        values = self._values_for(axis, optimizer)
+        if isinstance(value, str):
+            return values.index(value)
+        return sorted(set(values)).index(value)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "dataset": self.dataset, "axes": self.axes,
+                "train": self.train}
+
+
+def preset_names() -> list[str]:
+    return sorted(Path(f.name).stem for f in files("fgm.train").joinpath("grids").iterdir()
+                  if f.name.endswith(".toml"))
+
+
+def load_grid(preset: str | None = None, path: Path | None = None) -> Grid:
+    if path is not None:
+        if not Path(path).exists():
+            raise FgmError(f"{path}: no such grid file")
+        text, source = Path(path).read_text(), str(path)
+    else:
+        preset = preset or "demo"
+        if preset not in preset_names():
+            raise FgmError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
+        text = files("fgm.train").joinpath("grids", f"{preset}.toml").read_text()
+        source = f"preset:{preset}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FgmError(f"{source}: not valid TOML: {exc}") from None
+    return parse_grid(data, source)
+
+
+def _bad(source: str, key: str, message: str) -> FgmError:
+    return FgmError(f"{source}: {key}: {message}")
+
+
+def parse_grid(data: dict, source: str = "<grid>") -> Grid:
+    unknown = set(data) - {"name", "dataset", "axes", "train"}
+    if unknown:
+        raise _bad(source, sorted(unknown)[0], "unknown key; expected name, dataset, axes, train")
+    train = dict(TRAIN_DEFAULTS)
+    for key, value in data.get("train", {}).items():
+        if key not in TRAIN_DEFAULTS:
+            raise _bad(source, f"train.{key}", f"unknown setting; settings are "
+                       f"{', '.join(TRAIN_DEFAULTS)}")
+        train[key] = value
+    _check_train(source, train)
+    axes = data.get("axes")
+    if not isinstance(axes, dict):
+        raise _bad(source, "axes", f"missing table; it needs {', '.join(AXES)}")
+    for key in axes:
+        if key not in AXES:
+            raise _bad(source, f"axes.{key}", f"unknown axis; axes are {', '.join(AXES)}")
+    for axis in AXES:
+        if axis not in axes:
+            raise _bad(source, f"axes.{axis}", f"missing; expected a list of {ALLOWED[axis]}")
+        _check_axis(source, axis, axes[axis], axes.get("optimizer", []))
+    dataset = data.get("dataset", "cifar10")
+    if dataset not in DATASETS:
+        raise _bad(source, "dataset", f"{dataset!r} is not one of {', '.join(DATASETS)}")
+    return Grid(str(data.get("name", Path(source).stem)), dataset, axes, train, source)
+
+
+def _check_axis(source: str, axis: str, spec: object, optimizers: list) -> None:
+    key = f"axes.{axis}"
+    if isinstance(spec, dict) and axis in PER_OPTIMIZER:
+        for opt in optimizers:
+            if opt not in spec:
+                raise _bad(source, key, f"no values for optimizer {opt!r}; expected a table "
+                           f"with keys {', '.join(map(str, optimizers))}")
+        for opt, values in spec.items():
+            if opt not in OPTIMIZERS:
+                raise _bad(source, f"{key}.{opt}", f"unknown optimizer; allowed: "
+                           f"{', '.join(OPTIMIZERS)}")
+            _check_values(source, f"{key}.{opt}", axis, values)
+        return
+    _check_values(source, key, axis, spec)
+
+
+def _check_values(source: str, key: str, axis: str, values: object) -> None:
+    if not isinstance(values, list) or not values:
+        raise _bad(source, key, f"expected a non-empty list of {ALLOWED[axis]}")
+    if len(set(map(str, values))) != len(values):
+        raise _bad(source, key, "a value is listed twice")
+    for v in values:
+        ok = {
+            "width": isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            "depth": isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            "batch_size": isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            "dropout": isinstance(v, int | float) and 0 <= v < 1,
+            "optimizer": v in OPTIMIZERS,
+            "learning_rate": isinstance(v, int | float) and v > 0,
+            "weight_decay": isinstance(v, int | float) and v >= 0,
+        }[axis]
+        if not ok:
+            raise _bad(source, key, f"{v!r} is not allowed; expected {ALLOWED[axis]}")
+
+
+def _check_train(source: str, train: dict) -> None:
+    def need(key, cond, what):
+        if not cond:
+            raise _bad(source, f"train.{key}", f"{train[key]!r} is not allowed; expected {what}")
+    need("stop_cross_entropy", isinstance(train["stop_cross_entropy"], int | float)
+         and train["stop_cross_entropy"] > 0, "a positive number")
+    for key in ("max_steps", "estimate_batches", "trace_every"):
+        need(key, isinstance(train[key], int) and train[key] > 0, "a positive integer")
+    need("lr_drop_steps", isinstance(train["lr_drop_steps"], list)
+         and all(isinstance(s, int) and s > 0 for s in train["lr_drop_steps"]),
+         "a list of positive step numbers")
+    need("lr_drop_factor", isinstance(train["lr_drop_factor"], int | float)
+         and 0 < train["lr_drop_factor"] <= 1, "a number in (0, 1]")
+
+
+def override(grid: Grid, settings: list[str]) -> Grid:
+    """Apply `axis=v1,v2` overrides from the command line (numbers parsed as TOML)."""
+    axes = dict(grid.axes)
+    for item in settings:
+        if "=" not in item:
+            raise FgmError(f"--set {item!r}: expected AXIS=VALUE[,VALUE...]")
+        axis, raw = item.split("=", 1)
+        axis = axis.strip()
+        try:
+            values = tomllib.loads(f"v = [{raw}]")["v"]
+        except tomllib.TOMLDecodeError:
+            values = [v.strip() for v in raw.split(",")]
+        axes[axis] = values
+    return parse_grid({"name": grid.name, "dataset": grid.dataset, "axes": axes,
+                       "train": grid.train}, "--set")
