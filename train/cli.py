@@ -1,0 +1,164 @@
+"""fgm-train grid: train a grid of NiNs into run bundles and the warehouse."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fgm.warehouse import FgmError, code_version, connect
+from fgm.warehouse.cli import db_option, friendly_errors
+from fgm.warehouse.ids import model_id_for
+
+from .bundle import clean_stale, is_complete, write_bundle
+from .data import load_dataset
+from .grid import AXES, Config, load_grid, override, preset_names
+from .loop import train_one
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FgmError("--device cuda: no CUDA device is available here (try --device auto)")
+    return torch.device(name)
+
+
+def _short(config: Config) -> str:
+    v = config.values
+    return (f"w={v['width']} d={v['depth']} p={v['dropout']} bs={v['batch_size']} "
+            f"{v['optimizer']} lr={v['learning_rate']:g} wd={v['weight_decay']:g}")
+
+
+def manifest_for(grid, config: Config, seed: int, data, result, device) -> dict:
+    return {
+        "config_hash": config.hash, "seed": seed,
+        "dataset": {"name": data.name, **data.info},
+        "sweep": {"name": f"{grid.name}/{data.name}", "config": grid.as_dict()},
+        "hyperparameters": [{"axis": a, "value": config.values[a], "level": config.levels[a]}
+                            for a in AXES],
+        "train": grid.train, "outcome": result.outcome, "timing": result.timing,
+        "code_version": code_version(), "torch_version": torch.__version__,
+        "device": str(device), "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train Network-in-Network grids (Jiang et al. 2020, Section 3)."""
+
+
+@main.command()
+@click.option("--preset", default=None, help=f"A grid that ships with fgm: "
+              f"{', '.join(preset_names())} (default: demo).")
+@click.option("--grid", "grid_file", type=click.Path(path_type=Path), default=None,
+              help="Your own grid TOML (see train/grids/paper.toml).")
+@click.option("--set", "settings", multiple=True, metavar="AXIS=V1,V2",
+              help="Override an axis's values, e.g. --set width=32,64 (repeatable).")
+@click.option("--dataset", default=None, help="cifar10, svhn, fashion_mnist or digits.")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Where the dataset lies in torchvision's layout (default ./data).")
+@click.option("--download", is_flag=True, help="Download the dataset if it is not there.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Where run bundles go.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
+              show_default=True)
+@click.option("--no-ingest", is_flag=True, help="Write bundles only; ingest them later.")
+@db_option
+@friendly_errors
+def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, device,
+         no_ingest, db):
+    """Train every configuration of a grid that is not finished yet."""
+    if preset and grid_file:
+        raise FgmError("give --preset or --grid, not both")
+    g = load_grid(preset, grid_file)
+    if settings:
+        g = override(g, list(settings))
+    if dataset:
+        g.dataset = dataset
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2",
+                                 param_hint="--seeds") from None
+    dev = resolve_device(device)
+    console = Console(stderr=True)
+    stale = clean_stale(out)
+    if stale:
+        console.print(f"removed {len(stale)} unfinished bundle(s) left by an interrupted run")
+    jobs = [(c, s, model_id_for(c.hash, g.dataset, s)) for s in seed_list for c in g.configs()]
+    todo = [j for j in jobs if not is_complete(out, j[2])]
+    console.print(f"grid {g.name!r} on {g.dataset}: {len(jobs)} models, "
+                  f"{len(jobs) - len(todo)} already finished, {len(todo)} to train on {dev}")
+    if not no_ingest:
+        _ingest_finished(out, [j[2] for j in jobs if j not in todo], db, console)
+    if not todo:
+        return
+    data = load_dataset(g.dataset, data_root, download).to(dev)
+    _run(g, todo, data, dev, out, db, no_ingest, console)
+
+
+def _ingest_finished(out: Path, model_ids: list[str], db, console: Console) -> None:
+    """Bundles finished earlier but not in the warehouse (a run killed between the two)."""
+    if not model_ids:
+        return
+    from fgm.ingest.bundles import ingest_bundle
+    con = connect(db)
+    try:
+        known = {r[0] for r in con.sql("SELECT DISTINCT model_id FROM checkpoints").fetchall()}
+        missing = [m for m in model_ids if m not in known]
+        for m in missing:
+            ingest_bundle(con, out / m)
+    finally:
+        con.close()
+    if missing:
+        console.print(f"ingested {len(missing)} finished bundle(s) the warehouse lacked")
+
+
+def _run(g, todo, data, dev, out, db, no_ingest, console: Console) -> None:
+    from fgm.ingest.bundles import ingest_bundle
+    failures = 0
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"{g.name}", total=len(todo), status="")
+        for i, (config, seed, mid) in enumerate(todo, 1):
+            def on_step(step, estimate, _c=config):
+                if step % 20 == 0:
+                    bar.update(task, status=f"{_short(_c)}  step {step}  ce {estimate:.4f}")
+            start = time.perf_counter()
+            result = train_one(config, data, g.train, seed, dev, on_step=on_step)
+            manifest = manifest_for(g, config, seed, data, result, dev)
+            bundle = write_bundle(out, mid, manifest, {"init": result.init_state,
+                                                       "epoch1": result.epoch1_state,
+                                                       "final": result.final_state},
+                                  result.trace)
+            if not no_ingest:
+                con = connect(db)   # held only while writing, so readers are not locked out
+                try:
+                    ingest_bundle(con, bundle)
+                finally:
+                    con.close()
+            o = result.outcome
+            failures += not o["converged"]
+            line = (f"[{i}/{len(todo)}] {_short(config)} seed {seed}: "
+                    f"{'converged' if o['converged'] else 'NOT converged'} in {o['steps']} steps "
+                    f"({time.perf_counter() - start:.1f} s), train ce {o['train_loss']:.4f}, "
+                    f"gap {o['gap']:.4f}")
+            if console.is_terminal:
+                bar.console.print(line)
+            else:
+                click.echo(line)
+            bar.advance(task)
+    click.echo(f"done: {len(todo)} models trained into {out}"
+               + (f", {failures} not converged (kept, flagged)" if failures else ""))
+
+
+if __name__ == "__main__":
+    main()
