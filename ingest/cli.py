@@ -19,13 +19,24 @@ from .table import ingest_table
 @click.option("--dataset", default=None, help="Dataset of a table without a dataset column.")
 @friendly_errors
 def main(path: Path, db: str | None, sweep: str | None, dataset: str | None) -> None:
-    """Ingest PATH: a results table (.csv / .parquet, one row per model)."""
+    """Ingest PATH: a results table (.csv / .parquet, one row per model) or a
+    directory tree of run bundles written by fgm-train (on this or any machine)."""
     if not path.exists():
         raise FgmError(f"{path}: no such file or directory")
     if path.is_dir():
-        raise FgmError(f"{path}: a directory. Ingesting trees of run bundles comes with "
-                       "fgm-train's run bundles, which this version does not have yet; "
-                       "give a .csv or .parquet results table.")
+        from .bundles import ingest_tree  # imports torch: only when there are bundles
+        con = connect(db)
+        try:
+            report = ingest_tree(con, path)
+        finally:
+            con.close()
+        if not report.failed and report.added + report.updated + report.unchanged == 0:
+            raise FgmError(f"{path}: no run bundles here (directories with a manifest.json "
+                           "written by fgm-train)")
+        click.echo(str(report))
+        if report.failed:
+            raise SystemExit(1)
+        return
     con = connect(db)
     try:
         summary = ingest_table(con, path, sweep=sweep, dataset=dataset)

@@ -190,7 +190,8 @@ def test_a_second_writer_is_told_which_file_is_busy(db, tmp_path):
 
 def test_a_directory_gets_a_clear_error(db, tmp_path):
     out = CliRunner().invoke(ingest_cli, [str(tmp_path), "--db", str(db)])
-    assert out.exit_code == 1 and "a directory" in out.output and "Traceback" not in out.output
+    assert out.exit_code == 1 and "no run bundles here" in out.output
+    assert "Traceback" not in out.output
 
 
 def test_axis_names_with_quotes_work_in_hp_wide(db, tmp_path):
@@ -213,3 +214,12 @@ def test_synthetic_table_writer_feeds_the_quickstart(db, tmp_path, capsys):
     axes = con.sql("SELECT count(DISTINCT axis) FROM hyperparameters").fetchall()
     con.close()
     assert axes == [(7,)]
+
+
+def test_upsert_refuses_a_frame_that_repeats_a_key(db):
+    from fgm.warehouse.upsert import upsert
+    con = connect(db)
+    frame = pl.DataFrame({"model_id": ["a", "a"], "step": [1, 1], "epoch": [0.1, 0.2]})
+    with pytest.raises(ValueError, match="repeat the key"):
+        upsert(con, "traces", frame, ["model_id", "step"])
+    con.close()
