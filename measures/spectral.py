@@ -1,0 +1,162 @@
+"""Spectral measures (App. D: Eqs. 25–28, 31–35, 41).
+
+‖W_i‖_2 is the operator norm of the i-th convolution, not of its reshaped
+kernel. Two ways, chosen per run (Settings.spectral):
+- "fft" (default, the paper's): Sedghi et al. (2018). A stride-1 convolution
+  with circular padding on n×n inputs is block-diagonalised by the 2-D DFT;
+  its singular values are those of the c_out×c_in matrices K̂(u, v), the
+  kernel's DFT zero-padded to n×n, at each frequency (u, v).
+- "exact": power iteration on the true strided, zero-padded convolution,
+  with the adjoint taken through autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .context import Context
+from .fold import Layer
+from .norms import dist_sq, fro_sq, prod_pow
+from .registry import measure
+
+
+def spectral_norm_fft(weight: torch.Tensor, n: int) -> float:
+    """Largest singular value of the circular stride-1 convolution on n×n inputs."""
+    k = weight.shape[-1]
+    size = max(n, k)
+    transfer = torch.fft.fft2(weight.double(), s=(size, size))     # (c_out, c_in, n, n)
+    blocks = transfer.permute(2, 3, 0, 1)                            # (n, n, c_out, c_in)
+    return float(torch.linalg.matrix_norm(blocks, ord=2).max())
+
+
+def spectral_norm_exact(weight: torch.Tensor, stride: int, padding: int, n: int,
+                        iterations: int = 200, seed: int = 0) -> float:
+    """Largest singular value of x ↦ conv2d(x, W, stride, padding) on n×n inputs."""
+    gen = torch.Generator(device=weight.device).manual_seed(seed)
+    w = weight.double()
+    v = torch.randn((1, w.shape[1], n, n), generator=gen, dtype=torch.float64,
+                    device=w.device)
+    v /= v.norm()
+    sigma = 0.0
+    for _ in range(iterations):
+        v.requires_grad_(True)
+        u = F.conv2d(v, w, None, stride, padding)
+        (grad,) = torch.autograd.grad(u, v, grad_outputs=u.detach())   # Aᵀ A v
+        v = grad.detach()
+        norm = v.norm()
+        if norm == 0:
+            return 0.0
+        v /= norm
+        new = math.sqrt(float(norm))
+        if abs(new - sigma) <= 1e-10 * max(new, 1e-30):
+            return new
+        sigma = new
+    return sigma
+
+
+def layer_spectral_norm(ctx: Context, layer: Layer, n: int) -> float:
+    if ctx.settings.spectral == "exact":
+        return spectral_norm_exact(layer.weight, layer.stride, layer.padding, n,
+                                   ctx.settings.power_iterations, ctx.settings.seed)
+    return spectral_norm_fft(layer.weight, n)
+
+
+def spec_sq(ctx: Context) -> list[float]:
+    """‖W_i‖_2² of each folded layer at its own input size."""
+    return ctx.memo("spec_sq", lambda: [layer_spectral_norm(ctx, layer, n) ** 2
+                                        for layer, n in zip(ctx.layers, ctx.sizes(),
+                                                            strict=True)])
+
+
+def _log_prod(values: list[float]) -> float:
+    return sum(math.log(v) for v in values)
+
+
+def _params(ctx: Context) -> dict:
+    p = {"spectral": ctx.settings.spectral}
+    if ctx.settings.spectral == "exact":
+        p["power_iterations"] = ctx.settings.power_iterations
+    return p
+
+
+@measure(eq="32")
+def prod_of_spec(ctx: Context):
+    """Π ‖W_i‖_2² (Eq. 32)."""
+    return math.exp(_log_prod(spec_sq(ctx))), _params(ctx)
+
+
+@measure(eq="31", needs=("final", "data"))
+def prod_of_spec_over_margin(ctx: Context):
+    """Π ‖W_i‖_2² / γ² (Eq. 31)."""
+    return math.exp(_log_prod(spec_sq(ctx))) / ctx.margin() ** 2, _params(ctx)
+
+
+@measure(eq="35")
+def sum_of_spec(ctx: Context):
+    """d · (Π ‖W_i‖_2²)^{1/d} (Eq. 35)."""
+    return prod_pow(spec_sq(ctx), ctx.d), _params(ctx)
+
+
+@measure(eq="34", needs=("final", "data"))
+def sum_of_spec_over_margin(ctx: Context):
+    """d · (Π ‖W_i‖_2² / γ²)^{1/d} (Eq. 34)."""
+    return prod_pow(spec_sq(ctx), ctx.d, ctx.margin() ** 2), _params(ctx)
+
+
+@measure(eq="33")
+def fro_over_spec(ctx: Context):
+    """Σ ‖W_i‖_F² / ‖W_i‖_2² (Eq. 33)."""
+    return sum(f / s for f, s in zip(fro_sq(ctx), spec_sq(ctx), strict=True)), _params(ctx)
+
+
+def _main_term(ctx: Context, numerators: list[float]) -> float:
+    """Π ‖W_i‖_2² · Σ numerator_i / ‖W_i‖_2²."""
+    spec = spec_sq(ctx)
+    return math.exp(_log_prod(spec)) * sum(a / s for a, s in zip(numerators, spec, strict=True))
+
+
+@measure(eq="28", needs=("final", "data"))
+def spectral_orig_main(ctx: Context):
+    """Π ‖W_i‖_2² · Σ ‖W_i‖_F²/‖W_i‖_2² / γ² (Eq. 28)."""
+    return _main_term(ctx, fro_sq(ctx)) / ctx.margin() ** 2, _params(ctx)
+
+
+@measure(eq="27", needs=("final", "init", "data"))
+def spectral_init_main(ctx: Context):
+    """Π ‖W_i‖_2² · Σ ‖W_i − W_i^0‖_F²/‖W_i‖_2² / γ² (Eq. 27)."""
+    return _main_term(ctx, dist_sq(ctx)) / ctx.margin() ** 2, _params(ctx)
+
+
+def _bound(ctx: Context, numerators: list[float]) -> float:
+    """((84B Σ k_i √c_i + √ln(4n²d))² · main + ln(m/δ)) / γ² (Eqs. 25, 26)."""
+    b = float(ctx.x.flatten(1).norm(dim=1).max())
+    k_c = sum(layer.weight.shape[-1] * math.sqrt(layer.weight.shape[0]) for layer in ctx.layers)
+    front = (84 * b * k_c + math.sqrt(math.log(4 * ctx.n ** 2 * ctx.d))) ** 2
+    return ((front * _main_term(ctx, numerators) + math.log(ctx.m / ctx.settings.delta))
+            / ctx.margin() ** 2)
+
+
+@measure(eq="26", needs=("final", "data"))
+def spectral_orig(ctx: Context):
+    """Eq. 25 with W_i^0 = 0 (Eq. 26)."""
+    return _bound(ctx, fro_sq(ctx)), _params(ctx)
+
+
+@measure(eq="25", needs=("final", "init", "data"))
+def spectral_init(ctx: Context):
+    """((84B Σ k_i √c_i + √ln(4n²d))² Π‖W_i‖_2² Σ ‖W_i−W_i^0‖_F²/‖W_i‖_2² + ln(m/δ)) / γ²
+    (Eq. 25)."""
+    return _bound(ctx, dist_sq(ctx)), _params(ctx)
+
+
+@measure(eq="41", needs=("final", "init"))
+def dist_spec_init(ctx: Context):
+    """Σ ‖W_i − W_i^0‖_2² (Eq. 41)."""
+    total = 0.0
+    for a, b, n in zip(ctx.layers, ctx.init_layers, ctx.sizes(), strict=True):
+        diff = Layer(a.weight - b.weight.to(a.weight.device), a.bias, a.stride, a.padding)
+        total += layer_spectral_norm(ctx, diff, n) ** 2
+    return total, _params(ctx)
