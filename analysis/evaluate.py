@@ -47,6 +47,9 @@ class Models:
     axes: list[str]
     values: pl.DataFrame   # model_id, axis, value_text, value_num
 
+    def id_frame(self) -> pl.DataFrame:
+        return pl.DataFrame({"model_id": pl.Series(self.ids.tolist(), dtype=pl.String)})
+
     def subset(self, keep: np.ndarray) -> Models:
         ids = self.ids[keep]
         return Models(ids, self.gap[keep], self.levels[keep], self.axes,
@@ -116,7 +119,7 @@ def measure_values(con: duckdb.DuckDBPyConnection, measure: str, models: Models)
                        f"{', '.join(known) if known else '(none)'}")
     vals = con.sql("SELECT model_id, value FROM measures WHERE measure = ? AND value IS NOT NULL",
                    params=[measure]).pl()
-    frame = pl.DataFrame({"model_id": models.ids}).join(vals, on="model_id", how="left")
+    frame = models.id_frame().join(vals, on="model_id", how="left")
     mu = frame["value"].to_numpy().astype(np.float64)
     keep = ~np.isnan(mu)
     return mu[keep], models.subset(keep)
@@ -204,7 +207,7 @@ def _mean_and_stderr(runs: list[dict], axes: list[str]) -> dict:
 def canonical_measure(models: Models, axis: str) -> np.ndarray | None:
     """App. C.4's canonical ordering for one axis as a measure, or None if unknown."""
     vals = models.values.filter(pl.col("axis") == axis)
-    frame = pl.DataFrame({"model_id": models.ids}).join(vals, on="model_id", how="left")
+    frame = models.id_frame().join(vals, on="model_id", how="left")
     if axis == "optimizer":
         names = frame["value_text"].str.to_lowercase().to_list()
         if any(n not in CANONICAL_OPTIMIZERS for n in names):

@@ -70,10 +70,12 @@ def main() -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
               show_default=True)
 @click.option("--no-ingest", is_flag=True, help="Write bundles only; ingest them later.")
+@click.option("--no-measures", is_flag=True,
+              help="Do not compute the complexity measures of each finished model.")
 @db_option
 @friendly_errors
 def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, device,
-         no_ingest, db):
+         no_ingest, no_measures, db):
     """Train every configuration of a grid that is not finished yet."""
     if preset and grid_file:
         raise FgmError("give --preset or --grid, not both")
@@ -101,7 +103,7 @@ def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, 
     if not todo:
         return
     data = load_dataset(g.dataset, data_root, download).to(dev)
-    _run(g, todo, data, dev, out, db, no_ingest, console)
+    _run(g, todo, data, dev, out, db, no_ingest, no_measures, console, data_root)
 
 
 def _ingest_finished(out: Path, model_ids: list[str], db, console: Console) -> None:
@@ -121,8 +123,10 @@ def _ingest_finished(out: Path, model_ids: list[str], db, console: Console) -> N
         console.print(f"ingested {len(missing)} finished bundle(s) the warehouse lacked")
 
 
-def _run(g, todo, data, dev, out, db, no_ingest, console: Console) -> None:
+def _run(g, todo, data, dev, out, db, no_ingest, no_measures, console: Console,
+         data_root) -> None:
     from fgm.ingest.bundles import ingest_bundle
+    from fgm.measures.runner import measure_models
     failures = 0
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
@@ -139,10 +143,17 @@ def _run(g, todo, data, dev, out, db, no_ingest, console: Console) -> None:
                                                        "epoch1": result.epoch1_state,
                                                        "final": result.final_state},
                                   result.trace)
+            measured = ""
             if not no_ingest:
                 con = connect(db)   # held only while writing, so readers are not locked out
                 try:
                     ingest_bundle(con, bundle)
+                    if not no_measures:
+                        bar.update(task, status=f"{_short(config)}  measures")
+                        job = measure_models(con, model_ids=[mid], data_root=data_root,
+                                             device=dev)
+                        measured = (f", {job.values} measures"
+                                    + (f" ({len(job.failed)} failed)" if job.failed else ""))
                 finally:
                     con.close()
             o = result.outcome
@@ -150,7 +161,7 @@ def _run(g, todo, data, dev, out, db, no_ingest, console: Console) -> None:
             line = (f"[{i}/{len(todo)}] {_short(config)} seed {seed}: "
                     f"{'converged' if o['converged'] else 'NOT converged'} in {o['steps']} steps "
                     f"({time.perf_counter() - start:.1f} s), train ce {o['train_loss']:.4f}, "
-                    f"gap {o['gap']:.4f}")
+                    f"gap {o['gap']:.4f}{measured}")
             if console.is_terminal:
                 bar.console.print(line)
             else:

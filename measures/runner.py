@@ -1,0 +1,161 @@
+"""Measure jobs: compute what the warehouse lacks, from the models' checkpoints.
+
+A measure that fails on a model is stored as NULL with status 'failed' and
+its error; the job goes on. Each model's values land in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import torch
+from safetensors.torch import load_file
+
+from fgm.train.bundle import sha256_file
+from fgm.train.data import Data, load_dataset
+from fgm.train.nin import NiN
+from fgm.warehouse import FgmError, code_version, transaction
+from fgm.warehouse.upsert import upsert
+
+from .context import Context, Settings
+from .registry import MeasureSpec, list_measures, mirror_definitions
+
+
+@dataclass
+class JobReport:
+    models: int = 0
+    values: int = 0
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # model, measure, error
+    skipped: list[tuple[str, str]] = field(default_factory=list)      # model, reason
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"{self.models} models, {self.values} values computed, "
+                 f"{len(self.failed)} failed, {len(self.skipped)} models skipped "
+                 f"({self.seconds:.1f} s)"]
+        lines += [f"  FAILED {m} {name}: {err}" for m, name, err in self.failed[:20]]
+        lines += [f"  SKIPPED {m}: {why}" for m, why in self.skipped[:20]]
+        return "\n".join(lines)
+
+
+def models_to_measure(con: duckdb.DuckDBPyConnection, specs: list[MeasureSpec],
+                      where: str | None, recompute: bool,
+                      model_ids: list[str] | None = None) -> pl.DataFrame:
+    """model_id, dataset, and the list of measures to compute for each."""
+    from fgm.analysis.sql import create_hp_wide
+    create_hp_wide(con)
+    filt = f" AND model_id IN (SELECT model_id FROM hp_wide WHERE {where})" if where else ""
+    try:
+        models = con.sql("SELECT m.model_id, m.dataset FROM models AS m WHERE model_id IN "
+                         "(SELECT model_id FROM checkpoints WHERE role = 'final')" + filt
+                         + " ORDER BY model_id").pl()
+    except duckdb.Error as exc:
+        raise FgmError(f"--where {where!r}: {str(exc).splitlines()[0]}") from None
+    if model_ids is not None:
+        models = models.filter(pl.col("model_id").is_in(model_ids))
+    done = con.sql("SELECT model_id, measure FROM measures WHERE status <> 'missing'").pl()
+    names = [s.name for s in specs]
+    todo = models.join(pl.DataFrame({"measure": names}), how="cross")
+    if not recompute:
+        todo = todo.join(done, on=["model_id", "measure"], how="anti")
+    return todo.group_by("model_id", "dataset", maintain_order=True).agg(pl.col("measure"))
+
+
+def _load_net(path: str, sha: str, hp: dict, data: Data) -> NiN:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: checkpoint not found (moved? re-ingest its bundle)")
+    if sha256_file(file) != sha:
+        raise ValueError(f"{file}: checkpoint differs from the warehouse's sha256")
+    model = NiN(data.shape[0], data.num_classes, int(float(hp["width"])), int(float(hp["depth"])),
+                float(hp["dropout"]))
+    model.load_state_dict(load_file(str(file)))
+    return model
+
+
+def build_context(con, model_id: str, data: Data, settings: Settings,
+                  device: torch.device) -> Context:
+    hp = dict(con.sql("SELECT axis, coalesce(CAST(value_num AS VARCHAR), value_text) "
+                      "FROM hyperparameters WHERE model_id = ?", params=[model_id]).fetchall())
+    ck = {r: (p, s) for r, p, s in con.sql(
+        "SELECT role, path, sha256 FROM checkpoints WHERE model_id = ?",
+        params=[model_id]).fetchall()}
+    nets = {role: _load_net(*ck[role], hp, data).to(device) for role in ck}
+    trace = con.sql("SELECT step, train_loss FROM traces WHERE model_id = ? ORDER BY step",
+                    params=[model_id]).pl()
+    manifest = Path(ck["final"][0]).parent / "manifest.json"
+    outcome = json.loads(manifest.read_text()).get("outcome", {}) if manifest.is_file() else {}
+    return Context.from_models(nets["final"], data.x_train, data.y_train, data.num_classes,
+                               init=nets.get("init"), epoch1=nets.get("epoch1"), trace=trace,
+                               outcome=outcome, settings=settings)
+
+
+def run_one(spec: MeasureSpec, ctx: Context) -> tuple[float | None, str, str | None, dict]:
+    """(value, status, error, params) for one measure on one model; never raises."""
+    try:
+        out = spec.fn(ctx)
+        value, params = out if isinstance(out, tuple) else (out, {})
+        value = float(value)
+        if not math.isfinite(value):
+            return None, "failed", f"not finite ({value})", params
+        return value, "ok", None, params
+    except Exception as exc:  # a measure's failure is data, not a crash
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return None, "failed", f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:" \
+                               f"{where.lineno})", {}
+
+
+def measure_models(con: duckdb.DuckDBPyConnection, *, pattern: str = "*",
+                   where: str | None = None, recompute: bool = False,
+                   model_ids: list[str] | None = None,
+                   data_root: Path | None = None, device: torch.device | None = None,
+                   settings: Settings | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> JobReport:
+    specs = list_measures(pattern)
+    if not specs:
+        names = ", ".join(s.name for s in list_measures())
+        raise FgmError(f"no measure matches {pattern!r}; measures: {names}")
+    device = device or torch.device("cpu")
+    settings = settings or Settings()
+    mirror_definitions(con)
+    todo = models_to_measure(con, specs, where, recompute, model_ids)
+    by_name = {s.name: s for s in specs}
+    report, start, datasets = JobReport(), time.perf_counter(), {}
+    version = code_version()
+    for i, row in enumerate(todo.iter_rows(named=True), 1):
+        mid = row["model_id"]
+        if progress:
+            progress(mid, i, todo.height)
+        try:
+            if row["dataset"] not in datasets:
+                datasets[row["dataset"]] = load_dataset(row["dataset"], data_root).to(device)
+            ctx = build_context(con, mid, datasets[row["dataset"]], settings, device)
+        except (FgmError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            report.skipped.append((mid, str(exc)))
+            continue
+        rows = []
+        for name in row["measure"]:
+            value, status, error, params = run_one(by_name[name], ctx)
+            rows.append({"model_id": mid, "measure": name, "value": value, "status": status,
+                         "error": error, "params": json.dumps(params, default=str),
+                         "computed_at": datetime.now().replace(microsecond=0),
+                         "code_version": version})
+            if status == "failed":
+                report.failed.append((mid, name, error))
+        with transaction(con):
+            upsert(con, "measures", pl.DataFrame(rows, schema_overrides={"value": pl.Float64,
+                                                                           "error": pl.String}),
+                   ["model_id", "measure"], ignore=("computed_at",))
+        report.models += 1
+        report.values += sum(r["status"] == "ok" for r in rows)
+    report.seconds = time.perf_counter() - start
+    return report
