@@ -13,3 +13,29 @@ def db(tmp_path, monkeypatch):
     """A warehouse path that FGM_DB does not override."""
     monkeypatch.delenv("FGM_DB", raising=False)
     return tmp_path / "w.duckdb"
+
+
+GRID = """
+name = "tiny"
+dataset = "digits"
+[axes]
+width = [24, 32]
+depth = [2, 3]
+dropout = [0.0]
+batch_size = [128]
+optimizer = ["adam"]
+learning_rate = [1e-3]
+weight_decay = [0.0]
+[train]
+max_steps = 1500
+lr_drop_steps = [1200]
+estimate_batches = 10
+trace_every = 25
+"""
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grid") / "tiny.toml"
+    path.write_text(GRID)
+    return path

@@ -22,31 +22,6 @@ from fgm.train.loop import lr_at, train_one
 from fgm.train.nin import NiN
 from fgm.warehouse import FgmError, connect
 
-GRID = """
-name = "tiny"
-dataset = "digits"
-[axes]
-width = [12, 16]
-depth = [1, 2]
-dropout = [0.0]
-batch_size = [64]
-optimizer = ["adam"]
-learning_rate = [3e-3]
-weight_decay = [0.0]
-[train]
-max_steps = 400
-lr_drop_steps = [300]
-estimate_batches = 10
-trace_every = 10
-"""
-
-
-@pytest.fixture(scope="module")
-def grid_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("grid") / "tiny.toml"
-    path.write_text(GRID)
-    return path
-
 FAST = {"stop_cross_entropy": 0.01, "max_steps": 2000, "lr_drop_steps": [1500],
         "lr_drop_factor": 0.1, "estimate_batches": 10, "trace_every": 10}
 
@@ -185,7 +160,7 @@ def test_stop_rule_confirms_on_the_full_training_set():
 
 
 def test_same_config_and_seed_give_the_same_final_checkpoint(tmp_path, grid_file):
-    args = ["grid", "--grid", str(grid_file), "--set", "width=12", "--set", "depth=1",
+    args = ["grid", "--grid", str(grid_file), "--set", "width=24", "--set", "depth=2",
             "--no-ingest", "--device", "cpu"]
     hashes = []
     for run in ("a", "b"):
@@ -201,7 +176,7 @@ def test_same_config_and_seed_give_the_same_final_checkpoint(tmp_path, grid_file
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, grid_file):
     root = tmp_path_factory.mktemp("runs")
-    out = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid_file), "--set", "width=16",
+    out = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid_file), "--set", "width=24",
                                          "--out", str(root / "runs"),
                                          "--db", str(root / "w.duckdb"), "--device", "cpu"])
     assert out.exit_code == 0, out.output
@@ -292,7 +267,7 @@ def test_resume_after_kill_9_loses_at_most_the_model_in_training(tmp_path, grid_
 
 
 def test_progress_is_plain_lines_without_a_terminal(trained, grid_file):
-    out = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid_file), "--set", "width=16",
+    out = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid_file), "--set", "width=24",
                                          "--out", str(trained / "runs"),
                                          "--db", str(trained / "w.duckdb")])
     assert out.exit_code == 0 and "2 already finished, 0 to train" in out.output
