@@ -101,7 +101,11 @@ def apply_schema(con: duckdb.DuckDBPyConnection) -> None:
     apply_views(con)
 
 
-def apply_views(con: duckdb.DuckDBPyConnection) -> None:
+def apply_views(con: duckdb.DuckDBPyConnection, *, temp: bool = False) -> None:
+    """Create the views; temp=True makes them TEMP views of this connection (read-only
+    connections), which shadow the stored ones: a warehouse written by an older fgm
+    is read through this code's views."""
+    kind = "TEMP VIEW" if temp else "VIEW"
     pending = view_files()
     # Views are bound when created, so one may need another first: create in
     # passes until every file is done; a pass that creates none is an error.
@@ -109,7 +113,7 @@ def apply_views(con: duckdb.DuckDBPyConnection) -> None:
         failed: dict[str, Exception] = {}
         for name, body in pending.items():
             try:
-                con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {body}')
+                con.execute(f'CREATE OR REPLACE {kind} "{name}" AS {body}')
             except duckdb.CatalogException as exc:
                 failed[name] = exc
         if len(failed) == len(pending):
@@ -132,6 +136,7 @@ def connect(db: str | os.PathLike | None = None, *,
         if stored_version(con) is None:
             con.close()
             raise FgmError(f"{path}: a DuckDB file, but not an fgm warehouse (no fgm_meta).")
+        apply_views(con, temp=True)
         return con
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
