@@ -20,6 +20,7 @@ from .ranking import (
     oracle_tau,
     psi_per_axis,
 )
+from .seeds import bootstrap, per_seed
 
 ORACLE_EPS = (0.01, 0.02, 0.05, 0.1)
 # App. C.4: the level order believed to predict the gap, per axis (+1: larger
@@ -40,20 +41,24 @@ class Selection:
 
 @dataclass
 class Models:
-    """The evaluated models: ids, gaps, levels (n, k) and hyperparameter values."""
+    """The evaluated models: ids, gaps, levels (n, k), hyperparameter values, seeds."""
     ids: np.ndarray
     gap: np.ndarray
     levels: np.ndarray
     axes: list[str]
     values: pl.DataFrame   # model_id, axis, value_text, value_num
+    seeds: np.ndarray
+    test_size: np.ndarray  # test-set size per model (NaN where unknown)
 
     def id_frame(self) -> pl.DataFrame:
         return pl.DataFrame({"model_id": pl.Series(self.ids.tolist(), dtype=pl.String)})
 
     def subset(self, keep: np.ndarray) -> Models:
+        """The models at a boolean mask or an index array (repeats allowed: bootstrap)."""
         ids = self.ids[keep]
         return Models(ids, self.gap[keep], self.levels[keep], self.axes,
-                      self.values.filter(pl.col("model_id").is_in(ids.tolist())))
+                      self.values.filter(pl.col("model_id").is_in(ids.tolist())),
+                      self.seeds[keep], self.test_size[keep])
 
 
 def _names(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
@@ -72,17 +77,17 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
         params += [sel.sweep, sel.sweep]
     if sel.where:
         conditions.append(f"model_id IN (SELECT model_id FROM hp_wide WHERE {sel.where})")
-    sql = "SELECT model_id, gap FROM model_outcomes"
+    sql = "SELECT model_id, gap, seed, test_size FROM model_outcomes"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)
     try:
         models = con.sql(sql + " ORDER BY model_id", params=params).pl()
-    except duckdb.BinderException as exc:
+    except duckdb.Error as exc:
+        if not sel.where:
+            raise
         cols = [c for c in con.sql("SELECT * FROM hp_wide LIMIT 0").columns]
         raise FgmError(f"--where {sel.where!r}: {str(exc).splitlines()[0]}. "
                        f"Columns you can use: {', '.join(cols)}") from None
-    except duckdb.Error as exc:
-        raise FgmError(f"--where {sel.where!r}: {str(exc).splitlines()[0]}") from None
     for name, value in (("dataset", sel.dataset), ("sweep", sel.sweep)):
         if value and models.height == 0:
             column = "name" if name == "sweep" else "dataset"
@@ -104,7 +109,8 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
     else:
         levels = np.zeros((models.height, 0), dtype=np.int64)
     return Models(ids.to_numpy(), models["gap"].to_numpy().astype(np.float64), levels, axes,
-                  hp.drop("level"))
+                  hp.drop("level"), models["seed"].to_numpy().astype(np.int64),
+                  models["test_size"].cast(pl.Float64).fill_null(float("nan")).to_numpy())
 
 
 def measure_names(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -185,6 +191,20 @@ def oracle_result(models: Models, eps: float, draws: int = 10, seed: int = 0) ->
             "Psi": _num(big_psi(psi)), "cmi": oracle_cmi(models, eps, draws, seed)}
 
 
+def with_seeds(models: Models, mu: np.ndarray, compute, *, ci: float | None = None,
+               draws: int = 200, seed: int = 0, keys: tuple[str, ...] = ("tau", "Psi")) -> dict:
+    """compute(mu, models) per seed (mean ± std across seeds when there are several),
+    plus seeded bootstrap intervals over models when `ci` is given."""
+    def at(idx):
+        return per_seed(models.seeds[idx], lambda m: compute(mu[idx][m],
+                                                             models.subset(idx[m])))
+    everything = np.arange(len(mu))
+    result = at(everything)
+    if ci:
+        result["ci"] = bootstrap(models.seeds, at, level=ci, draws=draws, seed=seed, keys=keys)
+    return result
+
+
 def _mean_and_stderr(runs: list[dict], axes: list[str]) -> dict:
     def stats(values):
         v = np.array([np.nan if x is None else x for x in values], dtype=float)
@@ -224,44 +244,68 @@ def random_measure(models: Models, seed: int = 0) -> np.ndarray:
 
 # --------------------------------------------------------------------------- tables
 
+def _psi_baselines(models: Models, eps_list, seed: int) -> list[tuple[str, str, object]]:
+    """(kind, name, compute(mu, models)) for the oracle, canonical and random rows."""
+    def oracle(eps):
+        def compute(_, m):
+            psi = oracle_psi(m.gap, m.levels, eps)
+            return {"measure": f"oracle_{eps:g}", "n_models": len(m.gap),
+                    "tau": _num(oracle_tau(m.gap, eps)),
+                    "psi": {a: _num(p) for a, p in zip(m.axes, psi, strict=True)},
+                    "Psi": _num(big_psi(psi))}
+        return compute
+
+    def canonical(j, axis):
+        def compute(_, m):
+            mu = canonical_measure(m, axis)
+            own = psi_per_axis(mu, m.gap, m.levels, only=[j])[j]
+            return {"measure": f"canonical_{axis}", "n_models": len(m.gap), "tau": None,
+                    "psi": {axis: _num(own)}, "Psi": None}
+        return compute
+
+    rows = [("oracle", f"oracle_{e:g}", oracle(e)) for e in eps_list]
+    rows += [("canonical", f"canonical_{a}", canonical(j, a)) for j, a in enumerate(models.axes)
+             if canonical_measure(models, a) is not None]
+    rows.append(("random", "random",
+                 lambda _, m: psi_result("random", random_measure(m, seed), m)))
+    return rows
+
+
 def table5(con, sel: Selection, *, measures: list[str] | None = None,
-           eps_list=ORACLE_EPS, seed: int = 0, progress=None) -> pl.DataFrame:
+           eps_list=ORACLE_EPS, seed: int = 0, ci: float | None = None, draws: int = 200,
+           progress=None) -> pl.DataFrame:
     """Table 5's shape: one row per measure (ψ per axis, τ, Ψ), then the oracles,
-    the canonical orderings and the random baseline."""
+    the canonical orderings and the random baseline; with several seeds, means
+    across seeds and their std (Table 9); with `ci`, bootstrap intervals."""
     models = select_models(con, sel)
-    rows = _per_measure(con, models, measures, progress,
-                        lambda name, mu, sub: _flat(psi_result(name, mu, sub), models.axes))
-    for eps in eps_list:
-        psi = oracle_psi(models.gap, models.levels, eps)
-        rows.append({"kind": "oracle", "measure": f"oracle_{eps:g}", "n_models": len(models.gap),
-                     **{a: _num(p) for a, p in zip(models.axes, psi, strict=True)},
-                     "tau": _num(oracle_tau(models.gap, eps)), "Psi": _num(big_psi(psi))})
-    for j, axis in enumerate(models.axes):
-        mu = canonical_measure(models, axis)
-        if mu is None:
-            continue
-        own = psi_per_axis(mu, models.gap, models.levels, only=[j])[j]
-        rows.append({"kind": "canonical", "measure": f"canonical_{axis}",
-                     "n_models": len(models.gap), axis: _num(own)})
-    rows.append({"kind": "random", **_flat(psi_result("random", random_measure(models, seed),
-                                                      models), models.axes)})
-    return _frame(rows, ["kind", "measure", "n_models", *models.axes, "tau", "Psi"])
+    rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat(
+        with_seeds(sub, mu, lambda m, s: psi_result(name, m, s), ci=ci, draws=draws,
+                   seed=seed), models.axes))
+    zeros = np.zeros(len(models.gap))
+    for kind, _, compute in _psi_baselines(models, eps_list, seed):
+        rows.append({"kind": kind, **_flat(with_seeds(models, zeros, compute), models.axes)})
+    return _frame(rows, ["kind", "measure", "n_models", *models.axes, "tau", "Psi",
+                         "tau_std", "Psi_std", "tau_lo", "tau_hi", "Psi_lo", "Psi_hi", "seeds"])
 
 
 def table6(con, sel: Selection, *, measures: list[str] | None = None,
-           eps_list=ORACLE_EPS, draws: int = 10, seed: int = 0, progress=None) -> pl.DataFrame:
-    """Table 6's shape: per-axis CMI, |S| = 0, min |S| = 1, min |S| = 2, K, argmin."""
+           eps_list=ORACLE_EPS, draws: int = 10, seed: int = 0, ci: float | None = None,
+           bootstrap_draws: int = 200, progress=None) -> pl.DataFrame:
+    """Table 6's shape: per-axis CMI, |S| = 0, min |S| = 1, min |S| = 2, K, argmin
+    (Table 10 with several seeds; bootstrap intervals of K with `ci`)."""
     models = select_models(con, sel)
-    rows = _per_measure(con, models, measures, progress,
-                        lambda name, mu, sub: _flat_cmi(cmi_result(name, mu, sub), models.axes))
+    rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat_cmi(
+        with_seeds(sub, mu, lambda m, s: cmi_result(name, m, s), ci=ci,
+                   draws=bootstrap_draws, seed=seed, keys=("K",)), models.axes))
+    zeros = np.zeros(len(models.gap))
     for eps in eps_list:
-        res = oracle_cmi(models, eps, draws=draws, seed=seed)
+        res = with_seeds(models, zeros, lambda _, m, e=eps: oracle_cmi(m, e, draws, seed))
         rows.append({"kind": "oracle", **_flat_cmi(res, models.axes),
                      "K_stderr": res["stderr"]["K"], "draws": draws})
-    rows.append({"kind": "random", **_flat_cmi(
-        cmi_result("random", random_measure(models, seed), models), models.axes)})
+    res = with_seeds(models, zeros, lambda _, m: cmi_result("random", random_measure(m, seed), m))
+    rows.append({"kind": "random", **_flat_cmi(res, models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "s0", "s1", "s2", "K",
-                         "argmin", "K_stderr", "draws"])
+                         "argmin", "K_std", "K_lo", "K_hi", "K_stderr", "draws", "seeds"])
 
 
 def _per_measure(con, models: Models, measures: list[str] | None, progress, row) -> list[dict]:
@@ -275,20 +319,36 @@ def _per_measure(con, models: Models, measures: list[str] | None, progress, row)
     return rows
 
 
+def _spread(res: dict, keys: tuple[str, ...]) -> dict:
+    """std across seeds and bootstrap bounds as flat columns."""
+    out = {}
+    if "seeds" in res:
+        out["seeds"] = res["seeds"]["n"]
+        out.update({f"{k}_std": res["seeds"]["std"].get(k) for k in keys})
+    if "ci" in res:
+        for k in keys:
+            bounds = res["ci"].get(k)
+            out[f"{k}_lo"], out[f"{k}_hi"] = bounds if bounds else (None, None)
+    return out
+
+
 def _flat(res: dict, axes: list[str]) -> dict:
     return {"measure": res["measure"], "n_models": res["n_models"],
-            **{a: res["psi"].get(a) for a in axes}, "tau": res["tau"], "Psi": res["Psi"]}
+            **{a: res["psi"].get(a) for a in axes}, "tau": res["tau"], "Psi": res["Psi"],
+            **_spread(res, ("tau", "Psi"))}
 
 
 def _flat_cmi(res: dict, axes: list[str]) -> dict:
     return {"measure": res["measure"], "n_models": res["n_models"],
             **{a: res["per_axis"].get(a) for a in axes},
             **{k: res[k] for k in ("s0", "s1", "s2", "K")},
-            "argmin": "+".join(res["argmin"]) if res["argmin"] is not None else None}
+            "argmin": "+".join(res["argmin"]) if res["argmin"] is not None else None,
+            **_spread(res, ("K",))}
 
 
 def _frame(rows: list[dict], columns: list[str]) -> pl.DataFrame:
     present = [c for c in columns if any(c in r for r in rows)]
     schema = {c: (pl.String if c in ("kind", "measure", "argmin") else
-                  pl.Int64 if c in ("n_models", "draws") else pl.Float64) for c in present}
+                  pl.Int64 if c in ("n_models", "draws", "seeds") else pl.Float64)
+              for c in present}
     return pl.DataFrame([{c: r.get(c) for c in present} for r in rows], schema=schema)
