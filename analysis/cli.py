@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+import numpy as np
 import polars as pl
 
-from fgm.warehouse import connect
+from fgm.warehouse import FgmError, connect
 from fgm.warehouse.cli import db_option, emit_frame, format_option, friendly_errors, to_json
 
 from .evaluate import (
@@ -17,7 +20,9 @@ from .evaluate import (
     select_models,
     table5,
     table6,
+    with_seeds,
 )
+from .robust import robust_sign_error
 from .sql import create_hp_wide, lock_down, run_readonly
 
 
@@ -102,6 +107,34 @@ def _selection(where, dataset, sweep, all_models) -> Selection:
     return Selection(where=where, dataset=dataset, sweep=sweep, all_models=all_models)
 
 
+def ci_options(func):
+    """--ci LEVEL, --bootstrap N, --seed S: seeded bootstrap intervals over models."""
+    options = [
+        click.option("--ci", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=None, help="Add bootstrap confidence intervals, e.g. --ci 0.95."),
+        click.option("--bootstrap", "boot", type=click.IntRange(10), default=200,
+                     show_default=True, help="Bootstrap resamples for --ci."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the bootstrap (and of the random baseline)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _spread_rows(res: dict, keys: tuple[str, ...]) -> list[tuple[str, object]]:
+    rows = []
+    if "seeds" in res:
+        n = res["seeds"]["n"]
+        rows += [(f"{k} std over {n} seeds", res["seeds"]["std"].get(k)) for k in keys]
+    if "ci" in res:
+        pct = f"{100 * res['ci']['level']:g}%"
+        for k in keys:
+            lo, hi = res["ci"].get(k) or (None, None)
+            rows += [(f"{k} {pct} CI low", lo), (f"{k} {pct} CI high", hi)]
+    return rows
+
+
 def _emit_object(obj: dict, fmt: str, rows: list[tuple[str, object]]) -> None:
     """JSON: the object itself (SPEC §5). Table / CSV: quantity, value rows."""
     if fmt == "json":
@@ -116,18 +149,22 @@ def _emit_object(obj: dict, fmt: str, rows: list[tuple[str, object]]) -> None:
 
 @main.command()
 @click.option("--measure", "-m", required=True, help="The measure to evaluate.")
+@ci_options
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def psi(measure, where, dataset, sweep, all_models, db, fmt):
-    """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs. 2, 4, 5)."""
+def psi(measure, ci, boot, seed, where, dataset, sweep, all_models, db, fmt):
+    """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs. 2, 4, 5).
+    With several seeds: the mean across seeds and its std (Table 9)."""
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
         mu, sub = measure_values(con, measure, models)
-        res = psi_result(measure, mu, sub)
+    res = with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci, draws=boot,
+                     seed=seed)
     _emit_object(res, fmt, [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in
-                                                  res["psi"].items()), ("Psi", res["Psi"])])
+                                                  res["psi"].items()), ("Psi", res["Psi"]),
+                            *_spread_rows(res, ("tau", "Psi"))])
 
 
 def _cmi_rows(res: dict) -> list[tuple[str, object]]:
@@ -141,17 +178,20 @@ def _cmi_rows(res: dict) -> list[tuple[str, object]]:
 @click.option("--pgdl", is_flag=True,
               help="Reproduce the NeurIPS 2020 PGDL scorer (self-pairs, equal-weight slices, "
                    "|S| = 2 only).")
+@ci_options
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def cmi(measure, pgdl, where, dataset, sweep, all_models, db, fmt):
-    """Conditional mutual information Î(S) for |S| ≤ 2 and K = its minimum (App. B)."""
+def cmi(measure, pgdl, ci, boot, seed, where, dataset, sweep, all_models, db, fmt):
+    """Conditional mutual information Î(S) for |S| ≤ 2 and K = its minimum (App. B).
+    With several seeds: the mean across seeds and its std (Table 10)."""
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
         mu, sub = measure_values(con, measure, models)
-        res = cmi_result(measure, mu, sub, pgdl=pgdl)
-    _emit_object(res, fmt, _cmi_rows(res))
+    res = with_seeds(sub, mu, lambda m, s: cmi_result(measure, m, s, pgdl=pgdl), ci=ci,
+                     draws=boot, seed=seed, keys=("K",))
+    _emit_object(res, fmt, _cmi_rows(res) + _spread_rows(res, ("K",)))
 
 
 @main.command()
@@ -169,7 +209,8 @@ def oracle(eps, draws, seed, where, dataset, sweep, all_models, db, fmt):
         raise click.BadParameter("must be > 0", param_hint="--eps")
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
-        res = oracle_result(models, eps, draws=draws, seed=seed)
+    res = with_seeds(models, models.gap, lambda _, m: oracle_result(m, eps, draws=draws,
+                                                                     seed=seed))
     rows = [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in res["psi"].items()),
             ("Psi", res["Psi"]), *_cmi_rows(res["cmi"]), ("K stderr", res["cmi"]["stderr"]["K"])]
     _emit_object(res, fmt, rows)
@@ -180,18 +221,87 @@ def oracle(eps, draws, seed, where, dataset, sweep, all_models, db, fmt):
               help="psi: Table 5's shape (ψ_i, τ, Ψ); cmi: Table 6's (CMI per axis, K).")
 @click.option("--draws", type=click.IntRange(2), default=10, show_default=True,
               help="Monte Carlo draws for the oracles' CMI.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the random baseline and the oracle draws.")
+@ci_options
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def table(kind, draws, seed, where, dataset, sweep, all_models, db, fmt):
-    """Every measure, one row each, with the oracle, canonical and random baselines."""
+def table(kind, draws, ci, boot, seed, where, dataset, sweep, all_models, db, fmt):
+    """Every measure, one row each, with the oracle, canonical and random baselines.
+    Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns."""
     sel = _selection(where, dataset, sweep, all_models)
     with _readonly(db) as con:
         if kind == "psi":
-            frame = table5(con, sel, seed=seed)
+            frame = table5(con, sel, seed=seed, ci=ci, draws=boot)
         else:
-            frame = table6(con, sel, draws=draws, seed=seed)
+            frame = table6(con, sel, draws=draws, seed=seed, ci=ci, bootstrap_draws=boot)
     emit_frame(frame, fmt)
+
+
+@main.command()
+@click.option("--measure", "-m", required=True, help="The measure to evaluate.")
+@click.option("--test-size", type=int, default=None,
+              help="Test-set size for the Hoeffding weights (default: the warehouse's).")
+@selection_options
+@db_option
+@format_option
+@friendly_errors
+def robust(measure, test_size, where, dataset, sweep, all_models, db, fmt):
+    """Robust sign-error (Dziugaite et al. 2020) over environments: pairs of
+    configurations that differ in exactly one axis."""
+    with _readonly(db) as con:
+        models = select_models(con, _selection(where, dataset, sweep, all_models))
+        mu, sub = measure_values(con, measure, models)
+    sizes = np.full(len(mu), float(test_size)) if test_size else sub.test_size
+    if np.isnan(sizes).any():
+        raise FgmError("the warehouse does not know the test-set size of some models "
+                       "(results tables do not carry it): pass --test-size N")
+    res = {"measure": measure, "n_models": int(len(mu)),
+           "test_size": float(np.median(sizes)) if len(sizes) else None,
+           **robust_sign_error(mu, sub.gap, sub.levels, sub.axes, sizes)}
+    if fmt == "json":
+        click.echo(to_json(res))
+        return
+    rows = [{"axis": a, **v} for a, v in res["per_axis"].items()]
+    rows.append({"axis": "overall", **res["overall"]})
+    emit_frame(pl.DataFrame(rows, schema={"axis": pl.String, "environments": pl.Int64,
+                                          "mean": pl.Float64, "p90": pl.Float64,
+                                          "max": pl.Float64}), fmt,
+               title=f"robust sign-error of {measure}, {len(mu)} models")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report"),
+              show_default=True, help="Folder for index.html and the charts' PNG/SVG files.")
+@click.option("--draws", type=click.IntRange(2), default=10, show_default=True,
+              help="Monte Carlo draws for the oracles' CMI.")
+@click.option("--color", default=None, help="Axis that colours the training curves.")
+@selection_options
+@db_option
+@friendly_errors
+def report(out, draws, color, where, dataset, sweep, all_models, db):
+    """Write an offline HTML report: Figure 1's panels, Tables 5 and 6 as heatmaps,
+    training curves; plus a PNG and an SVG of every chart."""
+    from .report import build_report
+    with _readonly(db) as con:
+        page = build_report(con, out, _selection(where, dataset, sweep, all_models),
+                            draws=draws, color=color)
+    click.echo(f"wrote {page} (and {len(list(out.glob('*.png')))} PNG + SVG charts)")
+
+
+@main.command()
+@click.option("--measure", "-m", required=True)
+@click.option("--color", required=True, help="The axis that colours the points.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report"),
+              show_default=True)
+@click.option("--log/--linear", default=None, help="Log-scale the measure (default: auto).")
+@selection_options
+@db_option
+@friendly_errors
+def plot(measure, color, out, log, where, dataset, sweep, all_models, db):
+    """Draw a measure against the generalization gap, coloured by an axis."""
+    from .report import plot_measure
+    with _readonly(db) as con:
+        files = plot_measure(con, measure, color, out,
+                             _selection(where, dataset, sweep, all_models), log)
+    click.echo("wrote " + ", ".join(str(f) for f in files))

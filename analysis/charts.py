@@ -1,0 +1,83 @@
+"""Charts as altair on Polars frames: the paper's Figure 1 panels, Tables 5
+and 6 as heatmaps, training curves, and a measure against the gap."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+
+WIDTH = 520
+
+
+def converged_per_level(models: pl.DataFrame) -> alt.Chart:
+    """Figure 1 (left): models above 99% training accuracy per hyperparameter value.
+    models: model_id, axis, value, level, train_acc."""
+    counts = (models.with_columns((pl.col("train_acc") > 0.99).alias("above"))
+              .group_by("axis", "level", "value")
+              .agg(pl.col("above").sum().alias("above_99"), pl.len().alias("models"))
+              .sort("axis", "level"))
+    return alt.Chart(counts).mark_bar().encode(
+        x=alt.X("value:N", sort=alt.SortField("level"), title=None),
+        y=alt.Y("above_99:Q", title="models above 99% training accuracy"),
+        tooltip=["axis", "value", "above_99", "models"],
+    ).properties(width=110, height=160).facet(
+        facet=alt.Facet("axis:N", title=None), columns=4
+    ).resolve_scale(x="independent").properties(
+        title="Models above 99% training accuracy, per hyperparameter value")
+
+
+def histogram(outcomes: pl.DataFrame, column: str, title: str, log: bool = False) -> alt.Chart:
+    """Figure 1 (middle, right): the distribution of a per-model quantity."""
+    data = outcomes.select(column).drop_nulls()
+    if log:
+        data = data.filter(pl.col(column) > 0).with_columns(pl.col(column).log10())
+    return alt.Chart(data).mark_bar().encode(
+        x=alt.X(f"{column}:Q", bin=alt.Bin(maxbins=40),
+                title=f"log10 {column}" if log else column),
+        y=alt.Y("count():Q", title="models"),
+    ).properties(width=WIDTH // 2 + 40, height=200, title=title)
+
+
+def heatmap(table: pl.DataFrame, columns: list[str], title: str, *,
+            diverging: bool) -> alt.Chart:
+    """A table's shape as a heatmap: one row per measure, one column per quantity."""
+    columns = [c for c in columns if table[c].null_count() < table.height]  # drop empty ones
+    long = (table.select(["measure", *columns])
+            .unpivot(index="measure", variable_name="column", value_name="value")
+            .drop_nulls("value")
+            .with_columns(pl.col("value").round(3).alias("label")))
+    scale = (alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True) if diverging
+             else alt.Scale(scheme="viridis", domain=[0, 1]))
+    order = table["measure"].to_list()
+    base = alt.Chart(long).encode(
+        x=alt.X("column:N", sort=columns, title=None, axis=alt.Axis(labelAngle=-40,
+                                                                   orient="top")),
+        y=alt.Y("measure:N", sort=order, title=None))
+    cells = base.mark_rect().encode(
+        color=alt.Color("value:Q", scale=scale, title="τ" if diverging else "CMI"),
+        tooltip=["measure", "column", "value"])
+    text = base.mark_text(fontSize=9).encode(text=alt.Text("label:Q", format=".2f"))
+    return (cells + text).properties(width=60 * len(columns), height=16 * len(order),
+                                     title=title)
+
+
+def traces(points: pl.DataFrame, color: str, order: list[str] | None = None) -> alt.Chart:
+    """Training curves: estimated cross-entropy against step, one line per model."""
+    return alt.Chart(points).mark_line(opacity=0.6, strokeWidth=1).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("train_loss:Q", scale=alt.Scale(type="log"), title="training cross-entropy"),
+        detail="model_id:N",
+        color=alt.Color(f"{color}:N", title=color, sort=order),
+        tooltip=["model_id", "step", "train_loss", color],
+    ).properties(width=WIDTH, height=260, title=f"Training curves, coloured by {color}")
+
+
+def measure_vs_gap(frame: pl.DataFrame, measure: str, color: str, log: bool,
+                   order: list[str] | None = None) -> alt.Chart:
+    """A measure against the generalization gap, coloured by an axis's value."""
+    return alt.Chart(frame).mark_circle(size=40, opacity=0.7).encode(
+        x=alt.X("value:Q", title=measure, scale=alt.Scale(type="log" if log else "linear")),
+        y=alt.Y("gap:Q", title="generalization gap"),
+        color=alt.Color(f"{color}:N", title=color, sort=order),
+        tooltip=["model_id", "value", "gap", color],
+    ).properties(width=WIDTH, height=320, title=f"{measure} against the gap")

@@ -1,0 +1,195 @@
+"""fgm-query report: one self-contained HTML page (works offline: the Vega
+libraries are inlined, the data is in the page, no network URL), plus a PNG
+and an SVG of every chart."""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+
+import altair as alt
+import duckdb
+import polars as pl
+
+from . import charts
+from .evaluate import Selection, select_models, table5, table6
+
+TRACE_MODELS = 200   # at most this many training curves, chosen evenly, to keep the page light
+# URL strings inside the Vega bundle that are links, not namespaces: blanked so the page
+# names no network address. What remains are the W3C XML namespace identifiers SVG needs.
+BUNDLE_LINKS = ("https://vega.github.io/editor/", "https://github.com/vega/vega-lite/issues/2415",
+                "https://vega.github.io/schema/vega/v6.json")
+XML_NAMESPACES = ("http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink",
+                  "http://www.w3.org/2000/xmlns/")
+
+
+@cache
+def vega_bundle() -> str:
+    import vl_convert as vlc
+    js = vlc.javascript_bundle()
+    for link in BUNDLE_LINKS:
+        js = js.replace(link, "")
+    return js.replace("</script", "<\\/script")
+
+
+def spec(chart: alt.TopLevelMixin) -> dict:
+    out = chart.to_dict()
+    out.pop("$schema", None)
+    return out
+
+
+def save_images(chart: alt.TopLevelMixin, out: Path, name: str) -> list[Path]:
+    import vl_convert as vlc
+    d = chart.to_dict()
+    version = d.get("$schema", "").rsplit("/v", 1)[-1].rsplit(".", 2)[0] or None
+    kw = {"vl_version": version} if version in vlc.get_vegalite_versions() else {}
+    png, svg = out / f"{name}.png", out / f"{name}.svg"
+    png.write_bytes(vlc.vegalite_to_png(d, scale=2, **kw))
+    svg.write_text(vlc.vegalite_to_svg(d, **kw))
+    return [png, svg]
+
+
+def _hp_frame(con: duckdb.DuckDBPyConnection, ids: list[str]) -> pl.DataFrame:
+    frame = con.sql("SELECT h.model_id, h.axis, h.level, h.value_text AS value, o.train_acc "
+                    "FROM hyperparameters AS h JOIN model_outcomes AS o USING (model_id)").pl()
+    return frame.filter(pl.col("model_id").is_in(ids))
+
+
+def level_order(hp: pl.DataFrame, axis: str) -> list[str]:
+    """An axis's values in level order (for legends)."""
+    return (hp.filter(pl.col("axis") == axis).select("level", "value").unique()
+            .sort("level", "value")["value"].to_list())
+
+
+def _table_html(frame: pl.DataFrame) -> str:
+    def cell(v):
+        if v is None:
+            return ""
+        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                   for row in frame.iter_rows())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | None = None, *,
+                 draws: int = 10, color: str | None = None) -> Path:
+    sel = sel or Selection()
+    out.mkdir(parents=True, exist_ok=True)
+    every = select_models(con, Selection(sel.where, sel.dataset, sel.sweep, all_models=True))
+    ids = every.ids.tolist()
+    outcomes = con.sql("SELECT * FROM model_outcomes").pl().filter(pl.col("model_id").is_in(ids))
+    hp = _hp_frame(con, ids)
+    varying = [a for a in every.axes if hp.filter(pl.col("axis") == a)["value"].n_unique() > 1]
+    shown = hp.filter(pl.col("axis").is_in(varying)) if varying else hp
+    sections: list[tuple[str, str, alt.TopLevelMixin | None, str]] = []
+    sections.append(("fig1_converged", "Figure 1: models that fit the training set",
+                     charts.converged_per_level(shown), ""))
+    sections.append(("fig1_cross_entropy", "Figure 1: final training cross-entropy",
+                     charts.histogram(outcomes, "train_loss",
+                                      "Final training cross-entropy", log=True), ""))
+    sections.append(("fig1_gap", "Figure 1: generalization gap",
+                     charts.histogram(outcomes, "gap", "Generalization gap (train − test acc.)"),
+                     ""))
+    t5 = table5(con, sel)
+    axes = every.axes
+    measures5 = t5.filter(pl.col("kind") != "canonical")
+    sections.append(("table5", "Table 5: τ within each axis (ψ_i), overall τ and Ψ",
+                     charts.heatmap(measures5, [*axes, "tau", "Psi"], "Kendall's τ",
+                                    diverging=True), _table_html(t5)))
+    t6 = table6(con, sel, draws=draws)
+    sections.append(("table6", "Table 6: conditional mutual information",
+                     charts.heatmap(t6, [*axes, "s0", "s1", "s2", "K"],
+                                    "Normalised conditional mutual information",
+                                    diverging=False), _table_html(t6)))
+    trace = con.sql("SELECT model_id, step, train_loss FROM traces WHERE train_loss > 0").pl()
+    trace = trace.filter(pl.col("model_id").is_in(ids))
+    if trace.height:
+        keep = sorted(trace["model_id"].unique().to_list())
+        keep = keep[:: max(1, len(keep) // TRACE_MODELS)]
+        axis = color or (varying[0] if varying else None)
+        if axis:
+            labels = hp.filter(pl.col("axis") == axis).select("model_id",
+                                                              pl.col("value").alias(axis))
+            points = trace.filter(pl.col("model_id").is_in(keep)).join(labels, on="model_id")
+            note = (f"{len(keep)} of {trace['model_id'].n_unique()} models shown"
+                    if len(keep) < trace["model_id"].n_unique() else "")
+            sections.append(("traces", "Training curves",
+                             charts.traces(points, axis, level_order(hp, axis)),
+                             f"<p class='note'>{note}</p>" if note else ""))
+    return _write(out, sections, con, every)
+
+
+def _write(out: Path, sections, con, every) -> Path:
+    blocks, images = [], []
+    for i, (name, heading, chart, extra) in enumerate(sections):
+        images += save_images(chart, out, name)
+        blocks.append(f"<section><h2>{html.escape(heading)}</h2><div id='c{i}'></div>{extra}"
+                      f"<p class='files'>{name}.png · {name}.svg</p></section>")
+    specs = json.dumps({f"c{i}": spec(c) for i, (_, _, c, _) in enumerate(sections)})
+    datasets = ", ".join(r[0] for r in con.sql("SELECT DISTINCT dataset FROM models").fetchall())
+    n_conv = int(con.sql("SELECT count(*) FROM model_outcomes WHERE included").fetchall()[0][0])
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fgm report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; margin-top: 2em; }}
+table {{ border-collapse: collapse; font-size: 0.8em; margin-top: 1em; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 2px 6px; text-align: right; }}
+td:first-child, td:nth-child(2), th {{ text-align: left; }}
+.files, .note {{ color: #777; font-size: 0.8em; }}
+</style></head><body>
+<h1>Generalization measures: report</h1>
+<p>{len(every.ids)} models ({n_conv} converged or of unknown convergence) on
+{html.escape(datasets)}; generated {datetime.now().strftime('%Y-%m-%d %H:%M')} by fgm.
+Evaluation uses converged models (SPEC §1); τ is Kendall's τ_a; ψ_i groups models
+that share every other axis's level.</p>
+{''.join(blocks)}
+<script>{vega_bundle()}</script>
+<script>
+const specs = {specs};
+for (const [id, s] of Object.entries(specs)) {{
+  vegaEmbed('#' + id, s, {{mode: 'vega-lite', actions: false, renderer: 'svg'}});
+}}
+</script>
+</body></html>
+"""
+    page_path = out / "index.html"
+    page_path.write_text(page)
+    return page_path
+
+
+def plot_measure(con: duckdb.DuckDBPyConnection, measure: str, color: str, out: Path,
+                 sel: Selection | None = None, log: bool | None = None) -> list[Path]:
+    """measure against the gap, coloured by an axis: PNG, SVG and a one-chart HTML page."""
+    sel = sel or Selection()
+    from fgm.warehouse import FgmError
+
+    from .evaluate import measure_values
+    models = select_models(con, sel)
+    mu, sub = measure_values(con, measure, models)
+    if color not in sub.axes:
+        raise FgmError(f"unknown axis {color!r}; the warehouse has: {', '.join(sub.axes)}")
+    values = sub.values.filter(pl.col("axis") == color).select(
+        "model_id", pl.col("value_text").alias(color))
+    frame = pl.DataFrame({"model_id": pl.Series(sub.ids.tolist(), dtype=pl.String),
+                          "value": mu, "gap": sub.gap}).join(values, on="model_id", how="left")
+    if log is None:
+        log = bool(len(mu)) and float(mu.min()) > 0 and float(mu.max()) / float(mu.min()) > 100
+    order = (sub.values.filter(pl.col("axis") == color)
+             .join(con.sql("SELECT model_id, axis, level FROM hyperparameters").pl(),
+                   on=["model_id", "axis"]).select("level", pl.col("value_text").alias("value"))
+             .unique().sort("level", "value")["value"].to_list())
+    chart = charts.measure_vs_gap(frame, measure, color, log, order)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{measure}_vs_gap_by_{color}"
+    files = save_images(chart, out, name)
+    page = out / f"{name}.html"
+    page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{name}</title>"
+                    f"</head><body><div id='c'></div><script>{vega_bundle()}</script><script>"
+                    f"vegaEmbed('#c', {json.dumps(spec(chart))}, {{mode: 'vega-lite', "
+                    f"actions: false}});</script></body></html>")
+    return [*files, page]
