@@ -1,0 +1,197 @@
+"""Reports, repeated-seed statistics, bootstrap intervals and robust sign-error."""
+
+import itertools
+import json
+import math
+import re
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from reference import psi_ref, sign, tau_ref
+from warehouse_fixture import build_warehouse
+
+from fgm.analysis.cli import main as query
+from fgm.analysis.robust import robust_sign_error
+from fgm.warehouse import connect
+
+AXES = {"depth": [2, 4, 8], "width": [16, 32]}
+
+
+def seeded_table(n_seeds=3, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_seeds):
+        for combo in itertools.product(*AXES.values()):
+            gap = 0.1 + 0.02 * AXES["depth"].index(combo[0]) + rng.normal(0, 0.02)
+            rows.append({"model_id": f"s{s}-{combo[0]}-{combo[1]}", "seed": s,
+                         "hp.depth": combo[0], "hp.width": combo[1],
+                         "train_acc": 1.0, "test_acc": round(1.0 - gap, 3),
+                         "complexity.m": gap + rng.normal(0, 0.02)})
+    return pl.DataFrame(rows)
+
+
+def run(*args):
+    out = CliRunner().invoke(query, [str(a) for a in args])
+    assert out.exit_code == 0, out.output
+    return out.output
+
+
+@pytest.fixture
+def seeded(db):
+    table = seeded_table()
+    build_warehouse(db, table)
+    con = connect(db)   # traces for the training-curve chart
+    con.execute("INSERT INTO traces SELECT model_id, s * 10, s, 2.0 / (s + 1), 0.1, s "
+                "FROM models, range(1, 6) AS r(s)")
+    con.close()
+    return db, table
+
+
+def test_psi_reports_mean_and_std_across_seeds(seeded):
+    db, table = seeded
+    res = json.loads(run("psi", "-m", "m", "--db", db, "--format", "json"))
+    taus, psis = [], []
+    for s in range(3):
+        t = table.filter(pl.col("seed") == s).sort("model_id")
+        mu, g = t["complexity.m"].to_list(), (t["train_acc"] - t["test_acc"]).to_list()
+        levels = [[AXES["depth"].index(d), AXES["width"].index(w)]
+                  for d, w in t.select("hp.depth", "hp.width").rows()]
+        taus.append(tau_ref(mu, g))
+        psis.append(sum(psi_ref(mu, g, levels)) / 2)
+    assert res["seeds"]["n"] == 3 and res["n_models"] == 18
+    assert res["tau"] == pytest.approx(np.mean(taus), abs=1e-9)
+    assert res["seeds"]["std"]["tau"] == pytest.approx(np.std(taus, ddof=1), abs=1e-9)
+    assert res["Psi"] == pytest.approx(np.mean(psis), abs=1e-9)
+    assert res["seeds"]["std"]["Psi"] == pytest.approx(np.std(psis, ddof=1), abs=1e-9)
+    table_rows = json.loads(run("table", "--db", db, "--format", "json"))
+    m = next(r for r in table_rows if r["measure"] == "m")
+    assert m["seeds"] == 3 and m["tau_std"] == pytest.approx(np.std(taus, ddof=1), abs=1e-9)
+
+
+def test_bootstrap_interval_contains_estimate_and_narrows_with_more_models(db, tmp_path):
+    widths = []
+    for n_seeds, path in ((1, db), (6, tmp_path / "more.duckdb")):
+        table = seeded_table(n_seeds, seed=1).with_columns(pl.lit(0).alias("seed"),
+                                                          pl.Series("model_id", [
+                                                              f"m{i}" for i in range(
+                                                                  6 * n_seeds)]))
+        build_warehouse(path, table)
+        res = json.loads(run("psi", "-m", "m", "--ci", "0.9", "--bootstrap", "200",
+                             "--db", path, "--format", "json"))
+        lo, hi = res["ci"]["tau"]
+        assert lo <= res["tau"] <= hi
+        assert res["ci"]["level"] == 0.9 and res["ci"]["draws"] == 200
+        widths.append(hi - lo)
+        k = json.loads(run("cmi", "-m", "m", "--ci", "0.9", "--bootstrap", "50",
+                           "--db", path, "--format", "json"))
+        assert k["ci"]["K"][0] <= k["ci"]["K"][1]
+    assert widths[1] < widths[0]
+
+
+def test_bootstrap_is_seeded(seeded):
+    db, _ = seeded
+    a = json.loads(run("psi", "-m", "m", "--ci", "0.95", "--bootstrap", "30", "--db", db,
+                       "--format", "json"))
+    b = json.loads(run("psi", "-m", "m", "--ci", "0.95", "--bootstrap", "30", "--db", db,
+                       "--format", "json"))
+    assert a["ci"] == b["ci"]
+
+
+def sign_error_ref(mu, gap, levels, axis, n):
+    """A direct loop over pairs of models whose configurations differ in `axis` only."""
+    envs = {}
+    for a in range(len(mu)):
+        for b in range(len(mu)):
+            la, lb = levels[a], levels[b]
+            if la[axis] >= lb[axis] or any(la[j] != lb[j] for j in range(len(la)) if j != axis):
+                continue
+            dg = gap[b] - gap[a]
+            w = max(0.0, 1 - 2 * math.exp(-n * dg * dg / 2))
+            err = (1 - sign(mu[b] - mu[a]) * sign(dg)) / 2
+            key = (tuple(x for j, x in enumerate(la) if j != axis), la[axis], lb[axis])
+            s, t = envs.get(key, (0.0, 0.0))
+            envs[key] = (s + w * err, t + w)
+    return {k: s / t for k, (s, t) in envs.items() if t > 0}, \
+        {k: t for k, (s, t) in envs.items() if t > 0}
+
+
+def test_sign_error_against_a_direct_loop():
+    rng = np.random.default_rng(3)
+    levels = np.array([(d, w) for d in range(3) for w in range(2) for _ in range(2)])  # 2 seeds
+    gap = 0.1 + 0.05 * levels[:, 0] + rng.normal(0, 0.03, len(levels))
+    mu = gap + rng.normal(0, 0.05, len(levels))
+    res = robust_sign_error(mu, gap, levels, ["depth", "width"], 1000)
+    for axis, name in enumerate(["depth", "width"]):
+        errs, weights = sign_error_ref(mu.tolist(), gap.tolist(), levels.tolist(), axis, 1000)
+        e = np.array(list(errs.values()))
+        w = np.array([weights[k] for k in errs])
+        got = res["per_axis"][name]
+        assert got["environments"] == len(e)
+        assert got["mean"] == pytest.approx(np.average(e, weights=w), abs=1e-12)
+        assert got["p90"] == pytest.approx(np.percentile(e, 90), abs=1e-12)
+        assert got["max"] == pytest.approx(e.max(), abs=1e-12)
+
+
+def test_robust_cli(seeded):
+    db, _ = seeded
+    out = CliRunner().invoke(query, ["robust", "-m", "m", "--db", str(db)])
+    assert out.exit_code == 1 and "--test-size" in out.output   # tables carry no test size
+    res = json.loads(run("robust", "-m", "m", "--test-size", "1000", "--db", db,
+                         "--format", "json"))
+    assert set(res["per_axis"]) == {"depth", "width"}
+    assert 0 <= res["overall"]["mean"] <= 1 and res["overall"]["max"] <= 1
+    assert "overall" in run("robust", "-m", "m", "--test-size", "1000", "--db", db)
+
+
+def test_report_builds_every_chart_offline(seeded, tmp_path):
+    db, _ = seeded
+    out = tmp_path / "rep"
+    text = run("report", "--out", out, "--draws", "3", "--db", db)
+    assert "index.html" in text
+    page = (out / "index.html").read_text()
+    # no address the page could fetch: the only URL strings left are the XML namespace
+    # identifiers inside the inlined Vega library
+    urls = set(re.findall(r"https?://[^\s\"'<>)\\]+", page))
+    assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink",
+                    "http://www.w3.org/2000/xmlns/"}
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "vegaEmbed" in page and len(page) > 500_000   # the library is inlined
+    names = ["fig1_converged", "fig1_cross_entropy", "fig1_gap", "table5", "table6", "traces"]
+    for name in names:
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{name}.svg").read_text().lstrip().startswith("<svg")
+    specs = json.loads(re.search(r"const specs = (\{.*?\});\n", page, re.S).group(1))
+    assert len(specs) == len(names)
+    converged, ce, gap, t5, t6, traces = specs.values()
+    assert converged["spec"]["mark"]["type"] == "bar"
+    assert converged["spec"]["encoding"]["y"]["field"] == "above_99"
+    assert converged["facet"]["field"] == "axis"
+    assert ce["encoding"]["x"]["bin"] and gap["encoding"]["x"]["field"] == "gap"
+    layer = t5["layer"][0]
+    assert layer["mark"]["type"] == "rect" and layer["encoding"]["color"]["field"] == "value"
+    assert layer["encoding"]["color"]["scale"]["domain"] == [-1, 1]
+    assert set(layer["encoding"]["x"]["sort"]) >= {"depth", "width", "tau", "Psi"}
+    # one model per cell and seed: conditioning on both axes leaves no gap variation, so
+    # s2 is undefined everywhere and its empty column is left out of the heatmap
+    assert set(t6["layer"][0]["encoding"]["x"]["sort"]) >= {"s0", "s1", "K"}
+    assert "s2" not in t6["layer"][0]["encoding"]["x"]["sort"]
+    assert traces["encoding"]["y"]["scale"]["type"] == "log"
+    assert traces["encoding"]["detail"]["field"] == "model_id"
+
+
+def test_plot_measure_against_gap(seeded, tmp_path):
+    db, _ = seeded
+    out = tmp_path / "p"
+    run("plot", "-m", "m", "--color", "depth", "--out", out, "--db", db)
+    html = (out / "m_vs_gap_by_depth.html").read_text()
+    spec = json.loads(re.search(r"vegaEmbed\('#c', (\{.*\}), \{mode", html, re.S).group(1))
+    assert spec["mark"]["type"] == "circle"
+    assert spec["encoding"]["x"]["field"] == "value" and spec["encoding"]["y"]["field"] == "gap"
+    assert spec["encoding"]["color"]["field"] == "depth"
+    assert spec["encoding"]["color"]["sort"] == ["2", "4", "8"]
+    assert (out / "m_vs_gap_by_depth.png").exists()
+    bad = CliRunner().invoke(query, ["plot", "-m", "m", "--color", "colour", "--db", str(db),
+                                     "--out", str(out)])
+    assert bad.exit_code == 1 and "unknown axis 'colour'" in bad.output
