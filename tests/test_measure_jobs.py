@@ -122,3 +122,19 @@ def test_a_moved_checkpoint_is_reported_not_fatal(grid_db, tmp_path):
                                            "param_norm"])
     assert out.exit_code == 0
     assert "1 models, 1 values computed" in out.output and "checkpoint not found" in out.output
+
+
+def test_a_rerun_fills_measures_that_a_killed_run_left_missing(grid_db, grid_file, tmp_path):
+    import shutil
+    db = tmp_path / "killed.duckdb"
+    shutil.copy(grid_db, db)
+    con = connect(db)
+    con.execute("DELETE FROM measures WHERE measure IN ('path_norm', 'vc_dim')")
+    con.close()
+    out = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid_file), "--set", "width=24",
+                                         "--out", str(grid_db.parent / "runs"), "--db", str(db),
+                                         "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "0 to train" in out.output
+    assert "computed 4 missing measures of 2 finished models" in out.output
+    assert len(values(db)) == len(values(grid_db))

@@ -99,7 +99,10 @@ def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, 
     console.print(f"grid {g.name!r} on {g.dataset}: {len(jobs)} models, "
                   f"{len(jobs) - len(todo)} already finished, {len(todo)} to train on {dev}")
     if not no_ingest:
-        _ingest_finished(out, [j[2] for j in jobs if j not in todo], db, console)
+        finished = [j[2] for j in jobs if j not in todo]
+        _ingest_finished(out, finished, db, console)
+        if finished and not no_measures:  # a run killed between ingest and its measures
+            _measure_finished(finished, db, data_root, dev, console)
     if not todo:
         return
     data = load_dataset(g.dataset, data_root, download).to(dev)
@@ -121,6 +124,17 @@ def _ingest_finished(out: Path, model_ids: list[str], db, console: Console) -> N
         con.close()
     if missing:
         console.print(f"ingested {len(missing)} finished bundle(s) the warehouse lacked")
+
+
+def _measure_finished(model_ids: list[str], db, data_root, dev, console: Console) -> None:
+    from fgm.measures.runner import measure_models
+    con = connect(db)
+    try:
+        job = measure_models(con, model_ids=model_ids, data_root=data_root, device=dev)
+    finally:
+        con.close()
+    if job.models:
+        console.print(f"computed {job.values} missing measures of {job.models} finished models")
 
 
 def _run(g, todo, data, dev, out, db, no_ingest, no_measures, console: Console,
