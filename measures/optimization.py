@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import grad, vmap
 
 from .context import Context, FlatNet
 from .registry import measure
@@ -35,22 +35,46 @@ def steps_01_to_001(ctx: Context) -> float:
 
 
 def gradient_noise(net: FlatNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
-    """Σ over parameters of the variance over examples of ∇_w ℓ(f_w(x_i), y_i)."""
-    def loss(w, xi, yi):
-        return F.cross_entropy(net.logits(w, xi[None]), yi[None])
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
-    total = torch.zeros_like(net.w, dtype=torch.float64)
-    total_sq = torch.zeros_like(net.w, dtype=torch.float64)
+    """Σ over parameters of the variance over examples of ∇_w ℓ(f_w(x_i), y_i)
+    = (1/m) Σ_i ‖g_i‖² − ‖ḡ‖².
+
+    Per-example gradients come layer by layer, without a loop over examples:
+    one backward pass gives each layer's output gradient δ_i for every example,
+    and a convolution's weight gradient for example i is δ_i times its unfolded
+    input (its bias gradient, δ_i summed over positions)."""
+    params = net.split(net.w)
+    sum_sq = torch.zeros((), dtype=torch.float64, device=net.w.device)
+    grad_sum = [(torch.zeros_like(w, dtype=torch.float64), torch.zeros_like(b, dtype=torch.float64))
+                for w, b in params]
     for i in range(0, len(x), chunk):
-        g = per_example(net.w, x[i:i + chunk], y[i:i + chunk]).double()   # (b, ω)
-        total += g.sum(0)
-        total_sq += g.pow(2).sum(0)
+        inputs, outputs = [], []
+        h = x[i:i + chunk]
+        for j, ((w, b), (_, stride, pad)) in enumerate(zip(params, net.meta, strict=True)):
+            inputs.append(h)
+            z = F.conv2d(h, w, b, stride, pad)
+            if j == 0:
+                z = z.detach().requires_grad_(True)
+            outputs.append(z)
+            h = F.relu(z) if j < len(params) - 1 else z
+        loss = F.cross_entropy(h.mean(dim=(2, 3)), y[i:i + chunk], reduction="sum")
+        deltas = torch.autograd.grad(loss, outputs)
+        for j, (shape, stride, pad) in enumerate(net.meta):
+            k = shape[-1]
+            unfolded = F.unfold(inputs[j].detach(), k, padding=pad, stride=stride)  # (b, c·k², P)
+            delta = deltas[j].flatten(2)                                             # (b, o, P)
+            g_w = torch.einsum("bop,bkp->bok", delta, unfolded).double()            # (b, o, c·k²)
+            g_b = delta.sum(2).double()                                              # (b, o)
+            sum_sq += g_w.pow(2).sum() + g_b.pow(2).sum()
+            grad_sum[j][0].view(-1).add_(g_w.sum(0).reshape(-1))
+            grad_sum[j][1].add_(g_b.sum(0))
     m = len(x)
-    return float((total_sq / m - (total / m).pow(2)).sum())
+    mean_sq = sum(float(gw.pow(2).sum() + gb.pow(2).sum()) for gw, gb in grad_sum) / m ** 2
+    return float(sum_sq) / m - mean_sq
 
 
 def _chunk(net: FlatNet) -> int:
-    return max(1, min(512, 20_000_000 // max(net.omega, 1)))   # ~160 MB of gradients
+    widest = max(int(np.prod(shape)) for shape, _, _ in net.meta)
+    return max(1, min(512, 20_000_000 // widest))   # per-example gradients of one layer: ~160 MB
 
 
 @measure(eq="65", needs=("epoch1", "data"))
