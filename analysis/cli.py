@@ -155,7 +155,7 @@ def _emit_object(obj: dict, fmt: str, rows: list[tuple[str, object]]) -> None:
 @format_option
 @friendly_errors
 def psi(measure, ci, boot, seed, where, dataset, sweep, all_models, db, fmt):
-    """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs. 2, 4, 5).
+    """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs 2, 4 and 5).
     With several seeds: the mean across seeds and its std (Table 9)."""
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
@@ -247,8 +247,10 @@ def table(kind, draws, ci, boot, seed, where, dataset, sweep, all_models, db, fm
 @format_option
 @friendly_errors
 def robust(measure, test_size, where, dataset, sweep, all_models, db, fmt):
-    """Robust sign-error (Dziugaite et al. 2020) over environments: pairs of
-    configurations that differ in exactly one axis."""
+    """Robust sign-error over environments: configurations one axis apart.
+
+    As in Dziugaite, Drouin et al. (2020), "In Search of Robust Measures of
+    Generalization"; see analysis/robust.py for the Hoeffding weights."""
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
         mu, sub = measure_values(con, measure, models)
