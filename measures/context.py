@@ -36,9 +36,6 @@ class Settings:
     delta: float = 0.01              # δ of the bounds
     batch: int = 2048                # evaluation batch
 
-    def as_params(self, *keys: str) -> dict:
-        return {k: getattr(self, k) for k in keys}
-
 
 class FlatNet:
     """The folded NiN as a function of one flat parameter vector."""
@@ -60,14 +57,6 @@ class FlatNet:
             out.append((w[i:i + n].reshape(shape), w[i + n:i + n + shape[0]]))
             i += n + shape[0]
         return out
-
-    def kernel_mask(self) -> torch.Tensor:
-        """True where w holds a kernel entry, False where it holds a bias."""
-        parts = []
-        for shape, _, _ in self.meta:
-            parts += [torch.ones(int(np.prod(shape)), dtype=torch.bool),
-                      torch.zeros(shape[0], dtype=torch.bool)]
-        return torch.cat(parts).to(self.w.device)
 
     def logits(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         params = self.split(w)

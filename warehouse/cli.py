@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -87,7 +86,3 @@ def emit_frame(frame: pl.DataFrame, fmt: str, *, title: str | None = None) -> No
         click.echo(flat.write_csv(), nl=False)
     else:
         click.echo(_plain_table(frame, title))
-
-
-def echo_err(message: str) -> None:
-    click.echo(message, file=sys.stderr)
