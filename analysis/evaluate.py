@@ -117,9 +117,10 @@ def measure_names(con: duckdb.DuckDBPyConnection) -> list[str]:
     return _names(con, "SELECT DISTINCT measure FROM measures ORDER BY measure")
 
 
-def measure_values(con: duckdb.DuckDBPyConnection, measure: str, models: Models):
+def measure_values(con: duckdb.DuckDBPyConnection, measure: str, models: Models,
+                   known: list[str] | None = None):
     """(μ, models restricted to those with a value). Unknown measure → error listing them."""
-    known = measure_names(con)
+    known = known if known is not None else measure_names(con)
     if measure not in known:
         raise FgmError(f"unknown measure {measure!r}; the warehouse has: "
                        f"{', '.join(known) if known else '(none)'}")
@@ -311,8 +312,9 @@ def table6(con, sel: Selection, *, measures: list[str] | None = None,
 def _per_measure(con, models: Models, measures: list[str] | None, progress, row) -> list[dict]:
     """One table row per measure: row(name, μ, models with a value)."""
     rows = []
-    for name in measures or measure_names(con):
-        mu, sub = measure_values(con, name, models)
+    known = measure_names(con)
+    for name in measures or known:
+        mu, sub = measure_values(con, name, models, known)
         rows.append({"kind": "measure", **row(name, mu, sub)})
         if progress:
             progress()
