@@ -11,6 +11,7 @@ import polars as pl
 
 from fgm.warehouse import FgmError
 
+from .predicate import model_ids_where
 from .ranking import (
     Conditioning,
     big_psi,
@@ -75,19 +76,15 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
     if sel.sweep:
         conditions.append("(sweep = ? OR sweep_id = ?)")
         params += [sel.sweep, sel.sweep]
-    if sel.where:
-        conditions.append(f"model_id IN (SELECT model_id FROM hp_wide WHERE {sel.where})")
+    if sel.where is not None:
+        # checked to be one expression over hp_wide's columns, run on its own; only
+        # its result (model ids) reaches this query, as a bound parameter
+        conditions.append("list_contains(?::VARCHAR[], model_id)")
+        params.append(model_ids_where(con, sel.where))
     sql = "SELECT model_id, gap, seed, test_size FROM model_outcomes"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)
-    try:
-        models = con.sql(sql + " ORDER BY model_id", params=params).pl()
-    except duckdb.Error as exc:
-        if not sel.where:
-            raise
-        cols = [c for c in con.sql("SELECT * FROM hp_wide LIMIT 0").columns]
-        raise FgmError(f"--where {sel.where!r}: {str(exc).splitlines()[0]}. "
-                       f"Columns you can use: {', '.join(cols)}") from None
+    models = con.sql(sql + " ORDER BY model_id", params=params).pl()
     for name, value in (("dataset", sel.dataset), ("sweep", sel.sweep)):
         if value and models.height == 0:
             column = "name" if name == "sweep" else "dataset"

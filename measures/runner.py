@@ -51,15 +51,18 @@ def models_to_measure(con: duckdb.DuckDBPyConnection, specs: list[MeasureSpec],
                       where: str | None, recompute: bool,
                       model_ids: list[str] | None = None) -> pl.DataFrame:
     """model_id, dataset, and the list of measures to compute for each."""
+    from fgm.analysis.predicate import model_ids_where
     from fgm.analysis.sql import create_hp_wide
-    create_hp_wide(con)
-    filt = f" AND model_id IN (SELECT model_id FROM hp_wide WHERE {where})" if where else ""
-    try:
-        models = con.sql("SELECT m.model_id, m.dataset FROM models AS m WHERE model_id IN "
-                         "(SELECT model_id FROM checkpoints WHERE role = 'final')" + filt
-                         + " ORDER BY model_id").pl()
-    except duckdb.Error as exc:
-        raise FgmError(f"--where {where!r}: {str(exc).splitlines()[0]}") from None
+    sql = ("SELECT m.model_id, m.dataset FROM models AS m WHERE model_id IN "
+           "(SELECT model_id FROM checkpoints WHERE role = 'final')")
+    params: list = []
+    if where is not None:
+        # one checked expression over hp_wide's columns, run on its own (see
+        # analysis/predicate.py); only the ids it selects reach this query
+        create_hp_wide(con)
+        sql += " AND list_contains(?::VARCHAR[], model_id)"
+        params.append(model_ids_where(con, where))
+    models = con.sql(sql + " ORDER BY model_id", params=params).pl()
     if model_ids is not None:
         models = models.filter(pl.col("model_id").is_in(model_ids))
     done = con.sql("SELECT model_id, measure FROM measures WHERE status <> 'missing'").pl()
