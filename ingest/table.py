@@ -12,6 +12,7 @@ transaction, so a bad table leaves the warehouse exactly as it was.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -23,12 +24,23 @@ import polars as pl
 
 from fgm.warehouse import InputError, code_version, transaction
 from fgm.warehouse.ids import config_hash, model_id_for
-from fgm.warehouse.upsert import upsert
+from fgm.warehouse.upsert import unregister_quietly, upsert
+
+from .validate import (
+    INT32_MAX,
+    axis_name_problem,
+    case_clash,
+    check_axes_against_warehouse,
+    describe_conflict,
+    identity_conflicts,
+    measure_name_problem,
+)
 
 NULL_TOKENS = ["", "na", "nan", "null", "none", "n/a"]
 TRUE_TOKENS = {"true", "1", "yes", "t", "y", "1.0"}
 FALSE_TOKENS = {"false", "0", "no", "f", "n", "0.0"}
-KNOWN = {"model_id", "seed", "dataset", "train_acc", "test_acc", "gen.gap", "is.converged"}
+KNOWN = {"model_id", "seed", "dataset", "train_acc", "test_acc", "gen.gap", "is.converged",
+         "test_size"}
 
 
 @dataclass
@@ -73,18 +85,55 @@ def read_table(path: Path) -> pl.DataFrame:
         raise InputError(path, "no such file")
     if path.stat().st_size == 0:
         raise InputError(path, "the file is empty: expected a header and one row per model")
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise InputError(path, "expected a .csv or .parquet results table")
+    if suffix == ".csv":
+        _check_csv_shape(path)
     try:
         if suffix == ".csv":
             frame = pl.read_csv(path, infer_schema=False, null_values=None)
-        elif suffix in (".parquet", ".pq"):
-            frame = pl.read_parquet(path)
         else:
-            raise InputError(path, "expected a .csv or .parquet results table")
+            frame = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(path, f"cannot be read as {suffix[1:]}: {exc}") from None
+        raise InputError(path, f"cannot be read as {suffix[1:]}: {_reason(exc)}") from None
     if frame.height == 0:
         raise InputError(path, "the table has no rows: expected one row per model")
+    for col, dtype in frame.schema.items():
+        if not (dtype.is_numeric() or dtype in (pl.String, pl.Boolean, pl.Null)):
+            raise InputError(path, f"a column of type {dtype} cannot be read: expected "
+                             "numbers, text or true/false in every cell", column=col)
     return frame
+
+
+def _reason(exc: Exception) -> str:
+    """An exception's first line, with the OS's own words where there are some."""
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else \
+        str(exc).strip().splitlines()[0]
+
+
+def _check_csv_shape(path: Path) -> None:
+    """Polars renames a repeated header (`m` twice becomes `m_duplicated_0`) and
+    fills short rows with nulls: read the shape ourselves first, row by row."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if not header:
+                raise InputError(path, "the first line is empty: expected the header")
+            seen: dict[str, int] = {}
+            for i, name in enumerate(header):
+                if name in seen:
+                    raise InputError(path, f"the header names column {name!r} twice (columns "
+                                     f"{seen[name] + 1} and {i + 1})", column=name)
+                seen[name] = i
+            for row_number, row in enumerate(rows, start=1):
+                if len(row) != len(header):
+                    raise InputError(path, f"{len(row)} cells, but the header has "
+                                     f"{len(header)} columns", row=row_number)
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise InputError(path, f"not a readable CSV file ({exc})") from None
 
 
 def _row_label(index: int) -> int:
@@ -102,9 +151,15 @@ def _as_text(frame: pl.DataFrame, col: str) -> pl.Series:
                            for t in text.to_list()], dtype=pl.String)
 
 
-def _as_float(path: Path, frame: pl.DataFrame, col: str, *, required: bool) -> pl.Series:
+def _as_float(path: Path, frame: pl.DataFrame, col: str, *, required: bool,
+              low: float | None = None, high: float | None = None,
+              integer: bool = False, what: str | None = None) -> pl.Series:
+    """The column as finite numbers (NULL where empty): anything else, including
+    true/false, infinities and numbers outside [low, high], names its row."""
     s = frame[col]
-    if s.dtype.is_numeric() or s.dtype == pl.Boolean:
+    if s.dtype == pl.Boolean:
+        raise InputError(path, "expected numbers, found a true/false column", column=col)
+    if s.dtype.is_numeric():
         values = s.cast(pl.Float64)
         values = values.fill_nan(None)
     else:
@@ -118,7 +173,29 @@ def _as_float(path: Path, frame: pl.DataFrame, col: str, *, required: bool) -> p
     if required and values.null_count():
         i = values.is_null().arg_true()[0]
         raise InputError(path, "a value is required here", row=_row_label(i), column=col)
+    rules = [(~values.is_finite(), "expected a finite number")]
+    if integer:
+        rules.append((values != values.round(0), "expected an integer"))
+    if low is not None:
+        rules.append((values < low, what or f"expected a number >= {_plain(low)}"))
+    if high is not None:
+        rules.append((values > high, what or f"expected a number <= {_plain(high)}"))
+    for bad, rule in rules:
+        rows = bad.fill_null(False).arg_true()
+        if rows.len():
+            i = rows[0]
+            raise InputError(path, f"{rule}, found {_shown(s, i)}", row=_row_label(i),
+                             column=col)
     return values.alias(col)
+
+
+def _plain(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _shown(s: pl.Series, i: int) -> str:
+    v = s[i]
+    return repr(v.strip()) if isinstance(v, str) else repr(v)
 
 
 def _canonical(value: float) -> str:
@@ -139,6 +216,18 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
     measure_cols = [c for c in cols if c.startswith("complexity.")]
     ignored = [c for c in cols if c not in KNOWN and c not in hp_cols + level_cols + measure_cols]
     axes = [c[3:] for c in hp_cols]
+    for axis in axes:
+        problem = axis_name_problem(axis)
+        if problem:
+            raise InputError(path, problem, column=f"hp.{axis}")
+    clash = case_clash(axes)
+    if clash:
+        raise InputError(path, f"axes {clash[0]!r} and {clash[1]!r} differ only by case; SQL "
+                         "cannot tell them apart", column=f"hp.{clash[1]}")
+    for c in measure_cols:
+        problem = measure_name_problem(c[len("complexity."):])
+        if problem:
+            raise InputError(path, problem, column=c)
     for c in level_cols:
         if c[6:] not in axes:
             raise InputError(path, f"there is no hp.{c[6:]} column for this level", column=c)
@@ -148,16 +237,13 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
     if "train_acc" in cols or "test_acc" in cols:
         if not {"train_acc", "test_acc"} <= set(cols):
             raise InputError(path, "train_acc and test_acc go together: one is missing")
-        train_acc = _as_float(path, frame, "train_acc", required="gen.gap" not in cols)
-        test_acc = _as_float(path, frame, "test_acc", required="gen.gap" not in cols)
-        for s in (train_acc, test_acc):
-            out = ((s < 0) | (s > 1)).arg_true()
-            if out.len():
-                raise InputError(path, f"expected an accuracy as a fraction in [0, 1], "
-                                 f"found {s[out[0]]}", row=_row_label(out[0]),
-                                 column=s.name)
+        train_acc, test_acc = (
+            _as_float(path, frame, c, required="gen.gap" not in cols, low=0.0, high=1.0,
+                      what="expected an accuracy as a fraction in [0, 1]")
+            for c in ("train_acc", "test_acc"))
     if "gen.gap" in cols:
-        gap = _as_float(path, frame, "gen.gap", required=True)
+        gap = _as_float(path, frame, "gen.gap", required=True, low=-1.0, high=1.0,
+                        what="expected a gap of accuracies, in [-1, 1]")
         if train_acc is not None:
             off = ((train_acc - test_acc - gap).abs() > 1e-6).fill_null(False).arg_true()
             if off.len():
@@ -172,13 +258,12 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
                          f"or gen.gap. Columns found: {', '.join(cols)}")
 
     n = frame.height
-    seeds = _as_float(path, frame, "seed", required=True) if "seed" in cols else \
-        pl.Series("seed", [0.0] * n)
-    if (seeds != seeds.round(0)).any():
-        i = (seeds != seeds.round(0)).arg_true()[0]
-        raise InputError(path, f"expected an integer seed, found {seeds[i]}",
-                         row=_row_label(i), column="seed")
+    seeds = _as_float(path, frame, "seed", required=True, integer=True, low=0,
+                      high=INT32_MAX) if "seed" in cols else pl.Series("seed", [0.0] * n)
     seeds = seeds.cast(pl.Int64)
+    test_size = (_as_float(path, frame, "test_size", required=False, integer=True, low=1,
+                           high=2.0**53).cast(pl.Int64)
+                 if "test_size" in cols else pl.Series("test_size", [None] * n, pl.Int64))
     if "dataset" in cols:
         datasets = _as_text(frame, "dataset").fill_null(dataset or "unknown")
     else:
@@ -211,14 +296,15 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
                              column=col)
         num = text.cast(pl.Float64, strict=False)
         numeric = num.null_count() == 0
+        if numeric and not num.is_finite().all():
+            i = (~num.is_finite()).arg_true()[0]
+            raise InputError(path, f"expected a finite number, found {text[i]!r}",
+                             row=_row_label(i), column=col)
         value_text = num.map_elements(_canonical, return_dtype=pl.String) if numeric else text
         value_num = num if numeric else pl.Series([None] * n, dtype=pl.Float64)
         if f"level.{axis}" in cols:
-            lv = _as_float(path, frame, f"level.{axis}", required=True)
-            bad = ((lv < 0) | (lv != lv.round(0))).arg_true()
-            if bad.len():
-                raise InputError(path, f"expected a level 0, 1, 2, ..., found {lv[bad[0]]}",
-                                 row=_row_label(bad[0]), column=f"level.{axis}")
+            lv = _as_float(path, frame, f"level.{axis}", required=True, integer=True, low=0,
+                           high=INT32_MAX)
             level = lv.cast(pl.Int64)
         else:
             key = value_num if numeric else value_text
@@ -268,7 +354,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
     outcomes = pl.DataFrame({
         "model_id": ids, "train_acc": train_acc if train_acc is not None else [None] * n,
         "test_acc": test_acc if test_acc is not None else [None] * n,
-        "gap": gap, "converged": converged}, schema_overrides={
+        "gap": gap, "converged": converged, "test_size": test_size}, schema_overrides={
             "train_acc": pl.Float64, "test_acc": pl.Float64})
     measure_names = [c[len("complexity."):] for c in measure_cols]
     if measure_cols:
@@ -299,7 +385,7 @@ def _check_levels_against_warehouse(con: duckdb.DuckDBPyConnection,
             WHERE h.level <> i.level AND h.model_id NOT IN (SELECT model_id FROM _incoming_levels)
             LIMIT 1""").fetchall()
     finally:
-        con.unregister("_incoming_levels")
+        unregister_quietly(con, "_incoming_levels")
     if clash:
         model_id, axis, value, level, stored, other = clash[0]
         row = parsed.models["model_id"].to_list().index(model_id) + 1
@@ -309,11 +395,19 @@ def _check_levels_against_warehouse(con: duckdb.DuckDBPyConnection,
                          row=row, column=f"hp.{axis}")
 
 
-def ingest_table(con: duckdb.DuckDBPyConnection, path: Path | str, *,
-                 frame: pl.DataFrame | None = None, sweep: str | None = None,
-                 dataset: str | None = None) -> IngestSummary:
-    """Validate, then write a results table in one transaction. `frame` gives the
-    table in memory (then `path` only names it in messages)."""
+@dataclass
+class PreparedTable:
+    """A results table parsed and checked, with every frame ready to write: made
+    before the warehouse is opened, so the write lock is held only to write."""
+    parsed: ParsedTable
+    sweeps: pl.DataFrame
+    measures: pl.DataFrame
+
+
+def prepare_table(path: Path | str, frame: pl.DataFrame | None = None, *,
+                  sweep: str | None = None, dataset: str | None = None) -> PreparedTable:
+    """Read and check a results table (`frame` gives it in memory; then `path` only
+    names it in messages). Needs no warehouse."""
     path = Path(path)
     name = sweep or path.stem
     sid = sweep_id_for(name)
@@ -333,17 +427,59 @@ def ingest_table(con: duckdb.DuckDBPyConnection, path: Path | str, *,
         .otherwise(pl.lit(None, pl.String)).alias("error"),
         pl.lit(json.dumps({"source": str(path.name)})).alias("params"),
         pl.lit(now).alias("computed_at"), pl.lit(version).alias("code_version"))
+    return PreparedTable(parsed, sweeps, measures)
+
+
+MODEL_TABLES = ("hyperparameters", "outcomes", "measures", "checkpoints", "traces")
+
+
+def _check_identities(con: duckdb.DuckDBPyConnection, parsed: ParsedTable,
+                      replace: bool) -> list[str]:
+    """Ids the warehouse holds as another model (configuration, seed, dataset or
+    sweep): an error naming the first, or with `replace` the ids to clear first."""
+    conflicts = identity_conflicts(con, parsed.models, sweep=True)
+    if conflicts.height and not replace:
+        first = conflicts.row(0, named=True)
+        row = parsed.models["model_id"].to_list().index(first["model_id"]) + 1
+        more = f" ({conflicts.height} such models in all)" if conflicts.height > 1 else ""
+        raise InputError(parsed.path, describe_conflict(first) + more, row=row,
+                         column="model_id")
+    return conflicts["model_id"].to_list()
+
+
+def write_table(con: duckdb.DuckDBPyConnection, prepared: PreparedTable, *,
+                replace: bool = False) -> IngestSummary:
+    """Write a prepared table in one transaction. A model_id that the warehouse
+    holds as a different model is refused (nothing written) unless `replace`, which
+    drops everything stored about that model before writing the new one."""
+    parsed = prepared.parsed
     with transaction(con):
+        check_axes_against_warehouse(con, parsed.path, parsed.axes)
+        replaced = _check_identities(con, parsed, replace)
+        for table in MODEL_TABLES:
+            if replaced:
+                con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
+                            [replaced])
         _check_levels_against_warehouse(con, parsed)
-        upsert(con, "sweeps", sweeps, ["sweep_id"], ignore=("code_version", "config"))
+        upsert(con, "sweeps", prepared.sweeps, ["sweep_id"], ignore=("code_version", "config"))
         touched = [upsert(con, "models", parsed.models, ["model_id"]),
                    upsert(con, "hyperparameters", parsed.hyperparameters, ["model_id", "axis"]),
                    upsert(con, "outcomes", parsed.outcomes, ["model_id"])]
-        values = upsert(con, "measures", measures, ["model_id", "measure"],
+        values = upsert(con, "measures", prepared.measures, ["model_id", "measure"],
                         ignore=("computed_at", "code_version", "params"))
     added = set(touched[0].added["model_id"].to_list())
     changed = set().union(*(t.updated["model_id"].to_list() for t in touched),
-                          touched[1].added["model_id"].to_list()) - added
+                          touched[1].added["model_id"].to_list(), replaced) - added
     n = parsed.models.height
-    return IngestSummary(path, (len(added), len(changed), n - len(added) - len(changed)),
+    return IngestSummary(parsed.path, (len(added), len(changed),
+                                       n - len(added) - len(changed)),
                          len(parsed.measure_names), values.counts(), parsed.ignored_columns)
+
+
+def ingest_table(con: duckdb.DuckDBPyConnection, path: Path | str, *,
+                 frame: pl.DataFrame | None = None, sweep: str | None = None,
+                 dataset: str | None = None, replace: bool = False) -> IngestSummary:
+    """Validate, then write a results table in one transaction (prepare_table, then
+    write_table). `frame` gives the table in memory (then `path` only names it)."""
+    return write_table(con, prepare_table(path, frame, sweep=sweep, dataset=dataset),
+                       replace=replace)

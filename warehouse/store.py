@@ -7,6 +7,7 @@ views come from warehouse/views/*.sql, one view per file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -95,10 +96,28 @@ def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
             f"(version {SCHEMA_VERSION}), and no migration exists for it.")
 
 
+def views_digest() -> str:
+    """sha256 of this code's view definitions: stored in fgm_meta, so a writer
+    recreates the views only when the code's differ from the file's."""
+    text = "\n".join(f"{name}\n{body}" for name, body in view_files().items())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def apply_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Apply schema.sql and (re)create the views. Idempotent."""
     con.execute(schema_sql())
     apply_views(con)
+    con.execute("INSERT INTO fgm_meta VALUES ('views_sha256', ?) ON CONFLICT (key) "
+                "DO UPDATE SET value = excluded.value", [views_digest()])
+
+
+def _schema_is_current(con: duckdb.DuckDBPyConnection) -> bool:
+    """The file already has this schema version and these views: nothing to write,
+    so opening it for writing (even for a write that is then refused) changes no byte."""
+    if stored_version(con) != SCHEMA_VERSION:
+        return False
+    return scalar(con, "SELECT value FROM fgm_meta WHERE key = 'views_sha256'") == \
+        views_digest()
 
 
 def apply_views(con: duckdb.DuckDBPyConnection, *, temp: bool = False) -> None:
@@ -143,7 +162,8 @@ def connect(db: str | os.PathLike | None = None, *,
     con = _open(path, read_only=False)
     try:
         _check_version(con, path)
-        apply_schema(con)
+        if not _schema_is_current(con):
+            apply_schema(con)
     except BaseException:
         con.close()
         raise
@@ -156,7 +176,14 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     con.execute("BEGIN TRANSACTION")
     try:
         yield con
-    except BaseException:
-        con.execute("ROLLBACK")
+        con.execute("COMMIT")
+    except BaseException as exc:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # a failed COMMIT has ended the transaction already
+        if isinstance(exc, duckdb.IOException):
+            # a full disk, a file size limit, a vanished directory: say it in the OS's words
+            raise FgmError(f"the warehouse could not be written ({str(exc).strip()}); the "
+                           "transaction was rolled back and nothing was written") from None
         raise
-    con.execute("COMMIT")

@@ -52,5 +52,14 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame,
             con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM "{name}" '
                         f'ON CONFLICT ({", ".join(keys)}) {action}')
     finally:
-        con.unregister(name)
+        unregister_quietly(con, name)
     return UpsertResult(added, updated, frame.height - added.height - updated.height)
+
+
+def unregister_quietly(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Drop a registered frame. In a transaction that a failed write aborted, DuckDB
+    refuses even this; the failure that aborted it is the one worth reporting."""
+    try:
+        con.unregister(name)
+    except duckdb.Error:
+        pass
