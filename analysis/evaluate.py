@@ -3,6 +3,7 @@ quantities as the JSON objects of SPEC §5 and the Table 5 / Table 6 frames."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 import duckdb
@@ -10,6 +11,7 @@ import numpy as np
 import polars as pl
 
 from fgm.warehouse import FgmError
+from fgm.warehouse.names import axis_name_problem
 
 from .predicate import model_ids_where
 from .ranking import (
@@ -21,7 +23,7 @@ from .ranking import (
     oracle_tau,
     psi_per_axis,
 )
-from .seeds import bootstrap, per_seed
+from .seeds import bootstrap, check_seeds, per_seed
 
 ORACLE_EPS = (0.01, 0.02, 0.05, 0.1)
 # App. C.4: the level order believed to predict the gap, per axis (+1: larger
@@ -33,11 +35,13 @@ CANONICAL_OPTIMIZERS = ("sgd", "adam", "rmsprop")
 
 @dataclass(frozen=True)
 class Selection:
-    """Which models are evaluated (SPEC §1: converged only unless all_models)."""
+    """Which models are evaluated (SPEC §1: converged only unless all_models), and
+    whether seeds are pooled (all models evaluated together, ignoring seeds)."""
     where: str | None = None
     dataset: str | None = None
     sweep: str | None = None
     all_models: bool = False
+    pool_seeds: bool = False
 
 
 @dataclass
@@ -93,11 +97,21 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
             if value not in known and not (name == "sweep" and value in _names(
                     con, "SELECT sweep_id FROM sweeps")):
                 raise FgmError(f"unknown {name} {value!r}; the warehouse has: {', '.join(known)}")
+    if models.height == 0:
+        raise _empty_selection(con, sel)
     hp = con.sql("SELECT h.model_id, h.axis, h.level, h.value_text, h.value_num "
                  "FROM hyperparameters AS h JOIN model_outcomes AS o USING (model_id) "
                  + ("WHERE " + " AND ".join(conditions) if conditions else ""),
                  params=params).pl()
-    axes = sorted(hp["axis"].unique().to_list())
+    # axes whose names break the rules (stored by an older fgm) take no part
+    # (and of two names equal but for case, the one most models have)
+    counts = hp.group_by("axis").len().sort(["len", "axis"], descending=[True, False])
+    seen: dict[str, str] = {}
+    for a in counts["axis"].to_list():
+        if not axis_name_problem(a):
+            seen.setdefault(a.lower(), a)
+    axes = sorted(seen.values())
+    hp = hp.filter(pl.col("axis").is_in(axes))
     ids = models["model_id"]
     if axes:
         wide = hp.pivot(on="axis", index="model_id", values="level")
@@ -110,6 +124,24 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
                   models["test_size"].cast(pl.Float64).fill_null(float("nan")).to_numpy())
 
 
+def _empty_selection(con: duckdb.DuckDBPyConnection, sel: Selection) -> FgmError:
+    """Why no model is selected, in words: an empty warehouse, no converged model,
+    or filters that match nothing."""
+    total, included = con.sql("SELECT count(*), count(*) FILTER (WHERE included) "
+                              "FROM model_outcomes").fetchall()[0]
+    if total == 0:
+        return FgmError("the warehouse holds no models yet: ingest a results table "
+                        "(fgm-ingest) or train a grid (fgm-train grid) first")
+    filters = [f"{k} {v!r}" for k, v in (("--where", sel.where), ("--dataset", sel.dataset),
+                                          ("--sweep", sel.sweep)) if v is not None]
+    if not filters and not sel.all_models and included == 0:
+        return FgmError(f"none of the warehouse's {total} models converged; evaluation uses "
+                        "converged models only: pass --all-models to include the others")
+    hint = "" if sel.all_models else " (converged models only; --all-models includes the rest)"
+    return FgmError(f"no model matches {' and '.join(filters)}{hint}; the warehouse holds "
+                    f"{total} models")
+
+
 def measure_names(con: duckdb.DuckDBPyConnection) -> list[str]:
     return _names(con, "SELECT DISTINCT measure FROM measures ORDER BY measure")
 
@@ -119,7 +151,9 @@ def measure_values(con: duckdb.DuckDBPyConnection, measure: str, models: Models,
     """(μ, models restricted to those with a value). Unknown measure → error listing them."""
     known = known if known is not None else measure_names(con)
     if measure not in known:
-        raise FgmError(f"unknown measure {measure!r}; the warehouse has: "
+        close = difflib.get_close_matches(measure, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FgmError(f"unknown measure {measure!r}.{hint} The warehouse has: "
                        f"{', '.join(known) if known else '(none)'}")
     vals = con.sql("SELECT model_id, value FROM measures WHERE measure = ? AND value IS NOT NULL",
                    params=[measure]).pl()
@@ -162,11 +196,27 @@ def _summarise_cmi(values: np.ndarray, cond: Conditioning, axes: list[str]) -> d
 
 
 def cmi_result(name: str, mu: np.ndarray, models: Models, pgdl: bool = False) -> dict:
+    """SPEC §5's cmi object; with a "note" saying why when K is null."""
     cond = Conditioning.build(models.levels, sizes=(2,) if pgdl else None)
     summary = _summarise_cmi(cmi_by_set(mu, models.gap, cond, pgdl=pgdl), cond, models.axes)
     if pgdl:
         summary.update(per_axis={a: None for a in models.axes}, s0=None, s1=None)
-    return {"measure": name, "n_models": int(len(mu)), **summary}
+    out = {"measure": name, "n_models": int(len(mu)), **summary}
+    if out["K"] is None:
+        out["note"] = _why_no_k(mu, models, pgdl)
+    return out
+
+
+def _why_no_k(mu: np.ndarray, models: Models, pgdl: bool) -> str:
+    k = len(models.axes)
+    if pgdl and k < 2:
+        have = f"{k} axis ({', '.join(models.axes)})" if k else "no axis"
+        return (f"--pgdl conditions on pairs of axes (|S| = 2) only and this selection has "
+                f"{have}: K is undefined; without --pgdl, cmi evaluates |S| ≤ 1")
+    if len(mu) < 2:
+        return f"K is undefined: {len(mu)} model(s), a pair needs 2"
+    return ("K is undefined: no conditioning set has a slice whose pairs differ in the gap "
+            "(H(V_g) = 0 everywhere)")
 
 
 def oracle_cmi(models: Models, eps: float, draws: int = 10, seed: int = 0) -> dict:
@@ -190,16 +240,22 @@ def oracle_result(models: Models, eps: float, draws: int = 10, seed: int = 0) ->
 
 
 def with_seeds(models: Models, mu: np.ndarray, compute, *, ci: float | None = None,
-               draws: int = 200, seed: int = 0, keys: tuple[str, ...] = ("tau", "Psi")) -> dict:
+               draws: int = 200, seed: int = 0, keys: tuple[str, ...] = ("tau", "Psi"),
+               pool_seeds: bool = False, check: bool = True) -> dict:
     """compute(mu, models) per seed (mean ± std across seeds when there are several),
-    plus seeded bootstrap intervals over models when `ci` is given."""
+    plus seeded bootstrap intervals over models when `ci` is given. `pool_seeds`:
+    all models at once, ignoring seeds. Unless pooled (or `check` is off), seeds that
+    give no seed two models are an error (check_seeds), not a table of nulls."""
+    seeds = np.zeros(len(mu), dtype=np.int64) if pool_seeds else models.seeds
+    if check and not pool_seeds:
+        check_seeds(seeds)
+
     def at(idx):
-        return per_seed(models.seeds[idx], lambda m: compute(mu[idx][m],
-                                                             models.subset(idx[m])))
+        return per_seed(seeds[idx], lambda m: compute(mu[idx][m], models.subset(idx[m])))
     everything = np.arange(len(mu))
     result = at(everything)
     if ci:
-        result["ci"] = bootstrap(models.seeds, at, level=ci, draws=draws, seed=seed, keys=keys)
+        result["ci"] = bootstrap(seeds, at, level=ci, draws=draws, seed=seed, keys=keys)
     return result
 
 
@@ -269,38 +325,55 @@ def _psi_baselines(models: Models, eps_list, seed: int) -> list[tuple[str, str, 
     return rows
 
 
+def _seeding(models: Models, sel: Selection, pool_seeds: bool | None) -> dict:
+    """with_seeds keywords for a table: pooled as asked (else as `sel` says); the
+    seeds of all selected models checked once, not per measure's subset."""
+    pool = sel.pool_seeds if pool_seeds is None else pool_seeds
+    if not pool:
+        check_seeds(models.seeds)
+    return {"pool_seeds": pool, "check": False}
+
+
 def table5(con, sel: Selection, *, measures: list[str] | None = None,
            eps_list=ORACLE_EPS, seed: int = 0, ci: float | None = None, draws: int = 200,
-           progress=None) -> pl.DataFrame:
+           progress=None, pool_seeds: bool | None = None) -> pl.DataFrame:
     """Table 5's shape: one row per measure (ψ per axis, τ, Ψ), then the oracles,
     the canonical orderings and the random baseline; with several seeds, means
-    across seeds and their std (Table 9); with `ci`, bootstrap intervals."""
+    across seeds and their std (Table 9); with `ci`, bootstrap intervals.
+    `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds."""
     models = select_models(con, sel)
+    seeding = _seeding(models, sel, pool_seeds)
     rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat(
         with_seeds(sub, mu, lambda m, s: psi_result(name, m, s), ci=ci, draws=draws,
-                   seed=seed), models.axes))
+                   seed=seed, **seeding), models.axes))
     zeros = np.zeros(len(models.gap))
     for kind, _, compute in _psi_baselines(models, eps_list, seed):
-        rows.append({"kind": kind, **_flat(with_seeds(models, zeros, compute), models.axes)})
+        rows.append({"kind": kind, **_flat(with_seeds(models, zeros, compute, **seeding),
+                                           models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "tau", "Psi",
                          "tau_std", "Psi_std", "tau_lo", "tau_hi", "Psi_lo", "Psi_hi", "seeds"])
 
 
 def table6(con, sel: Selection, *, measures: list[str] | None = None,
            eps_list=ORACLE_EPS, draws: int = 10, seed: int = 0, ci: float | None = None,
-           bootstrap_draws: int = 200, progress=None) -> pl.DataFrame:
+           bootstrap_draws: int = 200, progress=None,
+           pool_seeds: bool | None = None) -> pl.DataFrame:
     """Table 6's shape: per-axis CMI, |S| = 0, min |S| = 1, min |S| = 2, K, argmin
-    (Table 10 with several seeds; bootstrap intervals of K with `ci`)."""
+    (Table 10 with several seeds; bootstrap intervals of K with `ci`).
+    `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds."""
     models = select_models(con, sel)
+    seeding = _seeding(models, sel, pool_seeds)
     rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat_cmi(
         with_seeds(sub, mu, lambda m, s: cmi_result(name, m, s), ci=ci,
-                   draws=bootstrap_draws, seed=seed, keys=("K",)), models.axes))
+                   draws=bootstrap_draws, seed=seed, keys=("K",), **seeding), models.axes))
     zeros = np.zeros(len(models.gap))
     for eps in eps_list:
-        res = with_seeds(models, zeros, lambda _, m, e=eps: oracle_cmi(m, e, draws, seed))
+        res = with_seeds(models, zeros, lambda _, m, e=eps: oracle_cmi(m, e, draws, seed),
+                         **seeding)
         rows.append({"kind": "oracle", **_flat_cmi(res, models.axes),
                      "K_stderr": res["stderr"]["K"], "draws": draws})
-    res = with_seeds(models, zeros, lambda _, m: cmi_result("random", random_measure(m, seed), m))
+    res = with_seeds(models, zeros, lambda _, m: cmi_result("random", random_measure(m, seed), m),
+                     **seeding)
     rows.append({"kind": "random", **_flat_cmi(res, models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "s0", "s1", "s2", "K",
                          "argmin", "K_std", "K_lo", "K_hi", "K_stderr", "draws", "seeds"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 from scipy.special import ndtr
@@ -134,19 +133,27 @@ def oracle_psi(gap: np.ndarray, levels: np.ndarray, eps: float) -> list[float]:
 
 # --------------------------------------------------------------------------- CMI
 
+# Most (model × column) entries one counting pass holds: the memory of the CMI
+# is this times a small constant, whatever the number of cells.
+BLOCK_ENTRIES = 1 << 20
+
+
 @dataclass
 class Conditioning:
-    """All sets S of axes with |S| ≤ max_size, and each model's cell in each."""
+    """All sets S of axes with |S| ≤ max_size, and each model's cell in each.
+
+    Cells are numbered densely over the occupied ones only: with two continuous
+    axes (every model its own level) a set has at most n cells, not n².
+    """
     sets: list[tuple[int, ...]]
-    cells: list[np.ndarray]       # per set: (n,) cell id of each model
-    n_cells: list[int]
+    cells: list[np.ndarray]       # per set: (n,) cell id of each model, 0 .. n_cells − 1
+    n_cells: list[int]            # per set: number of occupied cells
 
     @classmethod
     def build(cls, levels: np.ndarray, max_size: int = 2,
               sizes: tuple[int, ...] | None = None) -> Conditioning:
         n, k = levels.shape
-        ranks = [dense_rank(levels[:, i]) if n else np.zeros(0, int) for i in range(k)]
-        n_levels = [int(r.max()) + 1 if n else 1 for r in ranks]
+        ranks = [dense_rank(levels[:, i]) if n else np.zeros(0, np.int64) for i in range(k)]
         sets = [s for size in range(min(max_size, k) + 1)
                 for s in itertools.combinations(range(k), size)]
         if sizes is not None:
@@ -154,54 +161,90 @@ class Conditioning:
         cells, n_cells = [], []
         for s in sets:
             cell = np.zeros(n, dtype=np.int64)
-            count = 1
-            for i in s:
-                cell = cell * n_levels[i] + ranks[i]
-                count *= n_levels[i]
+            for i in s:  # mixed radix, re-ranked after each axis: codes stay below n²
+                cell = dense_rank(cell * (int(ranks[i].max()) + 1) + ranks[i])
             cells.append(cell)
-            n_cells.append(count)
+            n_cells.append(int(cell.max()) + 1 if n else 0)
         return cls(sets, cells, n_cells)
 
-    @cached_property
-    def onehot(self) -> np.ndarray:
-        """(n, Σ cells) indicator of each model's cell in each set, block by block."""
-        n = len(self.cells[0]) if self.cells else 0
-        blocks = [np.eye(c, dtype=np.float64)[cell] for cell, c in zip(self.cells, self.n_cells,
-                                                                       strict=True)]
-        return np.hstack(blocks) if blocks else np.zeros((n, 0))
+
+def _column_chunks(cond: Conditioning, width: int):
+    """Split the columns (set k, cell B) of all sets into chunks of at most `width`
+    columns: [(k, first cell, last cell + 1), ...] per chunk. Small sets share a
+    chunk (one counting pass for the whole paper grid); a set with more cells
+    than `width` is cut across chunks."""
+    chunk, used = [], 0
+    for k, c in enumerate(cond.n_cells):
+        c0 = 0
+        while c0 < c:
+            take = min(c - c0, width - used)
+            chunk.append((k, c0, c0 + take))
+            used += take
+            c0 += take
+            if used == width:
+                yield chunk
+                chunk, used = [], 0
+    if chunk:
+        yield chunk
 
 
-def _aggregate(cond: Conditioning, per_model: np.ndarray) -> list[np.ndarray]:
-    """Per set S: T[A, B] = Σ_{a in cell A} per_model[a, column of cell B in S's block]."""
-    out, col = [], 0
-    for c in cond.n_cells:
-        block = slice(col, col + c)
-        out.append(cond.onehot[:, block].T @ per_model[:, block])
-        col += c
-    return out
+def slice_blocks(mu: np.ndarray, gap: np.ndarray, cond: Conditioning,
+                 self_pairs: bool = False, block_entries: int | None = None):
+    """Yield (set index, table) where table is an array (cells_a, cells_b in a
+    range, 2, 2) of ordered-pair counts by (V_g, V_μ), V = 1 when the first
+    model's value is strictly larger; over all yields, every pair of occupied
+    cells of every set appears once. Memory: O(block_entries), never cells²."""
+    n = len(gap)
+    if n == 0:
+        return
+    width = max(1, (block_entries or BLOCK_ENTRIES) // n)
+    orders = [np.argsort(cell, kind="stable") for cell in cond.cells]
+    sizes = [np.bincount(cell, minlength=c).astype(np.float64)
+             for cell, c in zip(cond.cells, cond.n_cells, strict=True)]
+    rows = np.arange(n)
+    for chunk in _column_chunks(cond, width):
+        # one-hot of each model's cell B, for the cells of this chunk only
+        w = np.zeros((n, sum(c1 - c0 for _, c0, c1 in chunk)))
+        col = 0
+        for k, c0, c1 in chunk:
+            cell = cond.cells[k]
+            inside = (cell >= c0) & (cell < c1)
+            w[rows[inside], col + cell[inside] - c0] = 1.0
+            col += c1 - c0
+        both = dominance_counts(gap, mu, w)     # V_g = 1, V_μ = 1
+        g_up = lower_counts(gap, w)             # V_g = 1
+        m_up = lower_counts(mu, w)              # V_μ = 1
+        col = 0
+        for k, c0, c1 in chunk:
+            cols = slice(col, col + c1 - c0)
+            col += c1 - c0
+            size = sizes[k]
+            starts = np.concatenate([[0], np.cumsum(size[:-1])]).astype(np.int64)
+
+            def by_cell_a(per_model, order=orders[k], starts=starts, cols=cols):
+                return np.add.reduceat(per_model[order, cols], starts, axis=0)
+            p11, pg, pm = by_cell_a(both), by_cell_a(g_up), by_cell_a(m_up)
+            pairs = np.outer(size, size[c0:c1])
+            if not self_pairs:
+                diag = np.arange(c0, c1)
+                pairs[diag, diag - c0] -= size[c0:c1]
+            t = np.empty((len(size), c1 - c0, 2, 2))
+            t[..., 1, 1] = p11
+            t[..., 1, 0] = pg - p11
+            t[..., 0, 1] = pm - p11
+            t[..., 0, 0] = pairs - pg - pm + p11
+            yield k, t
 
 
 def slice_tables(mu: np.ndarray, gap: np.ndarray, cond: Conditioning,
                  self_pairs: bool = False) -> list[np.ndarray]:
-    """Per set S: array (cells_a, cells_b, 2, 2) of ordered-pair counts by
-    (V_g, V_μ), V = 1 when the first model's value is strictly larger."""
-    onehot = cond.onehot
-    both = _aggregate(cond, dominance_counts(gap, mu, onehot))      # V_g = 1, V_μ = 1
-    g_up = _aggregate(cond, lower_counts(gap, onehot))              # V_g = 1
-    m_up = _aggregate(cond, lower_counts(mu, onehot))               # V_μ = 1
-    tables = []
-    for cell, c, p11, pg, pm in zip(cond.cells, cond.n_cells, both, g_up, m_up, strict=True):
-        size = np.bincount(cell, minlength=c).astype(np.float64)
-        pairs = np.outer(size, size)
-        if not self_pairs:
-            pairs -= np.diag(size)
-        t = np.empty((c, c, 2, 2))
-        t[..., 1, 1] = p11
-        t[..., 1, 0] = pg - p11
-        t[..., 0, 1] = pm - p11
-        t[..., 0, 0] = pairs - pg - pm + p11
-        tables.append(t)
-    return tables
+    """Per set S: the whole (cells_a, cells_b, 2, 2) table over occupied cells.
+    For tests and small inputs: its size is cells², use slice_blocks otherwise."""
+    parts: list[list[np.ndarray]] = [[] for _ in cond.sets]
+    for k, t in slice_blocks(mu, gap, cond, self_pairs):
+        parts[k].append(t)
+    return [np.concatenate(p, axis=1) if p else np.zeros((c, c, 2, 2))
+            for p, c in zip(parts, cond.n_cells, strict=True)]
 
 
 def _mi_and_h(t: np.ndarray, pgdl: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,22 +266,38 @@ def _mi_and_h(t: np.ndarray, pgdl: bool) -> tuple[np.ndarray, np.ndarray, np.nda
     return mi, h, total
 
 
+# the PGDL scorer's entropy −Σ p log2(p + 1e-12) of a constant V_g, p = (1, 0)
+_PGDL_CONSTANT_H = float(-(np.log2(1.0 + 1e-12) + 0.0 * np.log2(1e-12)))
+
+
 def cmi_by_set(mu: np.ndarray, gap: np.ndarray, cond: Conditioning,
-               pgdl: bool = False) -> np.ndarray:
+               pgdl: bool = False, block_entries: int | None = None) -> np.ndarray:
     """Normalised conditional mutual information Î(S) for every set in `cond`.
 
     Paper (App. B): Σ_s p(s)·I_s / Σ_s p(s)·H_s, p(s) the share of ordered
     pairs (a ≠ b) in slice s. PGDL scorer: self-pairs included and slices
-    weighted equally, mean I / mean H (empty slices skipped).
+    weighted equally, mean I / mean H (empty slices skipped). Slices are built
+    block by block over occupied cells only (see slice_blocks): memory stays
+    O(block_entries) (default BLOCK_ENTRIES) whatever the number of levels.
     """
-    out = np.full(len(cond.sets), np.nan)
-    for k, t in enumerate(slice_tables(mu, gap, cond, self_pairs=pgdl)):
-        mi, h, total = _mi_and_h(t, pgdl)
+    num = np.zeros(len(cond.sets))
+    den = np.zeros(len(cond.sets))
+    for k, t in slice_blocks(mu, gap, cond, self_pairs=pgdl, block_entries=block_entries):
+        t = t.reshape(-1, 2, 2)
+        up, down = t[:, 1, :].sum(axis=1), t[:, 0, :].sum(axis=1)
+        # A slice where V_g is constant has I = 0 and H = 0 (the paper's H; the
+        # PGDL scorer's is −log2(1 + 1e-12)): only the others need logarithms.
+        # With continuous axes that is nearly every slice (one pair each).
+        varies = (up > 0) & (down > 0)
+        mi, h, total = _mi_and_h(t[varies], pgdl)
         if pgdl:
-            keep = total > 0
-            num, den = mi[keep].sum(), h[keep].sum()
+            constant = np.count_nonzero(~varies & (up + down > 0))
+            num[k] += mi.sum()
+            den[k] += h.sum() + constant * _PGDL_CONSTANT_H
         else:
-            num, den = (total * mi).sum(), (total * h).sum()
-        if den > 0:
-            out[k] = num / den
+            num[k] += (total * mi).sum()
+            den[k] += (total * h).sum()
+    out = np.full(len(cond.sets), np.nan)
+    ok = den > 0
+    out[ok] = num[ok] / den[ok]
     return out

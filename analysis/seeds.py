@@ -4,6 +4,10 @@ With several seeds of the same grid in the warehouse, every statistic is
 computed per seed and reported as the mean across seeds, with the standard
 deviation beside it. `--ci` adds seeded bootstrap confidence intervals over
 models (resampled with replacement within each seed) for τ, Ψ and K.
+
+A `seed` column that gives every model its own seed would make every seed a
+group of one model and every figure null: `check_seeds` refuses it, and
+`--pool-seeds` evaluates all models together, ignoring seeds.
 """
 
 from __future__ import annotations
@@ -12,28 +16,45 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fgm.warehouse import FgmError
+
 SUMMARY_KEYS = ("tau", "Psi", "K")
 
 
 def _numbers(results: list, key_path: tuple = ()) -> object:
-    """Mean and std of numbers at the same place in several nested results."""
-    first = results[0]
+    """Mean and std of numbers at the same place in several nested results (a key
+    missing from some results counts as None there)."""
+    first = next((r for r in results if r is not None), None)
     if isinstance(first, dict):
         means, stds = {}, {}
-        for k in first:
-            m, s = _numbers([r[k] for r in results], key_path + (k,))
+        keys = list(dict.fromkeys(k for r in results if isinstance(r, dict) for k in r))
+        for k in keys:
+            m, s = _numbers([r.get(k) if isinstance(r, dict) else None for r in results],
+                            key_path + (k,))
             means[k], stds[k] = m, s
         return means, stds
-    if isinstance(first, int | float) and not isinstance(first, bool) or first is None:
+    if first is None or isinstance(first, int | float) and not isinstance(first, bool):
         vals = np.array([np.nan if v is None else v for v in results], dtype=float)
         vals = vals[np.isfinite(vals)]
         if not len(vals):
             return None, None
         return float(vals.mean()), (float(vals.std(ddof=1)) if len(vals) > 1 else None)
     # text, lists (argmin): the most common one
-    as_key = [repr(r) for r in results]
+    present = [r for r in results if r is not None]
+    as_key = [repr(r) for r in present]
     best = max(set(as_key), key=as_key.count)
-    return results[as_key.index(best)], None
+    return present[as_key.index(best)], None
+
+
+def check_seeds(seeds: np.ndarray) -> None:
+    """Refuse seeds that leave nothing to rank: several seeds, none with two models."""
+    values, counts = np.unique(np.asarray(seeds), return_counts=True)
+    if len(values) >= 2 and counts.max() < 2:
+        raise FgmError(
+            f"the `seed` column gives each of the {int(counts.sum())} models its own seed "
+            f"({len(values)} seeds): no seed holds two models, so nothing can be ranked "
+            "within a seed and every figure would be null. Pass --pool-seeds to evaluate "
+            "all models together, ignoring seeds.")
 
 
 def per_seed(seeds: np.ndarray, compute: Callable[[np.ndarray], dict]) -> dict:

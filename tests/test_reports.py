@@ -122,7 +122,7 @@ def test_sign_error_against_a_direct_loop():
     levels = np.array([(d, w) for d in range(3) for w in range(2) for _ in range(2)])  # 2 seeds
     gap = 0.1 + 0.05 * levels[:, 0] + rng.normal(0, 0.03, len(levels))
     mu = gap + rng.normal(0, 0.05, len(levels))
-    res = robust_sign_error(mu, gap, levels, ["depth", "width"], 1000)
+    res = robust_sign_error(mu, gap, levels, ["depth", "width"], 1000, weighting="hoeffding")
     for axis, name in enumerate(["depth", "width"]):
         errs, weights = sign_error_ref(mu.tolist(), gap.tolist(), levels.tolist(), axis, 1000)
         e = np.array(list(errs.values()))
@@ -138,7 +138,7 @@ def test_robust_cli(seeded):
     db, _ = seeded
     out = CliRunner().invoke(query, ["robust", "-m", "m", "--db", str(db)])
     assert out.exit_code == 1 and "--test-size" in out.output   # tables carry no test size
-    res = json.loads(run("robust", "-m", "m", "--test-size", "1000", "--db", db,
+    res = json.loads(run("robust", "-m", "m", "--test-size", "1000", "--weighting", "hoeffding", "--db", db,
                          "--format", "json"))
     assert set(res["per_axis"]) == {"depth", "width"}
     assert 0 <= res["overall"]["mean"] <= 1 and res["overall"]["max"] <= 1
