@@ -1,4 +1,9 @@
-"""fgm-ingest: results tables and run-bundle trees into the warehouse."""
+"""fgm-ingest: results tables and run-bundle trees into the warehouse.
+
+Input is checked whole before the warehouse is opened, and the warehouse is held
+open only while writing (a tree: one bundle at a time), so readers are not
+locked out while files are parsed and checksummed.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import click
 from fgm.warehouse import FgmError, connect
 from fgm.warehouse.cli import db_option, friendly_errors
 
-from .table import ingest_table
+from .table import prepare_table, write_table
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,29 +22,36 @@ from .table import ingest_table
 @db_option
 @click.option("--sweep", default=None, help="Sweep name for a results table (default: file name).")
 @click.option("--dataset", default=None, help="Dataset of a table without a dataset column.")
+@click.option("--replace", is_flag=True,
+              help="Overwrite a stored model whose model_id an incoming model reuses with "
+                   "another configuration, seed or dataset; all rows of the stored model "
+                   "go, its measures included. Without it such a model is refused and "
+                   "nothing of it is written.")
 @friendly_errors
-def main(path: Path, db: str | None, sweep: str | None, dataset: str | None) -> None:
+def main(path: Path, db: str | None, sweep: str | None, dataset: str | None,
+         replace: bool) -> None:
     """Ingest PATH: a results table (.csv / .parquet, one row per model) or a
-    directory tree of run bundles written by fgm-train (on this or any machine)."""
+    directory tree of run bundles written by fgm-train (on this or any machine).
+
+    A bad bundle is reported by path and the rest still land; the exit status
+    is 1 when any bundle failed."""
     if not path.exists():
         raise FgmError(f"{path}: no such file or directory")
     if path.is_dir():
         from .bundles import ingest_tree  # imports torch: only when there are bundles
-        con = connect(db)
-        try:
-            report = ingest_tree(con, path)
-        finally:
-            con.close()
-        if not report.failed and report.added + report.updated + report.unchanged == 0:
+        report = ingest_tree(db, path, replace=replace)
+        if not report.failed and report.added + report.updated + report.unchanged \
+                + report.replaced == 0:
             raise FgmError(f"{path}: no run bundles here (directories with a manifest.json "
                            "written by fgm-train)")
         click.echo(str(report))
         if report.failed:
             raise SystemExit(1)
         return
+    prepared = prepare_table(path, sweep=sweep, dataset=dataset)
     con = connect(db)
     try:
-        summary = ingest_table(con, path, sweep=sweep, dataset=dataset)
+        summary = write_table(con, prepared, replace=replace)
     finally:
         con.close()
     click.echo(str(summary))
