@@ -48,7 +48,7 @@ def main(pattern, where, recompute, data_root, device, spectral, seed, list_only
     from fgm.train.cli import resolve_device
     dev = resolve_device(device)
     console = Console(stderr=True)
-    con = connect(db)
+    con = connect(db, create=False)   # measures are of models a warehouse already holds
     try:
         columns = [TextColumn("measures"), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), TextColumn("{task.fields[model]}")]

@@ -24,13 +24,19 @@ format_option = click.option(
 
 
 def friendly_errors(func: Callable) -> Callable:
-    """Turn FgmError (and DuckDB's own errors) into one line on stderr and exit 1."""
+    """Turn FgmError, and any DuckDB or Polars error a user's input can cause, into
+    one line on stderr and exit 1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        import duckdb
+
         try:
             return func(*args, **kwargs)
         except FgmError as exc:
             raise click.ClickException(str(exc)) from None
+        except (duckdb.Error, pl.exceptions.PolarsError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(first) from None
     return wrapper
 
 
@@ -76,13 +82,32 @@ def _numeric(text: str) -> bool:
         return False
 
 
+def _json_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(v, dict) and set(v) == {"key", "value"}
+                                       for v in value):
+        value = {str(v["key"]): v["value"] for v in value}   # a MAP, as Polars hands it over
+    return to_json(value)
+
+
+def flatten_nested(frame: pl.DataFrame) -> pl.DataFrame:
+    """Nested columns (maps, lists, structs: model_levels' `levels`, say) as JSON text,
+    which CSV and a plain table can hold."""
+    nested = [c for c, t in frame.schema.items() if t.is_nested()]
+    if not nested:
+        return frame
+    return frame.with_columns(
+        pl.Series(c, [_json_text(v) for v in frame[c].to_list()], dtype=pl.String)
+        for c in nested)
+
+
 def emit_frame(frame: pl.DataFrame, fmt: str, *, title: str | None = None) -> None:
     """Print a result frame as an aligned table, CSV, or a JSON array of row objects."""
     if fmt == "json":
         click.echo(to_json(frame.to_dicts()))
     elif fmt == "csv":
-        flat = frame.with_columns(
-            pl.col(c).cast(pl.String) for c, t in frame.schema.items() if t.is_nested())
-        click.echo(flat.write_csv(), nl=False)
+        click.echo(flatten_nested(frame).write_csv(), nl=False)
     else:
-        click.echo(_plain_table(frame, title))
+        click.echo(_plain_table(flatten_nested(frame), title))
+

@@ -141,15 +141,20 @@ def apply_views(con: duckdb.DuckDBPyConnection, *, temp: bool = False) -> None:
         pending = {name: pending[name] for name in failed}
 
 
-def connect(db: str | os.PathLike | None = None, *,
-            read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the warehouse. Writers get schema.sql applied; readers get a version check."""
+def _missing(path: Path) -> FgmError:
+    return FgmError(f"{path}: no warehouse here. Ingest a results table (fgm-ingest) or "
+                    "train a grid (fgm-train grid) first, or point --db / $FGM_DB at one.")
+
+
+def connect(db: str | os.PathLike | None = None, *, read_only: bool = False,
+            create: bool = True) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse. Writers get schema.sql applied; readers get a version check.
+    create=False: a writer that only adds to an existing warehouse (fgm-measure)
+    refuses a path where there is none, instead of creating an empty one."""
     path = resolve_db(db)
+    if not path.exists() and (read_only or not create):
+        raise _missing(path)
     if read_only:
-        if not path.exists():
-            raise FgmError(
-                f"{path}: no warehouse here. Ingest a results table (fgm-ingest) or train "
-                "a grid (fgm-train grid) first, or point --db / $FGM_DB at one.")
         con = _open(path, read_only=True)
         _check_version(con, path)
         if stored_version(con) is None:

@@ -1,0 +1,85 @@
+"""What a new user hits first: output formats that hold every column, commands
+that read never creating a warehouse, and an empty selection said in words."""
+
+import csv
+import io
+import json
+
+import click
+import duckdb
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from warehouse_fixture import build_warehouse
+
+from fgm.analysis.cli import main as query
+from fgm.measures.cli import main as measure
+from fgm.warehouse.cli import friendly_errors
+
+TABLE = {"model_id": ["a", "b", "c", "d"], "hp.depth": [2, 4, 2, 4],
+         "hp.optimizer": ["sgd", "sgd", "adam", "adam"],
+         "train_acc": [1.0, 1.0, 1.0, 1.0], "test_acc": [0.9, 0.8, 0.85, 0.7],
+         "is.converged": ["true", "true", "false", "true"],
+         "complexity.path_norm": [1.0, 2.0, 1.5, 3.0]}
+
+
+@pytest.fixture
+def wh(db):
+    return build_warehouse(db, TABLE)
+
+
+def run(*args):
+    return CliRunner().invoke(query, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("view", ["model_measures", "model_levels"])
+def test_map_columns_come_out_as_json_text_in_csv_and_table(wh, view):
+    out = run("sql", f"SELECT * FROM {view} ORDER BY model_id LIMIT 3", "--db", wh,
+              "--format", "csv")
+    assert out.exit_code == 0, out.output
+    rows = list(csv.DictReader(io.StringIO(out.output)))
+    assert len(rows) == 3
+    levels = json.loads(rows[0]["levels"])
+    assert levels == {"depth": 0, "optimizer": 1}       # a: depth 2 (level 0), sgd after adam
+    table = run("sql", f"SELECT levels FROM {view} ORDER BY model_id LIMIT 1", "--db", wh)
+    assert table.exit_code == 0 and '{"depth": 0, "optimizer": 1}' in table.output
+    as_json = json.loads(run("sql", f"SELECT levels FROM {view} ORDER BY model_id LIMIT 1",
+                             "--db", wh, "--format", "json").output)
+    assert as_json == [{"levels": {"depth": 0, "optimizer": 1}}]
+
+
+@pytest.mark.parametrize("error", [
+    duckdb.ConversionException("Conversion Error: Could not convert string 'x' to INT32\n\nLINE 1"),
+    pl.exceptions.ComputeError("cannot compare string with numeric type (i64)\nmore detail"),
+])
+def test_duckdb_and_polars_errors_become_one_line(error):
+    @click.command()
+    @friendly_errors
+    def cmd():
+        raise error
+    out = CliRunner().invoke(cmd, [])
+    assert out.exit_code == 1 and out.exception.__class__ is SystemExit
+    assert out.output.strip() == "Error: " + str(error).splitlines()[0]
+
+
+def test_fgm_measure_never_creates_a_warehouse(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FGM_DB", raising=False)
+    out = CliRunner().invoke(measure, ["--device", "cpu"])
+    assert out.exit_code == 1 and "no warehouse here" in out.output
+    assert not (tmp_path / "fgm.duckdb").exists()
+
+
+def test_an_empty_selection_is_an_error_that_says_why(wh, db):
+    out = run("table", "--where", "depth > 100", "--db", wh)
+    assert out.exit_code == 1
+    assert "no model matches --where 'depth > 100'" in out.output
+    assert "holds 4 models" in out.output
+    out = run("psi", "-m", "path_norm", "--dataset", "unknown", "--where", "depth = 4",
+              "--where", "optimizer = 'adam' AND depth = 2", "--db", wh)
+    assert out.exit_code == 1 and "--all-models" in out.output    # c did not converge
+
+
+def test_unknown_measure_suggests_the_closest(wh):
+    out = run("psi", "-m", "path_nrom", "--db", wh)
+    assert out.exit_code == 1 and "Did you mean 'path_norm'?" in out.output
