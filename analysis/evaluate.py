@@ -23,7 +23,7 @@ from .ranking import (
     oracle_tau,
     psi_per_axis,
 )
-from .seeds import bootstrap, check_seeds, per_seed
+from .seeds import check_seeds, jackknife, per_seed
 
 ORACLE_EPS = (0.01, 0.02, 0.05, 0.1)
 # App. C.4: the level order believed to predict the gap, per axis (+1: larger
@@ -240,10 +240,10 @@ def oracle_result(models: Models, eps: float, draws: int = 10, seed: int = 0) ->
 
 
 def with_seeds(models: Models, mu: np.ndarray, compute, *, ci: float | None = None,
-               draws: int = 200, seed: int = 0, keys: tuple[str, ...] = ("tau", "Psi"),
+               blocks: int = 20, seed: int = 0, keys: tuple[str, ...] = ("tau", "Psi"),
                pool_seeds: bool = False, check: bool = True) -> dict:
     """compute(mu, models) per seed (mean ± std across seeds when there are several),
-    plus seeded bootstrap intervals over models when `ci` is given. `pool_seeds`:
+    plus seeded jackknife intervals over configurations when `ci` is given. `pool_seeds`:
     all models at once, ignoring seeds. Unless pooled (or `check` is off), seeds that
     give no seed two models are an error (check_seeds), not a table of nulls."""
     seeds = np.zeros(len(mu), dtype=np.int64) if pool_seeds else models.seeds
@@ -255,7 +255,8 @@ def with_seeds(models: Models, mu: np.ndarray, compute, *, ci: float | None = No
     everything = np.arange(len(mu))
     result = at(everything)
     if ci:
-        result["ci"] = bootstrap(seeds, at, level=ci, draws=draws, seed=seed, keys=keys)
+        result["ci"] = jackknife(models.levels, at, level=ci, blocks=blocks, seed=seed,
+                                 keys=keys)
     return result
 
 
@@ -335,16 +336,16 @@ def _seeding(models: Models, sel: Selection, pool_seeds: bool | None) -> dict:
 
 
 def table5(con, sel: Selection, *, measures: list[str] | None = None,
-           eps_list=ORACLE_EPS, seed: int = 0, ci: float | None = None, draws: int = 200,
+           eps_list=ORACLE_EPS, seed: int = 0, ci: float | None = None, blocks: int = 20,
            progress=None, pool_seeds: bool | None = None) -> pl.DataFrame:
     """Table 5's shape: one row per measure (ψ per axis, τ, Ψ), then the oracles,
     the canonical orderings and the random baseline; with several seeds, means
-    across seeds and their std (Table 9); with `ci`, bootstrap intervals.
+    across seeds and their std (Table 9); with `ci`, jackknife intervals.
     `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds."""
     models = select_models(con, sel)
     seeding = _seeding(models, sel, pool_seeds)
     rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat(
-        with_seeds(sub, mu, lambda m, s: psi_result(name, m, s), ci=ci, draws=draws,
+        with_seeds(sub, mu, lambda m, s: psi_result(name, m, s), ci=ci, blocks=blocks,
                    seed=seed, **seeding), models.axes))
     zeros = np.zeros(len(models.gap))
     for kind, _, compute in _psi_baselines(models, eps_list, seed):
@@ -356,16 +357,16 @@ def table5(con, sel: Selection, *, measures: list[str] | None = None,
 
 def table6(con, sel: Selection, *, measures: list[str] | None = None,
            eps_list=ORACLE_EPS, draws: int = 10, seed: int = 0, ci: float | None = None,
-           bootstrap_draws: int = 200, progress=None,
+           blocks: int = 20, progress=None,
            pool_seeds: bool | None = None) -> pl.DataFrame:
     """Table 6's shape: per-axis CMI, |S| = 0, min |S| = 1, min |S| = 2, K, argmin
-    (Table 10 with several seeds; bootstrap intervals of K with `ci`).
+    (Table 10 with several seeds; jackknife intervals of K with `ci`).
     `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds."""
     models = select_models(con, sel)
     seeding = _seeding(models, sel, pool_seeds)
     rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat_cmi(
         with_seeds(sub, mu, lambda m, s: cmi_result(name, m, s), ci=ci,
-                   draws=bootstrap_draws, seed=seed, keys=("K",), **seeding), models.axes))
+                   blocks=blocks, seed=seed, keys=("K",), **seeding), models.axes))
     zeros = np.zeros(len(models.gap))
     for eps in eps_list:
         res = with_seeds(models, zeros, lambda _, m, e=eps: oracle_cmi(m, e, draws, seed),

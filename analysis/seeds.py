@@ -2,8 +2,8 @@
 
 With several seeds of the same grid in the warehouse, every statistic is
 computed per seed and reported as the mean across seeds, with the standard
-deviation beside it. `--ci` adds seeded bootstrap confidence intervals over
-models (resampled with replacement within each seed) for τ, Ψ and K.
+deviation beside it. `--ci` adds seeded confidence intervals for τ, Ψ and K
+from a delete-a-block jackknife over configurations (see `jackknife`).
 
 A `seed` column that gives every model its own seed would make every seed a
 group of one model and every figure null: `check_seeds` refuses it, and
@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy import stats
 
 from fgm.warehouse import FgmError
 
@@ -71,21 +72,40 @@ def per_seed(seeds: np.ndarray, compute: Callable[[np.ndarray], dict]) -> dict:
     return mean
 
 
-def bootstrap(seeds: np.ndarray, compute: Callable[[np.ndarray], dict], *, level: float,
-              draws: int, seed: int, keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:
-    """Percentile intervals of compute(index array) over resampled models."""
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(seeds == s) for s in np.unique(seeds)]
-    samples: dict[str, list[float]] = {k: [] for k in keys}
-    for _ in range(draws):
-        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        res = compute(idx)
+def jackknife(configs: np.ndarray, compute: Callable[[np.ndarray], dict], *, level: float,
+              blocks: int, seed: int, keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:
+    """Normal intervals θ̂ ± z·se from a delete-a-block jackknife over configurations.
+
+    `configs` gives each model's configuration (all seeds of one configuration share
+    it). Configurations are dealt at random (seeded) into `blocks` blocks; the
+    statistic is recomputed with each block left out, and
+    se² = (G − 1)/G · Σ_b (θ̂₋b − θ̄)². Leaving out whole configurations keeps what
+    τ, ψ_i and the CMI slices are computed over: the remaining models are real
+    models, never copies. (Resampling models with replacement, as a plain bootstrap
+    does, puts copies of a model beside each other; their pairs are ties, τ of a
+    tie is 0, and the interval of Ψ landed below Ψ itself.)
+    """
+    unique, config_of = np.unique(configs, axis=0, return_inverse=True)
+    config_of = config_of.reshape(-1)
+    g = int(min(blocks, len(unique)))
+    block_of_config = np.random.default_rng(seed).permutation(len(unique)) % max(g, 1)
+    block = block_of_config[config_of]
+    estimate = compute(np.arange(len(config_of)))
+    left_out: dict[str, list[float]] = {k: [] for k in keys}
+    for b in range(g):
+        res = compute(np.flatnonzero(block != b))
         for k in keys:
             if res.get(k) is not None:
-                samples[k].append(res[k])
-    alpha = (1 - level) / 2
-    out = {"level": level, "draws": draws, "seed": seed}
-    for k, vals in samples.items():
-        out[k] = ([float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))]
-                  if len(vals) >= 2 else None)
+                left_out[k].append(res[k])
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    out = {"level": level, "method": "jackknife over configurations", "blocks": g,
+           "seed": seed}
+    for k, vals in left_out.items():
+        est = estimate.get(k)
+        if est is None or len(vals) < 2:
+            out[k] = None
+            continue
+        v = np.asarray(vals, dtype=float)
+        se = float(np.sqrt((len(v) - 1) / len(v) * ((v - v.mean()) ** 2).sum()))
+        out[k] = [float(est) - z * se, float(est) + z * se]
     return out

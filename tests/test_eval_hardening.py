@@ -260,7 +260,7 @@ def test_with_seeds_pool_keyword_and_check():
         return {"measure": "x", "n_models": len(m), "tau": tau_ref(m.tolist(), sub.gap.tolist())}
     with pytest.raises(FgmError, match="no seed holds two models"):
         with_seeds(models, mu, compute)
-    pooled = with_seeds(models, mu, compute, pool_seeds=True, ci=0.9, draws=20)
+    pooled = with_seeds(models, mu, compute, pool_seeds=True, ci=0.9, blocks=20)
     assert pooled["tau"] == pytest.approx(tau_ref(mu.tolist(), models.gap.tolist()), abs=1e-12)
     assert pooled["ci"]["tau"][0] <= pooled["ci"]["tau"][1]
     # two seeds of four models each are fine: evaluated per seed, as before

@@ -70,7 +70,7 @@ def test_psi_reports_mean_and_std_across_seeds(seeded):
     assert m["seeds"] == 3 and m["tau_std"] == pytest.approx(np.std(taus, ddof=1), abs=1e-9)
 
 
-def test_bootstrap_interval_contains_estimate_and_narrows_with_more_models(db, tmp_path):
+def test_interval_contains_estimate_and_narrows_with_more_models(db, tmp_path):
     widths = []
     for n_seeds, path in ((1, db), (6, tmp_path / "more.duckdb")):
         table = seeded_table(n_seeds, seed=1).with_columns(pl.lit(0).alias("seed"),
@@ -78,23 +78,23 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_more_models(db, t
                                                               f"m{i}" for i in range(
                                                                   6 * n_seeds)]))
         build_warehouse(path, table)
-        res = json.loads(run("psi", "-m", "m", "--ci", "0.9", "--bootstrap", "200",
+        res = json.loads(run("psi", "-m", "m", "--ci", "0.9", "--blocks", "20",
                              "--db", path, "--format", "json"))
         lo, hi = res["ci"]["tau"]
         assert lo <= res["tau"] <= hi
-        assert res["ci"]["level"] == 0.9 and res["ci"]["draws"] == 200
+        assert res["ci"]["level"] == 0.9 and res["ci"]["blocks"] == 6   # one per configuration
         widths.append(hi - lo)
-        k = json.loads(run("cmi", "-m", "m", "--ci", "0.9", "--bootstrap", "50",
+        k = json.loads(run("cmi", "-m", "m", "--ci", "0.9", "--blocks", "5",
                            "--db", path, "--format", "json"))
         assert k["ci"]["K"][0] <= k["ci"]["K"][1]
     assert widths[1] < widths[0]
 
 
-def test_bootstrap_is_seeded(seeded):
+def test_interval_is_seeded(seeded):
     db, _ = seeded
-    a = json.loads(run("psi", "-m", "m", "--ci", "0.95", "--bootstrap", "30", "--db", db,
+    a = json.loads(run("psi", "-m", "m", "--ci", "0.95", "--blocks", "5", "--db", db,
                        "--format", "json"))
-    b = json.loads(run("psi", "-m", "m", "--ci", "0.95", "--bootstrap", "30", "--db", db,
+    b = json.loads(run("psi", "-m", "m", "--ci", "0.95", "--blocks", "5", "--db", db,
                        "--format", "json"))
     assert a["ci"] == b["ci"]
 
