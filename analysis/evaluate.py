@@ -4,7 +4,7 @@ quantities as the JSON objects of SPEC §5 and the Table 5 / Table 6 frames."""
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
@@ -54,6 +54,7 @@ class Models:
     values: pl.DataFrame   # model_id, axis, value_text, value_num
     seeds: np.ndarray
     test_size: np.ndarray  # test-set size per model (NaN where unknown)
+    constant: dict[str, str] = field(default_factory=dict)  # axis -> its one value here
 
     def id_frame(self) -> pl.DataFrame:
         return pl.DataFrame({"model_id": pl.Series(self.ids.tolist(), dtype=pl.String)})
@@ -63,7 +64,7 @@ class Models:
         ids = self.ids[keep]
         return Models(ids, self.gap[keep], self.levels[keep], self.axes,
                       self.values.filter(pl.col("model_id").is_in(ids.tolist())),
-                      self.seeds[keep], self.test_size[keep])
+                      self.seeds[keep], self.test_size[keep], self.constant)
 
 
 def _names(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
@@ -113,6 +114,15 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
     axes = sorted(seen.values())
     hp = hp.filter(pl.col("axis").is_in(axes))
     ids = models["model_id"]
+    # an axis with one level in this selection ranks nothing: it takes no part in
+    # ψ, the CMI sets or the tables, and is reported once as constant
+    spread = hp.group_by("axis").agg(pl.col("level").n_unique().alias("k"),
+                                     pl.col("value_text").first().alias("value"))
+    constant = {r["axis"]: r["value"] for r in spread.filter(pl.col("k") < 2).iter_rows(named=True)
+                if r["axis"] in axes and hp.filter(pl.col("axis") == r["axis"]).height
+                == models.height}
+    axes = [a for a in axes if a not in constant]
+    hp = hp.filter(pl.col("axis").is_in(axes))
     if axes:
         wide = hp.pivot(on="axis", index="model_id", values="level")
         wide = pl.DataFrame({"model_id": ids}).join(wide, on="model_id", how="left")
@@ -121,7 +131,8 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
         levels = np.zeros((models.height, 0), dtype=np.int64)
     return Models(ids.to_numpy(), models["gap"].to_numpy().astype(np.float64), levels, axes,
                   hp.drop("level"), models["seed"].to_numpy().astype(np.int64),
-                  models["test_size"].cast(pl.Float64).fill_null(float("nan")).to_numpy())
+                  models["test_size"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+                  dict(sorted(constant.items())))
 
 
 def _empty_selection(con: duckdb.DuckDBPyConnection, sel: Selection) -> FgmError:

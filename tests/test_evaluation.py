@@ -138,8 +138,8 @@ def test_where_filter_matches_reference_subset(incomplete):
     sub = table.filter((pl.col("hp.optimizer") == "sgd") & (pl.col("hp.width") > 16))
     mu, g, levels = refs_for(sub, "good")
     assert res["n_models"] == len(mu) and abs(res["tau"] - tau_ref(mu, g)) < 1e-9
-    # a single optimizer: no group varies only the optimizer → null, not NaN
-    assert res["psi"]["optimizer"] is None
+    # a single optimizer: the axis takes no part, and is reported once as constant
+    assert "optimizer" not in res["psi"] and res["constant_axes"]["optimizer"] == "sgd"
     assert "NaN" not in json.dumps(res)
 
 

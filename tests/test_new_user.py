@@ -83,3 +83,34 @@ def test_an_empty_selection_is_an_error_that_says_why(wh, db):
 def test_unknown_measure_suggests_the_closest(wh):
     out = run("psi", "-m", "path_nrom", "--db", wh)
     assert out.exit_code == 1 and "Did you mean 'path_norm'?" in out.output
+
+
+GRID = {"hp.width": [16, 32, 64] * 3, "hp.depth": [2] * 3 + [4] * 3 + [8] * 3,
+        "hp.dropout": [0.0] * 9,
+        "train_acc": [1.0] * 9,
+        "test_acc": [0.90, 0.85, 0.80, 0.86, 0.82, 0.75, 0.80, 0.78, 0.70],
+        "complexity.m": [1.0, 2.0, 3.5, 1.5, 2.2, 3.0, 2.5, 2.9, 4.0]}
+
+
+def test_an_axis_that_does_not_vary_takes_no_part_and_is_said_once(db):
+    build_warehouse(db, GRID)
+    res = json.loads(run("psi", "-m", "m", "--db", db, "--format", "json").output)
+    assert set(res["psi"]) == {"depth", "width"}
+    assert res["constant_axes"] == {"dropout": "0"}
+    pgdl = json.loads(run("cmi", "-m", "m", "--pgdl", "--db", db, "--format", "json").output)
+    assert "dropout" not in (pgdl["argmin"] or []) and set(pgdl["per_axis"]) == {"depth", "width"}
+    out = run("table", "--db", db)
+    assert out.exit_code == 0
+    header = out.output.splitlines()[0].split()
+    assert "dropout" not in header and "depth" in header
+    assert out.output.count("left out, constant in this selection: dropout = 0") == 1
+
+
+def test_k_without_a_set_is_not_labelled_with_an_empty_set():
+    from fgm.analysis.cli import _cmi_rows
+    rows = _cmi_rows({"per_axis": {}, "s0": None, "s1": None, "s2": None, "K": None,
+                      "argmin": None})
+    assert rows[-1][0] == "K"
+    rows = _cmi_rows({"per_axis": {}, "s0": 0.1, "s1": 0.1, "s2": 0.1, "K": 0.1,
+                      "argmin": ["depth", "width"]})
+    assert rows[-1][0] == "K (S = {depth, width})"
