@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import duckdb
 import polars as pl
 
 from fgm.warehouse import FgmError
+from fgm.warehouse.names import axis_name_problem
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+_ANALYZE = {"ANALYZE", "ANALYSE"}   # EXPLAIN ANALYZE runs the statement it explains
 
 
 def _quote(name: str) -> str:
@@ -24,8 +28,17 @@ def axes(con: duckdb.DuckDBPyConnection) -> list[tuple[str, bool]]:
 def create_hp_wide(con: duckdb.DuckDBPyConnection) -> None:
     """TEMP VIEW hp_wide: one row per model, a column per axis (its value, a number where
     the axis is numeric) and `<axis>_level`. Built per connection, since the axes are data."""
+    # a name that breaks the rules (stored by an older fgm), or that repeats a more
+    # common one but for case, gets no column, rather than making the view fail
+    usable: dict[str, str] = {}
+    for (axis,) in con.execute("SELECT axis FROM hyperparameters GROUP BY axis "
+                               "ORDER BY count(*) DESC, axis").fetchall():
+        if not axis_name_problem(axis):
+            usable.setdefault(axis.lower(), axis)
     cols = []
     for axis, numeric in axes(con):
+        if usable.get(axis.lower()) != axis:
+            continue
         value = "value_num" if numeric else "value_text"
         literal = "'" + axis.replace("'", "''") + "'"
         cols.append(f"any_value({value}) FILTER (WHERE axis = {literal}) AS {_quote(axis)}")
@@ -37,15 +50,75 @@ def create_hp_wide(con: duckdb.DuckDBPyConnection) -> None:
                 "GROUP BY m.model_id, m.dataset, m.seed, m.sweep_id")
 
 
-def lock_down(con: duckdb.DuckDBPyConnection) -> None:
-    """No file access beyond the open warehouse, and no way to turn that back on."""
+def lock_down(con: duckdb.DuckDBPyConnection, memory_limit: str | None = None) -> None:
+    """No file access beyond the open warehouse, and no way to turn that back on.
+    `memory_limit` (DuckDB's syntax, e.g. '4GB') is set first: once
+    lock_configuration is on, no setting can change."""
+    if memory_limit is not None:
+        literal = "'" + str(memory_limit).replace("'", "''") + "'"
+        try:
+            con.execute(f"SET memory_limit = {literal}")
+        except duckdb.Error as exc:
+            raise FgmError(f"--memory-limit {memory_limit!r}: {str(exc).strip()} "
+                           "(expected a size such as 512MB or 4GB)") from None
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 
 
-def run_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
+def _words(text: str) -> list[tuple[int, str]]:
+    """(offset, text) of every token of `text` but comments, per DuckDB's own tokenizer."""
+    tokens = duckdb.tokenize(text)
+    ends = [pos for pos, _ in tokens[1:]] + [len(text)]
+    return [(pos, text[pos:end].strip()) for (pos, kind), end in zip(tokens, ends, strict=True)
+            if kind != duckdb.token_type.comment]
+
+
+def _bare(word: str) -> str:
+    return word.strip('"\'').upper()
+
+
+def _parses_as_one(text: str) -> list | None:
+    try:
+        statements = duckdb.extract_statements(text)
+    except duckdb.Error:
+        return None
+    return statements if len(statements) == 1 else None
+
+
+def _check_explain(query: str) -> None:
+    """Plain EXPLAIN of a SELECT only. EXPLAIN ANALYZE (in any spelling: ANALYSE,
+    `EXPLAIN (ANALYZE ...)`, even `(ANALYZE false)`, comments anywhere) executes the
+    statement it explains, so it is refused, as is EXPLAIN of anything but a SELECT."""
+    words = _words(query)
+    snippet = " ".join(w for _, w in words)[:60]
+    if any(_bare(w) in _ANALYZE for _, w in words):
+        raise FgmError(f"refused: EXPLAIN ANALYZE runs the statement it explains; "
+                       f"fgm-query sql allows plain EXPLAIN only ({snippet!r}).")
+    if len(words) < 2 or _bare(words[0][1]) != "EXPLAIN":
+        raise FgmError(f"refused: not a statement fgm-query sql understands ({snippet!r}).")
+    inner = None
+    if words[1][1] == "(":      # an option list, e.g. (FORMAT json), or a query in brackets
+        depth = 0
+        for i, (_, w) in enumerate(words[1:], 1):
+            depth += (w == "(") - (w == ")")
+            if depth == 0:
+                if i + 1 < len(words):
+                    inner = _parses_as_one(query[words[i + 1][0]:])
+                break
+    if inner is None:
+        inner = _parses_as_one(query[words[1][0]:])
+    if inner is None or inner[0].type != duckdb.StatementType.SELECT:
+        kind = inner[0].type.name.replace("_", " ") if inner else "unrecognised"
+        raise FgmError(f"refused: fgm-query sql explains SELECT queries only; this explains "
+                       f"a {kind} statement ({snippet!r}).")
+
+
+def run_readonly(con: duckdb.DuckDBPyConnection, sql: str,
+                 timeout: float | None = None) -> pl.DataFrame:
     """Run one or more SELECT statements; return the last one's rows. Anything that
-    writes (to the warehouse or to a file) or attaches another database is refused."""
+    writes (to the warehouse or to a file) or attaches another database is refused, and
+    so is EXPLAIN ANALYZE (it runs what it explains). With `timeout` (seconds) the
+    statements are interrupted once that much time has passed, all of them together."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -57,9 +130,31 @@ def run_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
             kind = st.type.name.replace("_", " ")
             raise FgmError(f"refused: fgm-query sql is read-only and runs SELECT queries only; "
                            f"this is a {kind} statement ({st.query.strip()[:60]!r}).")
+        if st.type == duckdb.StatementType.EXPLAIN:
+            _check_explain(st.query)
+    done, fired = threading.Event(), threading.Event()
+
+    def watchdog() -> None:
+        if done.wait(timeout):
+            return
+        fired.set()
+        while not done.is_set():   # again and again: an interrupt between two statements
+            con.interrupt()        # is lost, the next one must still stop
+            done.wait(0.05)
+
+    guard = threading.Thread(target=watchdog, daemon=True) if timeout else None
+    if guard:
+        guard.start()
     try:
         for st in statements[:-1]:
             con.sql(st.query).fetchall()
         return con.sql(statements[-1].query).pl()
     except duckdb.Error as exc:
+        if fired.is_set():
+            raise FgmError(f"the query timed out after {timeout:g} s and was stopped; "
+                           f"give --timeout SECONDS for a longer limit (0: none)") from None
         raise FgmError(str(exc).strip()) from None
+    finally:
+        done.set()
+        if guard:
+            guard.join()

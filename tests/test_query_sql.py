@@ -86,3 +86,106 @@ def test_a_writer_holding_the_file_gives_a_clear_message(wh):
         assert out.exit_code == 1
         assert f"{wh}: the warehouse is in use by another process" in out.output
         assert "Traceback" not in out.output
+
+
+# --------------------------------------------------------------------------- hardening
+
+def _temp_tables_after(wh, statement):
+    """Run `statement`, then list the temp tables of the same connection: whatever the
+    statement created would show there (the warehouse itself is opened read-only)."""
+    from fgm.analysis.sql import lock_down, run_readonly
+    from fgm.warehouse import FgmError, connect
+    con = connect(wh, read_only=True)
+    try:
+        lock_down(con)
+        try:
+            run_readonly(con, statement)
+            error = None
+        except FgmError as exc:
+            error = str(exc)
+        made = con.sql("SELECT table_name FROM duckdb_tables() WHERE temporary").fetchall()
+    finally:
+        con.close()
+    return error, made
+
+
+@pytest.mark.parametrize("statement", [
+    "EXPLAIN ANALYZE CREATE TEMP TABLE t AS SELECT 1",
+    "explain analyse create temp table t as select 1",
+    "EXPLAIN /* hidden */ ANALYZE CREATE TEMP TABLE t AS SELECT 1",
+    "EXPLAIN\n-- a comment\n  ANALYZE\n CREATE TEMP TABLE t AS SELECT 1",
+    "EXPLAIN (ANALYZE) CREATE TEMP TABLE t AS SELECT 1",
+    "explain(analyze)create temp table t as select 1",
+    "EXPLAIN (FORMAT json, ANALYZE) CREATE TEMP TABLE t AS SELECT 1",
+    "EXPLAIN (ANALYZE false) CREATE TEMP TABLE t AS SELECT 1",
+    'EXPLAIN ("analyze") CREATE TEMP TABLE t AS SELECT 1',
+    "select 1; EXPLAIN ANALYZE CREATE TEMP TABLE t AS SELECT 1",
+])
+def test_explain_analyze_is_refused_and_runs_nothing(wh, statement):
+    error, made = _temp_tables_after(wh, statement)
+    assert error is not None and error.startswith("refused: EXPLAIN ANALYZE runs the statement")
+    assert made == []
+
+
+@pytest.mark.parametrize("statement", [
+    "EXPLAIN ANALYZE CHECKPOINT", "EXPLAIN /**/ ANALYZE SELECT count(*) FROM models",
+    "EXPLAIN (ANALYZE, FORMAT json) SELECT 1",
+])
+def test_explain_analyze_of_checkpoint_or_select_is_refused_by_the_cli(wh, statement):
+    out = run("sql", statement, "--db", wh)
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "refused: EXPLAIN ANALYZE runs the statement it explains" in out.output
+
+
+@pytest.mark.parametrize("statement", [
+    "EXPLAIN CREATE TEMP TABLE t AS SELECT 1", "EXPLAIN CHECKPOINT",
+    "EXPLAIN (FORMAT json) CREATE TEMP TABLE t AS SELECT 1",
+])
+def test_explain_of_anything_but_a_select_is_refused(wh, statement):
+    error, made = _temp_tables_after(wh, statement)
+    assert error is not None and "explains SELECT queries only" in error and made == []
+
+
+@pytest.mark.parametrize("statement", [
+    "EXPLAIN SELECT count(*) FROM models", "explain /* plan */ select * from hp_wide",
+    "EXPLAIN (FORMAT json) SELECT 1", "EXPLAIN (select 1)", "EXPLAIN (FORMAT json) (select 1)",
+    "EXPLAIN FROM models", "EXPLAIN WITH x AS (SELECT 1) SELECT * FROM x",
+])
+def test_plain_explain_of_a_select_still_works(wh, statement):
+    out = run("sql", statement, "--db", wh, "--format", "json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)[0]["explain_key"] == "physical_plan"
+
+
+def test_a_long_query_is_stopped_by_the_timeout(wh):
+    slow = ("select sum(a.range * b.range) as s "
+            "from range(1000000000) a, range(1000000000) b")
+    out = run("sql", slow, "--db", wh, "--timeout", "1")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "the query timed out after 1 s" in out.output and "--timeout SECONDS" in out.output
+
+
+def test_the_timeout_covers_every_statement_of_a_script(wh):
+    slow = ("select 1; select sum(a.range * b.range) as s "
+            "from range(1000000000) a, range(1000000000) b; select 2")
+    out = run("sql", slow, "--db", wh, "--timeout", "0.5")
+    assert out.exit_code == 1 and "timed out after 0.5 s" in out.output
+
+
+def test_memory_limit_is_applied_before_the_configuration_is_locked(wh):
+    out = run("sql", "select current_setting('memory_limit') as m", "--db", wh,
+              "--memory-limit", "300MB", "--format", "json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)[0]["m"].replace(" ", "") in ("286.1MiB", "300.0MB")
+    default = run("sql", "select current_setting('memory_limit') as m", "--db", wh,
+                  "--format", "json")
+    assert json.loads(default.output)[0]["m"].replace(" ", "") in ("3.7GiB", "4.0GB")
+    locked = run("sql", "select current_setting('lock_configuration') as l", "--db", wh,
+                 "--format", "json")
+    assert json.loads(locked.output) == [{"l": True}]
+
+
+def test_a_bad_memory_limit_is_a_clear_error(wh):
+    out = run("sql", "select 1", "--db", wh, "--memory-limit", "lots")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "--memory-limit 'lots'" in out.output and "4GB" in out.output
