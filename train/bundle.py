@@ -9,21 +9,31 @@
         trace.parquet        step, epoch, estimated cross-entropy, lr, wall time
 
 Everything is written into `.<model_id>.tmp-<pid>/` and renamed into place
-at the end, so a killed run leaves a temp directory (removed on the next run),
-never a half-written bundle.
+at the end, so a killed run leaves a temp directory (removed by the next run,
+once process <pid> is gone), never a half-written bundle.
+
+Several runs may share one output directory. A finished bundle is never replaced:
+if another run renamed its bundle of the same model into place first, the rename
+of ours fails (a directory is renamed only onto a missing or empty one), ours is
+discarded and theirs kept, and both runs ingest that one. Same configuration and
+seed train to the same weights, so nothing is lost.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import polars as pl
 import torch
 from safetensors.torch import save_file
+
+from fgm.warehouse import FgmError
 
 FORMAT = "fgm-run-bundle"
 FORMAT_VERSION = 1
@@ -50,9 +60,35 @@ def is_complete(out: Path, model_id: str) -> bool:
     return (out / model_id / "manifest.json").is_file()
 
 
+_TMP = re.compile(r"\..+\.tmp-(?P<pid>\d+)(?:-.*)?")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # alive, owned by someone else
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
 def clean_stale(out: Path) -> list[Path]:
-    """Remove temp directories left by killed runs; return what was removed."""
-    stale = [p for p in out.glob(".*.tmp-*") if p.is_dir()] if out.exists() else []
+    """Remove temp directories left by killed runs; return what was removed. The
+    temp directories of a run still alive (the pid in the name) are left alone, and
+    so is anything whose name does not carry a pid."""
+    if not out.is_dir():
+        return []
+    stale = []
+    for p in out.glob(".*.tmp-*"):
+        m = _TMP.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not pid_alive(int(m["pid"])):
+            stale.append(p)
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
@@ -82,7 +118,38 @@ def write_bundle(out: Path, model_id: str, manifest: dict,
         _fsync(p)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     _fsync(tmp / "manifest.json")
-    if final.exists():  # an older bundle of the same model: replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _move_into_place(tmp, final)
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final` unless a finished bundle is there: then keep that one
+    (another run finished the same model first) and drop ours. Something unfinished
+    at `final` (no manifest.json: never written by a run, which renames only finished
+    bundles) is moved aside and removed."""
+    aside = final.parent / f".{final.name}.tmp-{os.getpid()}-aside"
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)    # onto a missing or empty directory only
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+        if (final / "manifest.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        _remove(aside)
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            continue                 # gone meanwhile: try again
+        _remove(aside)
+    raise FgmError(f"{final}: could not move the finished bundle into place; "
+                   f"it is left in {tmp}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

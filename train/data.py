@@ -10,7 +10,9 @@ arbitrary objects.
 from __future__ import annotations
 
 import io
+import math
 import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,22 +57,174 @@ def _normalise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[torch.Tensor, t
 
 # --------------------------------------------------------------------------- safe pickles
 
+_NUMERIC = re.compile(r"[biufc]\d{0,2}")   # how numpy pickles a numeric dtype: u1, f4, c16
+
+
+def _refuse(message: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(message)
+
+
+def _safe_dtype(spec, align=False, copy=False) -> np.dtype:
+    """numpy.dtype(spec) for a plain numeric (or bool) type only: never an object dtype,
+    whose array would unpickle arbitrary contents, nor a structured one."""
+    if isinstance(spec, bytes):
+        spec = spec.decode("latin1")
+    if not isinstance(spec, str) or not _NUMERIC.fullmatch(spec):
+        raise _refuse(f"refusing a numpy array of dtype {spec!r}; expected a numeric dtype "
+                      f"such as u1 or f4")
+    try:
+        return np.dtype(spec, copy=True)   # a copy: a BUILD may set its byte order
+    except TypeError as exc:
+        raise _refuse(f"refusing a numpy array of dtype {spec!r} ({exc})") from None
+
+
+def _checked_dtype(dtype) -> np.dtype:
+    if (not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.fields is not None
+            or dtype.subdtype is not None or dtype.kind not in "biufc"):
+        raise _refuse(f"refusing a numpy array of dtype {dtype!r}; expected a numeric dtype")
+    return np.dtype(dtype.str)     # a fresh descriptor, whatever a BUILD did to that one
+
+
+def _checked_shape(shape, dtype: np.dtype, size: int) -> tuple[int, ...]:
+    """A shape of non-negative ints whose array fits in `size` bytes (the file's size:
+    an array read from a file cannot be larger than the file)."""
+    if (not isinstance(shape, tuple) or len(shape) > 32
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                       for n in shape)):
+        raise _refuse(f"refusing a numpy array of shape {shape!r}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > size:
+        raise _refuse(f"refusing a numpy array of shape {shape} ({nbytes:,} bytes): larger "
+                      f"than the whole file ({size:,} bytes)")
+    return shape
+
+
+class _SafeArray(np.ndarray):
+    """What numpy's _reconstruct gives while unpickling: an empty array whose state
+    (shape, dtype, bytes) is checked before numpy fills it in."""
+
+    _file_size = 0
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise _refuse("refusing a numpy array state that is not (version, shape, "
+                          "dtype, fortran, data)")
+        version, shape, dtype, fortran, data = state
+        dtype = _checked_dtype(dtype)
+        shape = _checked_shape(shape, dtype, self._file_size)
+        if isinstance(data, str):
+            data = data.encode("latin1")
+        if not isinstance(data, bytes | bytearray):
+            raise _refuse("refusing a numpy array whose data are not raw bytes")
+        need = math.prod(shape) * dtype.itemsize
+        if len(data) != need:
+            raise _refuse(f"a numpy array of shape {shape} and dtype {dtype} needs "
+                          f"{need:,} bytes of data, the file gives {len(data):,}")
+        super().__setstate__((version, shape, dtype, bool(fortran), bytes(data)))
+
+
+class _NdarrayName:
+    """Stands for numpy.ndarray in a pickle: only _reconstruct's first argument. Not the
+    class itself, which a REDUCE could call to allocate any array (or an object one)."""
+
+
+_NDARRAY = _NdarrayName()
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct")}
+    """Admits dicts, lists, numbers, bytes and numeric numpy arrays, nothing else."""
+
+    def __init__(self, raw: bytes):
+        super().__init__(io.BytesIO(raw), encoding="bytes")
+        self.size = len(raw)
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY
+        if (module, name) == ("numpy", "dtype"):
+            return _safe_dtype
+        if (module, name) == ("_codecs", "encode"):   # protocol 2's way to spell bytes
+            return _latin1_encode
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") \
+                and name == "_reconstruct":
+            return self._reconstruct
+        if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
+            return self._frombuffer
+        raise _refuse(f"refusing to load {module}.{name} from a data file")
+
+    def _reconstruct(self, subtype, shape, dtype):
+        # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') + BUILD(state):
+        # only the empty placeholder is made here, the state is checked in _SafeArray
+        if subtype is not _NDARRAY:
+            raise _refuse(f"refusing to reconstruct {subtype!r}; expected numpy.ndarray")
+        _checked_shape(shape, np.dtype(np.uint8), self.size)
+        array = np.ndarray.__new__(_SafeArray, (0,), np.uint8)
+        array._file_size = self.size
+        return array
+
+    def _frombuffer(self, buffer, dtype, shape, order):
+        # protocol 5: numpy._core.numeric._frombuffer(bytes, dtype, shape, order)
+        dtype = _checked_dtype(dtype)
+        shape = _checked_shape(shape, dtype, self.size)
+        if not isinstance(buffer, bytes | bytearray) or \
+                len(buffer) != math.prod(shape) * dtype.itemsize:
+            raise _refuse(f"a numpy array of shape {shape} and dtype {dtype} needs "
+                          f"{math.prod(shape) * dtype.itemsize:,} bytes of data, the file "
+                          f"gives {len(buffer) if isinstance(buffer, bytes | bytearray) else 0:,}")
+        return np.frombuffer(bytes(buffer), dtype=dtype).reshape(
+            shape, order="F" if order == "F" else "C").copy()
+
+
+def _latin1_encode(text, encoding="latin1", errors="strict") -> bytes:
+    """_codecs.encode as protocol 2 uses it: a str of code points < 256 to bytes."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") \
+            or errors != "strict":
+        raise _refuse(f"refusing _codecs.encode with encoding {encoding!r}; only latin1")
+    return text.encode("latin1")
+
+
+def _plain(value):
+    """Arrays made while unpickling as ordinary numpy arrays (a batch's values, and
+    the items of a list value; deeper ones stay _SafeArray, an ndarray all the same)."""
+    if isinstance(value, _SafeArray):
+        return value.view(np.ndarray)
+    if isinstance(value, list):
+        return [v.view(np.ndarray) if isinstance(v, _SafeArray) else v for v in value]
+    return value
 
 
 def _load_batch(path: Path) -> dict:
+    """A CIFAR-10 batch file: {b'data': uint8 (N, 3072), b'labels': N ints, ...}."""
     try:
-        return _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise FgmError(f"{path}: not a CIFAR-10 batch file ({exc})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FgmError(f"{path}: cannot read the CIFAR-10 batch file: {exc.strerror}") from None
+    try:
+        batch = _ArrayUnpickler(raw).load()
+    except Exception as exc:   # anything a malformed pickle raises: never a traceback
+        raise FgmError(f"{path}: not a CIFAR-10 batch file "
+                       f"({str(exc) or type(exc).__name__})") from None
+    if not isinstance(batch, dict):
+        raise FgmError(f"{path}: not a CIFAR-10 batch file (a {type(batch).__name__}, "
+                       f"expected a dict with b'data' and b'labels')")
+    batch = {k: _plain(v) for k, v in batch.items()}
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3 * 32 * 32):
+        what = (f"dtype {data.dtype}, shape {data.shape}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise FgmError(f"{path}: key b'data': expected a uint8 array of shape (N, 3072), "
+                       f"found {what}")
+    try:
+        labels = np.asarray(labels) if isinstance(labels, list | np.ndarray) else None
+    except (ValueError, TypeError, OverflowError):
+        labels = None
+    if (labels is None or labels.shape != (len(data),) or labels.dtype.kind not in "iu"
+            or (len(labels) and (labels.min() < 0 or labels.max() > 9))):
+        raise FgmError(f"{path}: key b'labels': expected {len(data)} integer labels "
+                       f"in 0..9, one per image")
+    batch[b"labels"] = labels
+    return batch
 
 
 def _cifar10_layout(root: Path) -> tuple[np.ndarray, ...]:

@@ -4,6 +4,7 @@ configurations. Presets live in train/grids/*.toml."""
 from __future__ import annotations
 
 import itertools
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -17,17 +18,35 @@ AXES = ("width", "depth", "dropout", "batch_size", "optimizer", "learning_rate",
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 PER_OPTIMIZER = ("learning_rate", "weight_decay")  # may be tables keyed by optimizer
 DATASETS = ("cifar10", "svhn", "fashion_mnist", "digits")
+# Upper bounds that keep a typo (width = 1000000) from asking for terabytes: the paper's
+# largest NiN is width 768, depth 8, batch 128.
+MAX_WIDTH, MAX_DEPTH, MAX_BATCH_SIZE = 4096, 64, 65536
+MAX_MODELS = 100_000   # a larger grid (configurations x seeds) needs fgm-train grid --yes
 TRAIN_DEFAULTS = {
     "stop_cross_entropy": 0.01, "max_steps": 300_000, "lr_drop_steps": [60_000, 90_000],
     "lr_drop_factor": 0.1, "estimate_batches": 100, "trace_every": 500,
 }
 ALLOWED = {
-    "width": "positive integers", "depth": "positive integers",
-    "dropout": "numbers in [0, 1)", "batch_size": "positive integers",
+    "width": f"positive integers up to {MAX_WIDTH}",
+    "depth": f"positive integers up to {MAX_DEPTH}",
+    "dropout": "finite numbers in [0, 1)",
+    "batch_size": f"positive integers up to {MAX_BATCH_SIZE}",
     "optimizer": f"names among {', '.join(OPTIMIZERS)}",
-    "learning_rate": "positive numbers, or a table {sgd = [...], adam = [...], rmsprop = [...]}",
-    "weight_decay": "numbers >= 0, or a table {sgd = [...], adam = [...], rmsprop = [...]}",
+    "learning_rate": "finite positive numbers, or a table "
+                     "{sgd = [...], adam = [...], rmsprop = [...]}",
+    "weight_decay": "finite numbers >= 0, or a table {sgd = [...], adam = [...], rmsprop = [...]}",
 }
+
+
+def _number(v: object) -> bool:
+    """A finite int or float; not a boolean (which Python counts as an int)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: object, top: int | None = None) -> bool:
+    """A positive int (not a boolean), at most `top`."""
+    return (isinstance(v, int) and not isinstance(v, bool) and v > 0
+            and (top is None or v <= top))
 
 
 @dataclass(frozen=True)
@@ -49,9 +68,28 @@ class Grid:
     train: dict[str, object] = field(default_factory=dict)
     source: str = ""
 
-    def configs(self) -> list[Config]:
+    def size(self) -> int:
+        """How many configurations configs() gives, counted without building them."""
+        plain = math.prod(len(self.axes[a]) for a in AXES
+                          if a not in PER_OPTIMIZER and a != "optimizer")
+        return plain * sum(math.prod(len(self._values_for(a, opt)) for a in PER_OPTIMIZER)
+                           for opt in self.axes["optimizer"])
+
+    def check_size(self, seeds: int = 1, limit: int | None = MAX_MODELS) -> int:
+        """The number of models (configurations x seeds); past `limit` an FgmError."""
+        n = self.size() * seeds
+        if limit is not None and n > limit:
+            per_seed = f" ({self.size():,} configurations x {seeds} seeds)" if seeds > 1 else ""
+            raise FgmError(f"{self.source or self.name}: the grid has {n:,} models{per_seed}, "
+                           f"more than the limit of {limit:,}; shrink an axis, or give "
+                           f"fgm-train grid --yes to train them all anyway")
+        return n
+
+    def configs(self, limit: int | None = MAX_MODELS) -> list[Config]:
         """Every combination. Levels: a number's rank among its axis's values
-        (ascending; per optimizer for tables), a name's position in its list."""
+        (ascending; per optimizer for tables), a name's position in its list.
+        A grid of more than `limit` configurations is refused before any is built."""
+        self.check_size(1, limit)
         plain = [a for a in AXES if a not in PER_OPTIMIZER]
         out = []
         for combo in itertools.product(*(self.axes[a] for a in plain)):
@@ -85,24 +123,50 @@ def preset_names() -> list[str]:
 
 def load_grid(preset: str | None = None, path: Path | None = None) -> Grid:
     if path is not None:
-        if not Path(path).exists():
-            raise FgmError(f"{path}: no such grid file")
-        text, source = Path(path).read_text(), str(path)
+        text, source = _read_grid_file(Path(path)), str(path)
     else:
         preset = preset or "demo"
         if preset not in preset_names():
             raise FgmError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
         text = files("fgm.train").joinpath("grids", f"{preset}.toml").read_text()
         source = f"preset:{preset}"
+    return parse_grid(_toml(text, source), source)
+
+
+def _read_grid_file(path: Path) -> str:
     try:
-        data = tomllib.loads(text)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FgmError(f"{path}: no such grid file") from None
+    except IsADirectoryError:
+        raise FgmError(f"{path}: is a directory; expected a grid file (TOML)") from None
+    except OSError as exc:
+        raise FgmError(f"{path}: cannot read the grid file: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise FgmError(f"{path}: line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}); "
+                       f"a grid file is TOML, which is UTF-8") from None
+
+
+def _toml(text: str, source: str) -> dict:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise FgmError(f"{source}: not valid TOML: {exc}") from None
-    return parse_grid(data, source)
+    except RecursionError:
+        raise FgmError(f"{source}: arrays or tables nested too deeply to read; a grid "
+                       f"file needs lists of values, one level deep") from None
 
 
 def _bad(source: str, key: str, message: str) -> FgmError:
     return FgmError(f"{source}: {key}: {message}")
+
+
+def _show(value: object, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def parse_grid(data: dict, source: str = "<grid>") -> Grid:
@@ -110,7 +174,11 @@ def parse_grid(data: dict, source: str = "<grid>") -> Grid:
     if unknown:
         raise _bad(source, sorted(unknown)[0], "unknown key; expected name, dataset, axes, train")
     train = dict(TRAIN_DEFAULTS)
-    for key, value in data.get("train", {}).items():
+    given = data.get("train", {})
+    if not isinstance(given, dict):
+        raise _bad(source, "train", f"{_show(given)} is not allowed; expected a table [train] "
+                   f"of settings among {', '.join(TRAIN_DEFAULTS)}")
+    for key, value in given.items():
         if key not in TRAIN_DEFAULTS:
             raise _bad(source, f"train.{key}", f"unknown setting; settings are "
                        f"{', '.join(TRAIN_DEFAULTS)}")
@@ -127,8 +195,8 @@ def parse_grid(data: dict, source: str = "<grid>") -> Grid:
             raise _bad(source, f"axes.{axis}", f"missing; expected a list of {ALLOWED[axis]}")
         _check_axis(source, axis, axes[axis], axes.get("optimizer", []))
     dataset = data.get("dataset", "cifar10")
-    if dataset not in DATASETS:
-        raise _bad(source, "dataset", f"{dataset!r} is not one of {', '.join(DATASETS)}")
+    if not isinstance(dataset, str) or dataset not in DATASETS:
+        raise _bad(source, "dataset", f"{_show(dataset)} is not one of {', '.join(DATASETS)}")
     return Grid(str(data.get("name", Path(source).stem)), dataset, axes, train, source)
 
 
@@ -155,30 +223,31 @@ def _check_values(source: str, key: str, axis: str, values: object) -> None:
         raise _bad(source, key, "a value is listed twice")
     for v in values:
         ok = {
-            "width": isinstance(v, int) and not isinstance(v, bool) and v > 0,
-            "depth": isinstance(v, int) and not isinstance(v, bool) and v > 0,
-            "batch_size": isinstance(v, int) and not isinstance(v, bool) and v > 0,
-            "dropout": isinstance(v, int | float) and 0 <= v < 1,
-            "optimizer": v in OPTIMIZERS,
-            "learning_rate": isinstance(v, int | float) and v > 0,
-            "weight_decay": isinstance(v, int | float) and v >= 0,
+            "width": _integer(v, MAX_WIDTH),
+            "depth": _integer(v, MAX_DEPTH),
+            "batch_size": _integer(v, MAX_BATCH_SIZE),
+            "dropout": _number(v) and 0 <= v < 1,
+            "optimizer": isinstance(v, str) and v in OPTIMIZERS,
+            "learning_rate": _number(v) and v > 0,
+            "weight_decay": _number(v) and v >= 0,
         }[axis]
         if not ok:
-            raise _bad(source, key, f"{v!r} is not allowed; expected {ALLOWED[axis]}")
+            raise _bad(source, key, f"{_show(v)} is not allowed; expected {ALLOWED[axis]}")
 
 
 def _check_train(source: str, train: dict) -> None:
     def need(key, cond, what):
         if not cond:
-            raise _bad(source, f"train.{key}", f"{train[key]!r} is not allowed; expected {what}")
-    need("stop_cross_entropy", isinstance(train["stop_cross_entropy"], int | float)
-         and train["stop_cross_entropy"] > 0, "a positive number")
+            raise _bad(source, f"train.{key}", f"{_show(train[key])} is not allowed; "
+                       f"expected {what}")
+    need("stop_cross_entropy", _number(train["stop_cross_entropy"])
+         and train["stop_cross_entropy"] > 0, "a finite positive number")
     for key in ("max_steps", "estimate_batches", "trace_every"):
-        need(key, isinstance(train[key], int) and train[key] > 0, "a positive integer")
+        need(key, _integer(train[key]), "a positive integer")
     need("lr_drop_steps", isinstance(train["lr_drop_steps"], list)
-         and all(isinstance(s, int) and s > 0 for s in train["lr_drop_steps"]),
+         and all(_integer(s) for s in train["lr_drop_steps"]),
          "a list of positive step numbers")
-    need("lr_drop_factor", isinstance(train["lr_drop_factor"], int | float)
+    need("lr_drop_factor", _number(train["lr_drop_factor"])
          and 0 < train["lr_drop_factor"] <= 1, "a number in (0, 1]")
 
 
@@ -192,7 +261,7 @@ def override(grid: Grid, settings: list[str]) -> Grid:
         axis = axis.strip()
         try:
             values = tomllib.loads(f"v = [{raw}]")["v"]
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, RecursionError):
             values = [v.strip() for v in raw.split(",")]
         axes[axis] = values
     return parse_grid({"name": grid.name, "dataset": grid.dataset, "axes": axes,
