@@ -22,7 +22,7 @@ from .evaluate import (
     table6,
     with_seeds,
 )
-from .robust import robust_sign_error
+from .robust import WEIGHTINGS, robust_sign_error
 from .sql import create_hp_wide, lock_down, run_readonly
 
 
@@ -48,16 +48,21 @@ class _readonly:
 
 @main.command()
 @click.argument("query")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0,
+              show_default=True, metavar="SECONDS",
+              help="Stop the query after this many seconds (0: no limit).")
+@click.option("--memory-limit", default="4GB", show_default=True,
+              metavar="SIZE", help="DuckDB's memory_limit for the query, e.g. 512MB, 16GB.")
 @db_option
 @format_option
 @friendly_errors
-def sql(query: str, db: str | None, fmt: str) -> None:
+def sql(query: str, timeout: float, memory_limit: str, db: str | None, fmt: str) -> None:
     """Run a SELECT on the warehouse. Tables: models, hyperparameters, outcomes,
     measures, traces, checkpoints, sweeps; views: model_measures, model_outcomes,
     model_levels, measure_summary, hp_wide (a column per axis)."""
     with _readonly(db) as con:
-        lock_down(con)
-        emit_frame(run_readonly(con, query), fmt)
+        lock_down(con, memory_limit=memory_limit)
+        emit_frame(run_readonly(con, query, timeout=timeout or None), fmt)
 
 
 @main.command()
@@ -103,19 +108,27 @@ def selection_options(func):
     return func
 
 
-def _selection(where, dataset, sweep, all_models) -> Selection:
-    return Selection(where=where, dataset=dataset, sweep=sweep, all_models=all_models)
+def _selection(where, dataset, sweep, all_models, pool_seeds=False) -> Selection:
+    return Selection(where=where, dataset=dataset, sweep=sweep, all_models=all_models,
+                     pool_seeds=pool_seeds)
+
+
+pool_option = click.option(
+    "--pool-seeds", is_flag=True,
+    help="Evaluate all models together, ignoring the seed column (default: per seed, "
+         "mean and std across seeds). Needed when every model has its own seed.")
 
 
 def ci_options(func):
-    """--ci LEVEL, --bootstrap N, --seed S: seeded bootstrap intervals over models."""
+    """--ci LEVEL, --blocks N, --seed S: seeded jackknife intervals over configurations."""
     options = [
         click.option("--ci", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                     default=None, help="Add bootstrap confidence intervals, e.g. --ci 0.95."),
-        click.option("--bootstrap", "boot", type=click.IntRange(10), default=200,
-                     show_default=True, help="Bootstrap resamples for --ci."),
+                     default=None, help="Add confidence intervals of τ, Ψ and K, e.g. --ci 0.95 "
+                     "(a jackknife that leaves out blocks of whole configurations)."),
+        click.option("--blocks", "boot", type=click.IntRange(5), default=20, show_default=True,
+                     help="Jackknife blocks for --ci (configurations are dealt into this many)."),
         click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the bootstrap (and of the random baseline)."),
+                     help="Seed of the jackknife blocks (and of the random baseline)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -145,23 +158,46 @@ def _emit_object(obj: dict, fmt: str, rows: list[tuple[str, object]]) -> None:
                          schema={"quantity": pl.String, "value": pl.Float64})
     title = ", ".join(f"{k} {obj[k]}" for k in ("measure", "eps", "n_models") if k in obj)
     emit_frame(frame, fmt, title=title)
+    _emit_notes([obj.get("note"), (obj.get("cmi") or {}).get("note"),
+                 _constant_note(obj.get("constant_axes"))], fmt)
+
+
+def _constant_note(constant: dict | None) -> str | None:
+    if not constant:
+        return None
+    return ("left out, constant in this selection: "
+            + ", ".join(f"{a} = {v}" for a, v in constant.items()))
+
+
+def _with_constant(res: dict, models) -> dict:
+    """The axes that take no part (one level in the selection), said once."""
+    if models.constant:
+        res["constant_axes"] = dict(models.constant)
+    return res
+
+
+def _emit_notes(notes, fmt: str) -> None:
+    """Notes below a table; on stderr with CSV, so that the CSV stays parseable."""
+    for note in dict.fromkeys(n for n in notes if n):
+        click.echo(f"note: {note}", err=fmt == "csv")
 
 
 @main.command()
 @click.option("--measure", "-m", required=True, help="The measure to evaluate.")
 @ci_options
+@pool_option
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def psi(measure, ci, boot, seed, where, dataset, sweep, all_models, db, fmt):
+def psi(measure, ci, boot, seed, pool_seeds, where, dataset, sweep, all_models, db, fmt):
     """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs 2, 4 and 5).
     With several seeds: the mean across seeds and its std (Table 9)."""
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
         mu, sub = measure_values(con, measure, models)
-    res = with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci, draws=boot,
-                     seed=seed)
+    res = _with_constant(with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci,
+                                    blocks=boot, seed=seed, pool_seeds=pool_seeds), models)
     _emit_object(res, fmt, [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in
                                                   res["psi"].items()), ("Psi", res["Psi"]),
                             *_spread_rows(res, ("tau", "Psi"))])
@@ -170,7 +206,8 @@ def psi(measure, ci, boot, seed, where, dataset, sweep, all_models, db, fmt):
 def _cmi_rows(res: dict) -> list[tuple[str, object]]:
     return [*((f"cmi[{a}]", v) for a, v in res["per_axis"].items()),
             ("|S|=0", res["s0"]), ("min |S|=1", res["s1"]), ("min |S|=2", res["s2"]),
-            (f"K (S = {{{', '.join(res['argmin'] or [])}}})", res["K"])]
+            (f"K (S = {{{', '.join(res['argmin'])}}})" if res["argmin"] is not None
+             else "K", res["K"])]
 
 
 @main.command()
@@ -179,18 +216,21 @@ def _cmi_rows(res: dict) -> list[tuple[str, object]]:
               help="Reproduce the NeurIPS 2020 PGDL scorer (self-pairs, equal-weight slices, "
                    "|S| = 2 only).")
 @ci_options
+@pool_option
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def cmi(measure, pgdl, ci, boot, seed, where, dataset, sweep, all_models, db, fmt):
+def cmi(measure, pgdl, ci, boot, seed, pool_seeds, where, dataset, sweep, all_models, db, fmt):
     """Conditional mutual information Î(S) for |S| ≤ 2 and K = its minimum (App. B).
-    With several seeds: the mean across seeds and its std (Table 10)."""
+    With several seeds: the mean across seeds and its std (Table 10). When K is
+    null, a note says why (JSON: "note")."""
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
         mu, sub = measure_values(con, measure, models)
-    res = with_seeds(sub, mu, lambda m, s: cmi_result(measure, m, s, pgdl=pgdl), ci=ci,
-                     draws=boot, seed=seed, keys=("K",))
+    res = _with_constant(with_seeds(sub, mu, lambda m, s: cmi_result(measure, m, s, pgdl=pgdl),
+                                    ci=ci, blocks=boot, seed=seed, keys=("K",),
+                                    pool_seeds=pool_seeds), models)
     _emit_object(res, fmt, _cmi_rows(res) + _spread_rows(res, ("K",)))
 
 
@@ -199,18 +239,20 @@ def cmi(measure, pgdl, ci, boot, seed, where, dataset, sweep, all_models, db, fm
 @click.option("--draws", type=click.IntRange(2), default=20, show_default=True,
               help="Monte Carlo draws for the CMI.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@pool_option
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def oracle(eps, draws, seed, where, dataset, sweep, all_models, db, fmt):
+def oracle(eps, draws, seed, pool_seeds, where, dataset, sweep, all_models, db, fmt):
     """The noisy oracle g + N(0, ε²): exact expected τ and ψ, Monte Carlo CMI."""
     if eps <= 0:
         raise click.BadParameter("must be > 0", param_hint="--eps")
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
-    res = with_seeds(models, models.gap, lambda _, m: oracle_result(m, eps, draws=draws,
-                                                                     seed=seed))
+    res = _with_constant(with_seeds(models, models.gap,
+                                    lambda _, m: oracle_result(m, eps, draws=draws, seed=seed),
+                                    pool_seeds=pool_seeds), models)
     rows = [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in res["psi"].items()),
             ("Psi", res["Psi"]), *_cmi_rows(res["cmi"]), ("K stderr", res["cmi"]["stderr"]["K"])]
     _emit_object(res, fmt, rows)
@@ -222,35 +264,50 @@ def oracle(eps, draws, seed, where, dataset, sweep, all_models, db, fmt):
 @click.option("--draws", type=click.IntRange(2), default=10, show_default=True,
               help="Monte Carlo draws for the oracles' CMI.")
 @ci_options
+@pool_option
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def table(kind, draws, ci, boot, seed, where, dataset, sweep, all_models, db, fmt):
+def table(kind, draws, ci, boot, seed, pool_seeds, where, dataset, sweep, all_models, db, fmt):
     """Every measure, one row each, with the oracle, canonical and random baselines.
     Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns."""
     sel = _selection(where, dataset, sweep, all_models)
     with _readonly(db) as con:
         if kind == "psi":
-            frame = table5(con, sel, seed=seed, ci=ci, draws=boot)
+            frame = table5(con, sel, seed=seed, ci=ci, blocks=boot, pool_seeds=pool_seeds)
         else:
-            frame = table6(con, sel, draws=draws, seed=seed, ci=ci, bootstrap_draws=boot)
+            frame = table6(con, sel, draws=draws, seed=seed, ci=ci, blocks=boot,
+                           pool_seeds=pool_seeds)
+        constant = select_models(con, sel).constant
     emit_frame(frame, fmt)
+    _emit_notes([_constant_note(constant)], fmt)
 
 
 @main.command()
 @click.option("--measure", "-m", required=True, help="The measure to evaluate.")
 @click.option("--test-size", type=int, default=None,
               help="Test-set size for the Hoeffding weights (default: the warehouse's).")
+@click.option("--weighting", type=click.Choice(WEIGHTINGS), default="published",
+              show_default=True,
+              help="published: pair weight (c² − 0.5)₊ with c the Hoeffding confidence, "
+                   "environments kept when their effective sample size ≥ --min-ess, plain "
+                   "mean over environments (Dziugaite et al. 2020 and their code). "
+                   "hoeffding: weight c, no cut, mean weighted by each environment's Σw.")
+@click.option("--min-ess", type=click.FloatRange(0), default=None,
+              help="Minimum effective sample size (Σw)²/Σw² of an environment "
+                   "[default: 12 with published, 0 with hoeffding].")
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def robust(measure, test_size, where, dataset, sweep, all_models, db, fmt):
+def robust(measure, test_size, weighting, min_ess, where, dataset, sweep, all_models, db, fmt):
     """Robust sign-error over environments: configurations one axis apart.
 
     As in Dziugaite, Drouin et al. (2020), "In Search of Robust Measures of
-    Generalization"; see analysis/robust.py for the Hoeffding weights."""
+    Generalization"; see analysis/robust.py for the weights. Every seed
+    combination of two configurations is a pair of the environment, so seeds are
+    never split (no --pool-seeds). When no environment is kept, a note says why."""
     with _readonly(db) as con:
         models = select_models(con, _selection(where, dataset, sweep, all_models))
         mu, sub = measure_values(con, measure, models)
@@ -260,16 +317,26 @@ def robust(measure, test_size, where, dataset, sweep, all_models, db, fmt):
                        "(results tables do not carry it): pass --test-size N")
     res = {"measure": measure, "n_models": int(len(mu)),
            "test_size": float(np.median(sizes)) if len(sizes) else None,
-           **robust_sign_error(mu, sub.gap, sub.levels, sub.axes, sizes)}
+           **robust_sign_error(mu, sub.gap, sub.levels, sub.axes, sizes, weighting=weighting,
+                               min_ess=min_ess)}
+    _with_constant(res, models)
     if fmt == "json":
         click.echo(to_json(res))
         return
     rows = [{"axis": a, **v} for a, v in res["per_axis"].items()]
     rows.append({"axis": "overall", **res["overall"]})
-    emit_frame(pl.DataFrame(rows, schema={"axis": pl.String, "environments": pl.Int64,
-                                          "mean": pl.Float64, "p90": pl.Float64,
-                                          "max": pl.Float64}), fmt,
-               title=f"robust sign-error of {measure}, {len(mu)} models")
+    schema = {"axis": pl.String, "environments": pl.Int64, "mean": pl.Float64,
+              "p90": pl.Float64, "max": pl.Float64, "note": pl.String}
+    frame = pl.DataFrame(rows, schema=schema)
+    if fmt != "csv":   # the table prints its notes below it; CSV keeps them as a column
+        frame = frame.drop("note")
+    emit_frame(frame, fmt, title=f"robust sign-error of {measure}, {len(mu)} models, "
+                                 f"{weighting} weighting, min_ess {res['min_ess']:g}")
+    if fmt != "csv":
+        for r in rows:
+            if r["note"]:
+                click.echo(f"note [{r['axis']}]: {r['note']}")
+    _emit_notes([_constant_note(res.get("constant_axes"))], fmt)
 
 
 @main.command()
@@ -278,15 +345,17 @@ def robust(measure, test_size, where, dataset, sweep, all_models, db, fmt):
 @click.option("--draws", type=click.IntRange(2), default=10, show_default=True,
               help="Monte Carlo draws for the oracles' CMI.")
 @click.option("--color", default=None, help="Axis that colours the training curves.")
+@pool_option
 @selection_options
 @db_option
 @friendly_errors
-def report(out, draws, color, where, dataset, sweep, all_models, db):
+def report(out, draws, color, pool_seeds, where, dataset, sweep, all_models, db):
     """Write an offline HTML report: Figure 1's panels, Tables 5 and 6 as heatmaps,
     training curves; plus a PNG and an SVG of every chart."""
     from .report import build_report
     with _readonly(db) as con:
-        page = build_report(con, out, _selection(where, dataset, sweep, all_models),
+        page = build_report(con, out, _selection(where, dataset, sweep, all_models,
+                                                 pool_seeds=pool_seeds),
                             draws=draws, color=color)
     click.echo(f"wrote {page} (and {len(list(out.glob('*.png')))} PNG + SVG charts)")
 

@@ -6,6 +6,7 @@ its error; the job goes on. Each model's values land in one transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -47,10 +48,26 @@ class JobReport:
         return "\n".join(lines)
 
 
+def _stale(params: str | None, settings: Settings) -> bool:
+    """A stored value computed with another setting than this run's (another
+    --spectral method, search seed or budget): computing it again is what was asked."""
+    try:
+        stored = json.loads(params) if params else {}
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(stored, dict):
+        return False
+    current = dataclasses.asdict(settings)
+    return any(key in current and value is not None and value != current[key]
+               for key, value in stored.items())
+
+
 def models_to_measure(con: duckdb.DuckDBPyConnection, specs: list[MeasureSpec],
                       where: str | None, recompute: bool,
-                      model_ids: list[str] | None = None) -> pl.DataFrame:
-    """model_id, dataset, and the list of measures to compute for each."""
+                      model_ids: list[str] | None = None,
+                      settings: Settings | None = None) -> pl.DataFrame:
+    """model_id, dataset, and the list of measures to compute for each: those
+    missing, and those stored with settings that differ from `settings`."""
     from fgm.analysis.predicate import model_ids_where
     from fgm.analysis.sql import create_hp_wide
     sql = ("SELECT m.model_id, m.dataset FROM models AS m WHERE model_id IN "
@@ -65,7 +82,12 @@ def models_to_measure(con: duckdb.DuckDBPyConnection, specs: list[MeasureSpec],
     models = con.sql(sql + " ORDER BY model_id", params=params).pl()
     if model_ids is not None:
         models = models.filter(pl.col("model_id").is_in(model_ids))
-    done = con.sql("SELECT model_id, measure FROM measures WHERE status <> 'missing'").pl()
+    done = con.sql("SELECT model_id, measure, params FROM measures "
+                   "WHERE status <> 'missing'").pl()
+    if settings is not None and done.height:
+        fresh = [not _stale(p, settings) for p in done["params"].to_list()]
+        done = done.filter(pl.Series(fresh, dtype=pl.Boolean))
+    done = done.select("model_id", "measure")
     names = [s.name for s in specs]
     todo = models.join(pl.DataFrame({"measure": names}), how="cross")
     if not recompute:
@@ -130,7 +152,7 @@ def measure_models(con: duckdb.DuckDBPyConnection, *, pattern: str = "*",
     device = device or torch.device("cpu")
     settings = settings or Settings()
     mirror_definitions(con)
-    todo = models_to_measure(con, specs, where, recompute, model_ids)
+    todo = models_to_measure(con, specs, where, recompute, model_ids, settings)
     by_name = {s.name: s for s in specs}
     report, start, datasets = JobReport(), time.perf_counter(), {}
     version = code_version()

@@ -138,3 +138,20 @@ def test_a_rerun_fills_measures_that_a_killed_run_left_missing(grid_db, grid_fil
     assert "0 to train" in out.output
     assert "computed 4 missing measures of 2 finished models" in out.output
     assert len(values(db)) == len(values(grid_db))
+
+
+def test_a_changed_setting_recomputes_only_the_measures_it_affects(grid_db):
+    """--spectral exact after an FFT run: the spectral family is computed again
+    (README: fgm-measure --spectral exact), everything else is left as it was."""
+    before = {(m, n): (v, p) for m, n, v, _, _, p in values(grid_db)}
+    out = CliRunner().invoke(measure_cli, ["--db", str(grid_db), "--device", "cpu",
+                                           "--spectral", "exact", "--measures", "*spec*,path_norm"])
+    assert out.exit_code == 0, out.output
+    after = {(m, n): (v, p) for m, n, v, _, _, p in values(grid_db)}
+    spectral = {k for k in after if json.loads(after[k][1]).get("spectral") is not None}
+    assert spectral and all(json.loads(after[k][1])["spectral"] == "exact" for k in spectral)
+    assert all(json.loads(before[k][1])["spectral"] == "fft" for k in spectral)
+    assert all(after[k] == before[k] for k in after if k not in spectral)   # path_norm too
+    again = CliRunner().invoke(measure_cli, ["--db", str(grid_db), "--device", "cpu",
+                                             "--spectral", "exact", "--measures", "*spec*"])
+    assert again.exit_code == 0 and again.output.startswith("0 models")

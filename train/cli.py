@@ -17,7 +17,7 @@ from fgm.warehouse.ids import model_id_for
 
 from .bundle import clean_stale, is_complete, write_bundle
 from .data import load_dataset
-from .grid import AXES, Config, load_grid, override, preset_names
+from .grid import AXES, MAX_MODELS, Config, load_grid, override, preset_names
 from .loop import train_one
 
 
@@ -72,10 +72,13 @@ def main() -> None:
 @click.option("--no-ingest", is_flag=True, help="Write bundles only; ingest them later.")
 @click.option("--no-measures", is_flag=True,
               help="Do not compute the complexity measures of each finished model.")
+@click.option("--yes", is_flag=True,
+              help=f"Train a grid of more than {MAX_MODELS:,} models (configurations "
+                   f"times seeds); without it such a grid is refused.")
 @db_option
 @friendly_errors
 def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, device,
-         no_ingest, no_measures, db):
+         no_ingest, no_measures, yes, db):
     """Train every configuration of a grid that is not finished yet."""
     if preset and grid_file:
         raise FgmError("give --preset or --grid, not both")
@@ -89,12 +92,14 @@ def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, 
     except ValueError:
         raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2",
                                  param_hint="--seeds") from None
+    g.check_size(len(seed_list), None if yes else MAX_MODELS)
     dev = resolve_device(device)
     console = Console(stderr=True)
     stale = clean_stale(out)
     if stale:
         console.print(f"removed {len(stale)} unfinished bundle(s) left by an interrupted run")
-    jobs = [(c, s, model_id_for(c.hash, g.dataset, s)) for s in seed_list for c in g.configs()]
+    configs = g.configs(limit=None)
+    jobs = [(c, s, model_id_for(c.hash, g.dataset, s)) for s in seed_list for c in configs]
     todo = [j for j in jobs if not is_complete(out, j[2])]
     console.print(f"grid {g.name!r} on {g.dataset}: {len(jobs)} models, "
                   f"{len(jobs) - len(todo)} already finished, {len(todo)} to train on {dev}")
