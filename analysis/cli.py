@@ -32,14 +32,20 @@ def main() -> None:
 
 
 class _readonly:
-    """The warehouse opened read-only, with the per-axis view hp_wide."""
+    """The warehouse opened read-only, with the per-axis view hp_wide, and locked
+    down: no file access beyond the warehouse, no setting changed after this."""
 
-    def __init__(self, db: str | None):
-        self.db = db
+    def __init__(self, db: str | None, memory_limit: str | None = None):
+        self.db, self.memory_limit = db, memory_limit
 
     def __enter__(self):
         self.con = connect(self.db, read_only=True)
-        create_hp_wide(self.con)
+        try:
+            create_hp_wide(self.con)
+            lock_down(self.con, memory_limit=self.memory_limit)
+        except BaseException:
+            self.con.close()
+            raise
         return self.con
 
     def __exit__(self, *exc):
@@ -60,8 +66,7 @@ def sql(query: str, timeout: float, memory_limit: str, db: str | None, fmt: str)
     """Run a SELECT on the warehouse. Tables: models, hyperparameters, outcomes,
     measures, traces, checkpoints, sweeps; views: model_measures, model_outcomes,
     model_levels, measure_summary, hp_wide (a column per axis)."""
-    with _readonly(db) as con:
-        lock_down(con, memory_limit=memory_limit)
+    with _readonly(db, memory_limit=memory_limit) as con:
         emit_frame(run_readonly(con, query, timeout=timeout or None), fmt)
 
 
