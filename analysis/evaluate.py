@@ -42,6 +42,7 @@ class Selection:
     sweep: str | None = None
     all_models: bool = False
     pool_seeds: bool = False
+    relevel: bool = False
 
 
 @dataclass
@@ -114,6 +115,7 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
     axes = sorted(seen.values())
     hp = hp.filter(pl.col("axis").is_in(axes))
     ids = models["model_id"]
+    hp = _consistent_levels(con, hp, sel)
     # an axis with one level in this selection ranks nothing: it takes no part in
     # ψ, the CMI sets or the tables, and is reported once as constant
     spread = hp.group_by("axis").agg(pl.col("level").n_unique().alias("k"),
@@ -133,6 +135,42 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
                   hp.drop("level"), models["seed"].to_numpy().astype(np.int64),
                   models["test_size"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
                   dict(sorted(constant.items())))
+
+
+def _consistent_levels(con: duckdb.DuckDBPyConnection, hp: pl.DataFrame,
+                       sel: Selection) -> pl.DataFrame:
+    """Levels must mean the same thing across everything evaluated together. Two grids
+    in one warehouse may give one value different levels (depth 4 is level 2 of
+    [2, 3, 4] and level 0 of [4, 8]); pooled blindly, ψ would compare unlike with
+    unlike. That is an error naming the axis and the sweeps, unless sel.relevel: then
+    each such axis is ranked afresh by value across the selection."""
+    clash = (hp.group_by("axis", "value_text").agg(pl.col("level").unique().sort())
+             .filter(pl.col("level").list.len() > 1).sort("axis", "value_text"))
+    if clash.height == 0:
+        return hp
+    if sel.relevel:
+        axes = clash["axis"].unique().to_list()
+        fresh = (hp.filter(pl.col("axis").is_in(axes))
+                 .with_columns(pl.when(pl.col("value_num").is_not_null())
+                               .then(pl.col("value_num").rank("dense").over("axis"))
+                               .otherwise(pl.col("value_text").rank("dense").over("axis"))
+                               .sub(1).cast(hp.schema["level"]).alias("level")))
+        return pl.concat([hp.filter(~pl.col("axis").is_in(axes)), fresh.select(hp.columns)])
+    r = clash.row(0, named=True)
+    con.register("_clash", hp.filter((pl.col("axis") == r["axis"])
+                                     & (pl.col("value_text") == r["value_text"])))
+    try:
+        sweeps = [s for (s,) in con.execute(
+            "SELECT DISTINCT coalesce(o.sweep, o.sweep_id) FROM _clash AS c "
+            "JOIN model_outcomes AS o USING (model_id) ORDER BY 1").fetchall()]
+    finally:
+        con.unregister("_clash")
+    return_levels = ", ".join(str(v) for v in r["level"])
+    raise FgmError(
+        f"the selected models disagree on what the levels of {r['axis']!r} mean: "
+        f"{r['axis']} = {r['value_text']} has levels {return_levels} in sweeps "
+        f"{', '.join(map(repr, sweeps))}. Evaluate one sweep at a time (--sweep NAME), or "
+        "pass --relevel to rank each such axis afresh by value across the selection")
 
 
 def _empty_selection(con: duckdb.DuckDBPyConnection, sel: Selection) -> FgmError:

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import stat
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +31,9 @@ import polars as pl
 from safetensors import safe_open
 
 from fgm.train.bundle import FORMAT, FORMAT_VERSION, ROLES, sha256_file
-from fgm.warehouse import FgmError, InputError, WarehouseLocked, code_version, connect, transaction
-from fgm.warehouse.ids import config_hash, model_id_for
+from fgm.warehouse import FgmError, InputError, code_version, transaction
+from fgm.warehouse.ids import config_hash, model_id_for, training_hash
+from fgm.warehouse.store import Warehouse, writer
 from fgm.warehouse.upsert import upsert
 
 from .table import sweep_id_for
@@ -237,11 +237,15 @@ def check_manifest(manifest: object, path: Path) -> dict:
         raise s.fail("config_hash", f"{manifest['config_hash']!r} is not the hash of the "
                      f"manifest's hyperparameters ({expected_hash!r}): the manifest was "
                      "edited or is corrupt")
-    expected_id = model_id_for(expected_hash, dataset["name"], int(manifest["seed"]))
+    # format 2 on: the id includes the training settings (format 1 bundles predate it)
+    training = (training_hash(manifest.get("train") or {})
+                if manifest.get("format_version", 1) >= 2 else None)
+    expected_id = model_id_for(expected_hash, dataset["name"], int(manifest["seed"]), training)
     if manifest["model_id"] != expected_id:
         raise s.fail("model_id", f"{manifest['model_id']!r} is not the model_id of this "
-                     f"configuration, dataset {dataset['name']!r} and seed {manifest['seed']} "
-                     f"({expected_id!r}): the manifest was edited or is corrupt")
+                     f"configuration, dataset {dataset['name']!r}, seed {manifest['seed']} "
+                     f"and training settings ({expected_id!r}): the manifest was edited or "
+                     "is corrupt")
     return manifest
 
 
@@ -543,30 +547,6 @@ def _reason(exc: BaseException) -> str:
     return f"unexpected error, {type(exc).__name__}: {exc}"
 
 
-Warehouse = str | os.PathLike | None | duckdb.DuckDBPyConnection | Callable[
-    [], duckdb.DuckDBPyConnection]
-
-
-def _writer(db: Warehouse, lock_wait: float):
-    """(open, close) for one bundle's write. A connection given is used as it is and
-    left open; a path (or None: $FGM_DB / ./fgm.duckdb) or a factory is opened per write,
-    waiting up to `lock_wait` seconds for a reader or writer that holds the file."""
-    if isinstance(db, duckdb.DuckDBPyConnection):
-        return (lambda: db), (lambda con: None)
-    factory = db if callable(db) else (lambda: connect(db))
-
-    def open_() -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + lock_wait
-        while True:
-            try:
-                return factory()
-            except WarehouseLocked:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.1)
-    return open_, (lambda con: con.close())
-
-
 def ingest_tree(db: Warehouse, root: Path, *, replace: bool = False,
                 progress: Callable[[Path], None] | None = None,
                 lock_wait: float = 10.0) -> TreeReport:
@@ -616,7 +596,7 @@ def ingest_tree(db: Warehouse, root: Path, *, replace: bool = False,
         if progress:
             progress(p.path)
 
-    open_, close = _writer(db, lock_wait)
+    open_, close = writer(db, lock_wait)
     for i, p in enumerate(todo):
         try:
             con = open_()

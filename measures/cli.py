@@ -48,19 +48,17 @@ def main(pattern, where, recompute, data_root, device, spectral, seed, list_only
     from fgm.train.cli import resolve_device
     dev = resolve_device(device)
     console = Console(stderr=True)
-    con = connect(db, create=False)   # measures are of models a warehouse already holds
-    try:
-        columns = [TextColumn("measures"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[model]}")]
-        with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-            task = bar.add_task("measures", total=None, model="")
+    connect(db, create=False).close()   # measures are of models a warehouse already holds
+    columns = [TextColumn("measures"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[model]}")]
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("measures", total=None, model="")
 
-            def progress(model_id, i, n):
-                bar.update(task, total=n, completed=i - 1, model=model_id)
-            report = measure_models(con, pattern=pattern, where=where, recompute=recompute,
-                                    data_root=data_root, device=dev,
-                                    settings=Settings(seed=seed, spectral=spectral),
-                                    progress=progress)
-    finally:
-        con.close()
+        def progress(model_id, i, n):
+            bar.update(task, total=n, completed=i - 1, model=model_id)
+        # the warehouse is opened per model, to read its inputs and to write its values
+        report = measure_models(db, pattern=pattern, where=where, recompute=recompute,
+                                data_root=data_root, device=dev,
+                                settings=Settings(seed=seed, spectral=spectral),
+                                progress=progress)
     click.echo(str(report))

@@ -25,6 +25,7 @@ from fgm.train.bundle import sha256_file
 from fgm.train.data import Data, load_dataset
 from fgm.train.nin import NiN
 from fgm.warehouse import FgmError, code_version, transaction
+from fgm.warehouse.store import Warehouse, briefly
 from fgm.warehouse.upsert import upsert
 
 from .context import Context, Settings
@@ -107,21 +108,34 @@ def _load_net(path: str, sha: str, hp: dict, data: Data) -> NiN:
     return model
 
 
-def build_context(con, model_id: str, data: Data, settings: Settings,
-                  device: torch.device) -> Context:
+@dataclass
+class ModelInputs:
+    """What the warehouse says about one model: enough to rebuild it without it."""
+    hp: dict[str, str]
+    checkpoints: dict[str, tuple[str, str]]   # role -> (path, sha256)
+    trace: pl.DataFrame
+
+
+def model_inputs(con: duckdb.DuckDBPyConnection, model_id: str) -> ModelInputs:
     hp = dict(con.sql("SELECT axis, coalesce(CAST(value_num AS VARCHAR), value_text) "
                       "FROM hyperparameters WHERE model_id = ?", params=[model_id]).fetchall())
     ck = {r: (p, s) for r, p, s in con.sql(
         "SELECT role, path, sha256 FROM checkpoints WHERE model_id = ?",
         params=[model_id]).fetchall()}
-    nets = {role: _load_net(*ck[role], hp, data).to(device) for role in ck}
     trace = con.sql("SELECT step, train_loss FROM traces WHERE model_id = ? ORDER BY step",
                     params=[model_id]).pl()
+    return ModelInputs(hp, ck, trace)
+
+
+def build_context(inputs: ModelInputs, data: Data, settings: Settings,
+                  device: torch.device) -> Context:
+    ck = inputs.checkpoints
+    nets = {role: _load_net(*ck[role], inputs.hp, data).to(device) for role in ck}
     manifest = Path(ck["final"][0]).parent / "manifest.json"
     outcome = json.loads(manifest.read_text()).get("outcome", {}) if manifest.is_file() else {}
     return Context.from_models(nets["final"], data.x_train, data.y_train, data.num_classes,
-                               init=nets.get("init"), epoch1=nets.get("epoch1"), trace=trace,
-                               outcome=outcome, settings=settings)
+                               init=nets.get("init"), epoch1=nets.get("epoch1"),
+                               trace=inputs.trace, outcome=outcome, settings=settings)
 
 
 def run_one(spec: MeasureSpec, ctx: Context) -> tuple[float | None, str, str | None, dict]:
@@ -139,20 +153,25 @@ def run_one(spec: MeasureSpec, ctx: Context) -> tuple[float | None, str, str | N
                                f"{where.lineno})", {}
 
 
-def measure_models(con: duckdb.DuckDBPyConnection, *, pattern: str = "*",
+def measure_models(db: Warehouse, *, pattern: str = "*",
                    where: str | None = None, recompute: bool = False,
                    model_ids: list[str] | None = None,
                    data_root: Path | None = None, device: torch.device | None = None,
                    settings: Settings | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> JobReport:
+    """Compute what the warehouse lacks. `db`: a path, a connection factory or an open
+    connection (warehouse.store.Warehouse). Given a path or a factory, the warehouse
+    is opened only to read a model's inputs and to write its values, never while a
+    measure computes, so readers are locked out for those moments only."""
     specs = list_measures(pattern)
     if not specs:
         names = ", ".join(s.name for s in list_measures())
         raise FgmError(f"no measure matches {pattern!r}; measures: {names}")
     device = device or torch.device("cpu")
     settings = settings or Settings()
-    mirror_definitions(con)
-    todo = models_to_measure(con, specs, where, recompute, model_ids, settings)
+    with briefly(db) as con:
+        mirror_definitions(con)
+        todo = models_to_measure(con, specs, where, recompute, model_ids, settings)
     by_name = {s.name: s for s in specs}
     report, start, datasets = JobReport(), time.perf_counter(), {}
     version = code_version()
@@ -161,9 +180,11 @@ def measure_models(con: duckdb.DuckDBPyConnection, *, pattern: str = "*",
         if progress:
             progress(mid, i, todo.height)
         try:
+            with briefly(db) as con:
+                inputs = model_inputs(con, mid)
             if row["dataset"] not in datasets:
                 datasets[row["dataset"]] = load_dataset(row["dataset"], data_root).to(device)
-            ctx = build_context(con, mid, datasets[row["dataset"]], settings, device)
+            ctx = build_context(inputs, datasets[row["dataset"]], settings, device)
         except (FgmError, OSError, ValueError, KeyError, RuntimeError) as exc:
             report.skipped.append((mid, str(exc)))
             continue
@@ -176,10 +197,9 @@ def measure_models(con: duckdb.DuckDBPyConnection, *, pattern: str = "*",
                          "code_version": version})
             if status == "failed":
                 report.failed.append((mid, name, error))
-        with transaction(con):
-            upsert(con, "measures", pl.DataFrame(rows, schema_overrides={"value": pl.Float64,
-                                                                           "error": pl.String}),
-                   ["model_id", "measure"], ignore=("computed_at",))
+        frame = pl.DataFrame(rows, schema_overrides={"value": pl.Float64, "error": pl.String})
+        with briefly(db) as con, transaction(con):
+            upsert(con, "measures", frame, ["model_id", "measure"], ignore=("computed_at",))
         report.models += 1
         report.values += sum(r["status"] == "ok" for r in rows)
     report.seconds = time.perf_counter() - start

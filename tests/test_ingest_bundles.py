@@ -23,7 +23,7 @@ from fgm.train.cli import manifest_for
 from fgm.train.grid import Config, Grid
 from fgm.train.nin import NiN
 from fgm.warehouse import connect
-from fgm.warehouse.ids import model_id_for
+from fgm.warehouse.ids import model_id_for, training_hash
 
 VALUES = {"width": 4, "depth": 1, "dropout": 0.0, "batch_size": 32, "optimizer": "adam",
           "learning_rate": 0.001, "weight_decay": 0.0}
@@ -52,7 +52,8 @@ def make_bundle(out: Path, *, values: dict = VALUES, seed: int = 0,
     states = {role: NiN(1, 10, 4, 1).state_dict() for role in ("init", "epoch1", "final")}
     trace = [{"step": 10 * i, "epoch": i / 4, "train_loss": 1 / i, "lr": 1e-3,
               "seconds": 0.1 * i} for i in range(1, 5)]
-    return write_bundle(out, model_id_for(config.hash, dataset, seed), manifest, states, trace)
+    mid = model_id_for(config.hash, dataset, seed, training_hash(manifest["train"]))
+    return write_bundle(out, mid, manifest, states, trace)
 
 
 def edit(bundle: Path, change) -> None:
@@ -345,8 +346,10 @@ TAMPERED = {
                         "hyperparameters"),
     "an axis renamed": (_hp(6, axis="decay"), "config_hash", "is not the hash"),
     "the seed changed": (lambda m: m.update(seed=9), "model_id",
-                         "is not the model_id of this configuration, dataset 'digits' and "
-                         "seed 9"),
+                         "is not the model_id of this configuration, dataset 'digits', "
+                         "seed 9 and training settings"),
+    "the training settings changed": (lambda m: m["train"].update(stop_cross_entropy=0.1),
+                                      "model_id", "is not the model_id"),
     "the dataset changed": (lambda m: m["dataset"].update(name="svhn"), "model_id",
                             "is not the model_id"),
     "the model_id changed": (lambda m: m.update(model_id="0123456789abcdef"), "model_id",

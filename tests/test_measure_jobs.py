@@ -155,3 +155,27 @@ def test_a_changed_setting_recomputes_only_the_measures_it_affects(grid_db):
     again = CliRunner().invoke(measure_cli, ["--db", str(grid_db), "--device", "cpu",
                                              "--spectral", "exact", "--measures", "*spec*"])
     assert again.exit_code == 0 and again.output.startswith("0 models")
+
+
+def test_readers_get_in_while_a_measure_computes(grid_db, monkeypatch, tmp_path):
+    """The warehouse is open only to read a model's inputs and to write its values:
+    while a measure runs, another process can open it (fgm-query, say)."""
+    import shutil
+    import subprocess
+    import sys
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(grid_db, db)
+    opened = []
+
+    def a_reader_gets_in(ctx):
+        probe = subprocess.run([sys.executable, "-c", "import duckdb, sys; "
+                                f"duckdb.connect({str(db)!r}, read_only=True).close()"],
+                               capture_output=True, text=True, timeout=120)
+        opened.append(probe.returncode == 0)
+        return 1.0
+    spec = REGISTRY["param_norm"]
+    monkeypatch.setitem(REGISTRY, "param_norm", spec.__class__(
+        spec.name, spec.eq, spec.family, spec.needs, a_reader_gets_in, spec.description))
+    from fgm.measures.runner import measure_models
+    job = measure_models(db, pattern="param_norm", recompute=True)
+    assert job.models == 2 and opened == [True, True]

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from fgm.warehouse import FgmError
 
 FORMAT = "fgm-run-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: model_id includes the training settings (warehouse/ids.py)
 ROLES = ("init", "epoch1", "final")
 
 

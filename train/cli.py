@@ -11,9 +11,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fgm.warehouse import FgmError, code_version, connect
+from fgm.warehouse import FgmError, code_version
 from fgm.warehouse.cli import db_option, friendly_errors
-from fgm.warehouse.ids import model_id_for
+from fgm.warehouse.ids import model_id_for, training_hash
+from fgm.warehouse.store import briefly
 
 from .bundle import clean_stale, is_complete, write_bundle
 from .data import load_dataset
@@ -99,7 +100,9 @@ def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, 
     if stale:
         console.print(f"removed {len(stale)} unfinished bundle(s) left by an interrupted run")
     configs = g.configs(limit=None)
-    jobs = [(c, s, model_id_for(c.hash, g.dataset, s)) for s in seed_list for c in configs]
+    training = training_hash(g.train)
+    jobs = [(c, s, model_id_for(c.hash, g.dataset, s, training))
+            for s in seed_list for c in configs]
     todo = [j for j in jobs if not is_complete(out, j[2])]
     console.print(f"grid {g.name!r} on {g.dataset}: {len(jobs)} models, "
                   f"{len(jobs) - len(todo)} already finished, {len(todo)} to train on {dev}")
@@ -118,33 +121,45 @@ def _ingest_finished(out: Path, model_ids: list[str], db, console: Console) -> N
     """Bundles finished earlier but not in the warehouse (a run killed between the two)."""
     if not model_ids:
         return
-    from fgm.ingest.bundles import ingest_bundle
-    con = connect(db)
-    try:
+    from fgm.ingest.bundles import prepare_bundle, store_bundle
+    with briefly(db) as con:
         known = {r[0] for r in con.sql("SELECT DISTINCT model_id FROM checkpoints").fetchall()}
-        missing = [m for m in model_ids if m not in known]
-        for m in missing:
-            ingest_bundle(con, out / m)
-    finally:
-        con.close()
+    missing = [m for m in model_ids if m not in known]
+    for m in missing:
+        prepared = prepare_bundle(out / m)      # checked with the warehouse closed
+        with briefly(db) as con:
+            store_bundle(con, prepared)
     if missing:
         console.print(f"ingested {len(missing)} finished bundle(s) the warehouse lacked")
 
 
 def _measure_finished(model_ids: list[str], db, data_root, dev, console: Console) -> None:
     from fgm.measures.runner import measure_models
-    con = connect(db)
-    try:
-        job = measure_models(con, model_ids=model_ids, data_root=data_root, device=dev)
-    finally:
-        con.close()
+    job = measure_models(db, model_ids=model_ids, data_root=data_root, device=dev)
     if job.models:
         console.print(f"computed {job.values} missing measures of {job.models} finished models")
 
 
+def _measure_summary(db, model_id: str) -> str:
+    """', 38 of 40 measures (steps_0.1_to_0.01_loss, ...: not available)': every
+    registered measure counted, whichever step stored it (ingest or fgm-measure)."""
+    from fgm.measures import list_measures
+    with briefly(db) as con:
+        rows = con.execute("SELECT measure, status FROM measures WHERE model_id = ?",
+                           [model_id]).fetchall()
+    registered = {s.name for s in list_measures()}
+    ok = sorted(m for m, status in rows if status == "ok" and m in registered)
+    missing = sorted(registered - set(ok))
+    text = f", {len(ok)} of {len(registered)} measures"
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        text += f" ({shown}: not available; fgm-query measures says why)"
+    return text
+
+
 def _run(g, todo, data, dev, out, db, no_ingest, no_measures, console: Console,
          data_root) -> None:
-    from fgm.ingest.bundles import ingest_bundle
+    from fgm.ingest.bundles import prepare_bundle, store_bundle
     from fgm.measures.runner import measure_models
     failures = 0
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -164,17 +179,14 @@ def _run(g, todo, data, dev, out, db, no_ingest, no_measures, console: Console,
                                   result.trace)
             measured = ""
             if not no_ingest:
-                con = connect(db)   # held only while writing, so readers are not locked out
-                try:
-                    ingest_bundle(con, bundle)
-                    if not no_measures:
-                        bar.update(task, status=f"{_short(config)}  measures")
-                        job = measure_models(con, model_ids=[mid], data_root=data_root,
-                                             device=dev)
-                        measured = (f", {job.values} measures"
-                                    + (f" ({len(job.failed)} failed)" if job.failed else ""))
-                finally:
-                    con.close()
+                # the warehouse is open only while a write runs, so readers get in between
+                prepared = prepare_bundle(bundle)
+                with briefly(db) as con:
+                    store_bundle(con, prepared)
+                if not no_measures:
+                    bar.update(task, status=f"{_short(config)}  measures")
+                    measure_models(db, model_ids=[mid], data_root=data_root, device=dev)
+                    measured = _measure_summary(db, mid)
             o = result.outcome
             failures += not o["converged"]
             line = (f"[{i}/{len(todo)}] {_short(config)} seed {seed}: "

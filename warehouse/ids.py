@@ -25,5 +25,20 @@ def config_hash(values: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
 
 
-def model_id_for(config: str, dataset: str, seed: int) -> str:
-    return hashlib.sha256(f"{config}|{dataset}|{int(seed)}".encode()).hexdigest()[:16]
+# Training settings that change only what is logged, never the weights.
+LOGGING_ONLY = frozenset({"trace_every"})
+
+
+def training_hash(train: dict[str, object]) -> str:
+    """sha256 of the canonical JSON of the training settings that shape the weights
+    (stop rule, step budget, learning-rate drops, ...): two grids that train one
+    configuration differently train two different models."""
+    canon = {k: v for k, v in train.items() if k not in LOGGING_ONLY}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_id_for(config: str, dataset: str, seed: int, training: str | None = None) -> str:
+    """The model's id: its configuration, dataset and seed, and for a model trained by
+    fgm the hash of its training settings (results tables carry none)."""
+    key = f"{config}|{dataset}|{int(seed)}" + (f"|{training}" if training else "")
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

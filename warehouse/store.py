@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -192,3 +193,41 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
             raise FgmError(f"the warehouse could not be written ({str(exc).strip()}); the "
                            "transaction was rolled back and nothing was written") from None
         raise
+
+
+# A warehouse as the writers take it: a path (None: $FGM_DB, else ./fgm.duckdb),
+# a function that opens a writing connection, or an open connection.
+Warehouse = str | os.PathLike | None | duckdb.DuckDBPyConnection | Callable[
+    [], duckdb.DuckDBPyConnection]
+
+
+def writer(db: Warehouse, lock_wait: float = 10.0):
+    """(open, close) for one short write. A connection given is used as it is and
+    left open; a path or a factory is opened per write, waiting up to `lock_wait`
+    seconds for a reader or writer that holds the file."""
+    if isinstance(db, duckdb.DuckDBPyConnection):
+        return (lambda: db), (lambda con: None)
+    factory = db if callable(db) else (lambda: connect(db))
+
+    def open_() -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + lock_wait
+        while True:
+            try:
+                return factory()
+            except WarehouseLocked:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+    return open_, (lambda con: con.close())
+
+
+@contextmanager
+def briefly(db: Warehouse, lock_wait: float = 10.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The warehouse open for one short piece of work, then closed again, so that
+    readers are locked out only while it runs."""
+    open_, close = writer(db, lock_wait)
+    con = open_()
+    try:
+        yield con
+    finally:
+        close(con)

@@ -1,0 +1,80 @@
+"""One warehouse, many grids: a second grid never overwrites the first one's models,
+and grids whose levels disagree are evaluated apart unless pooled on purpose."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fgm.analysis.cli import main as query
+from fgm.train.cli import main as train_cli
+from fgm.warehouse import connect
+
+GRID = """
+name = "{name}"
+dataset = "digits"
+[axes]
+width = [24]
+depth = {depth}
+dropout = [0.0]
+batch_size = [128]
+optimizer = ["adam"]
+learning_rate = [1e-3]
+weight_decay = [0.0]
+[train]
+max_steps = {steps}
+lr_drop_steps = [1000]
+estimate_batches = 5
+trace_every = 10
+"""
+
+
+@pytest.fixture(scope="module")
+def two_grids(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grids")
+    db = root / "w.duckdb"
+    for name, depth, steps in (("first", [2, 3], 40), ("second", [3, 4], 50)):
+        path = root / f"{name}.toml"
+        path.write_text(GRID.format(name=name, depth=depth, steps=steps))
+        out = CliRunner().invoke(train_cli, ["grid", "--grid", str(path), "--out",
+                                             str(root / "runs"), "--db", str(db),
+                                             "--device", "cpu", "--no-measures"])
+        assert out.exit_code == 0, out.output
+        if name == "first":
+            con = connect(db, read_only=True)
+            first = con.sql("SELECT * FROM model_outcomes ORDER BY model_id").fetchall()
+            con.close()
+    return db, first
+
+
+def test_the_second_grid_adds_models_and_changes_none_of_the_first(two_grids):
+    db, first = two_grids
+    con = connect(db, read_only=True)
+    rows = con.sql("SELECT * FROM model_outcomes ORDER BY model_id").fetchall()
+    depth3 = con.sql("SELECT o.sweep, count(*) FROM model_outcomes AS o JOIN hyperparameters "
+                     "AS h USING (model_id) WHERE h.axis = 'depth' AND h.value_num = 3 "
+                     "GROUP BY ALL ORDER BY 1").fetchall()
+    con.close()
+    assert len(rows) == 4
+    assert set(first) <= set(rows)          # the first grid's models, untouched
+    # width 24, depth 3 is in both grids, trained with other settings: two models
+    assert depth3 == [("first/digits", 1), ("second/digits", 1)]
+
+
+def test_grids_whose_levels_disagree_are_evaluated_apart(two_grids):
+    db, _ = two_grids
+    mixed = CliRunner().invoke(query, ["psi", "-m", "cross_entropy", "--all-models",
+                                       "--db", str(db)])
+    assert mixed.exit_code == 1
+    assert "'depth'" in mixed.output and "first/digits" in mixed.output
+    assert "second/digits" in mixed.output and "--sweep" in mixed.output
+    for sweep in ("first/digits", "second/digits"):
+        one = CliRunner().invoke(query, ["psi", "-m", "cross_entropy", "--all-models",
+                                         "--sweep", sweep, "--db", str(db), "--format", "json"])
+        assert one.exit_code == 0, one.output
+        assert json.loads(one.output)["n_models"] == 2
+    pooled = CliRunner().invoke(query, ["psi", "-m", "cross_entropy", "--all-models",
+                                        "--relevel", "--db", str(db), "--format", "json"])
+    assert pooled.exit_code == 0, pooled.output
+    res = json.loads(pooled.output)
+    assert res["n_models"] == 4 and set(res["psi"]) == {"depth"}
