@@ -38,25 +38,42 @@ def histogram(outcomes: pl.DataFrame, column: str, title: str, log: bool = False
     ).properties(width=WIDTH // 2 + 40, height=200, title=title)
 
 
+# The paper's names for Table 6's columns (fgm's JSON keys are s0, s1, s2).
+COLUMN_LABELS = {"s0": "|S| = 0", "s1": "min |S| = 1", "s2": "min |S| = 2"}
+
+
+def ink(value: pl.Expr, diverging: bool) -> pl.Expr:
+    """White text on the dark cells of the colour scale, black on the light ones:
+    red-blue is dark at both ends (|τ| ≥ 0.5), viridis at its low end."""
+    dark = value.abs() >= 0.5 if diverging else value <= 0.55
+    return pl.when(dark).then(pl.lit("white")).otherwise(pl.lit("black"))
+
+
 def heatmap(table: pl.DataFrame, columns: list[str], title: str, *,
             diverging: bool) -> alt.Chart:
     """A table's shape as a heatmap: one row per measure, one column per quantity."""
     columns = [c for c in columns if table[c].null_count() < table.height]  # drop empty ones
-    long = (table.select(["measure", *columns])
+    names = [COLUMN_LABELS.get(c, c) for c in columns]
+    long = (table.select(["measure", *columns]).rename(dict(zip(columns, names, strict=True)))
             .unpivot(index="measure", variable_name="column", value_name="value")
             .drop_nulls("value")
-            .with_columns(pl.col("value").round(3).alias("label")))
+            .with_columns(pl.col("value").round(3).alias("label"),
+                          ink(pl.col("value"), diverging).alias("ink")))
     scale = (alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True) if diverging
              else alt.Scale(scheme="viridis", domain=[0, 1]))
     order = table["measure"].to_list()
     base = alt.Chart(long).encode(
-        x=alt.X("column:N", sort=columns, title=None, axis=alt.Axis(labelAngle=-40,
-                                                                   orient="top")),
+        x=alt.X("column:N", sort=names, title=None, axis=alt.Axis(labelAngle=-40,
+                                                                 orient="top")),
         y=alt.Y("measure:N", sort=order, title=None))
     cells = base.mark_rect().encode(
         color=alt.Color("value:Q", scale=scale, title="τ" if diverging else "CMI"),
         tooltip=["measure", "column", "value"])
-    text = base.mark_text(fontSize=9).encode(text=alt.Text("label:Q", format=".2f"))
+    text = base.mark_text(fontSize=9).encode(text=alt.Text("label:Q", format=".2f"),
+                                             color=alt.Color("ink:N", legend=None,
+                                                             scale=alt.Scale(
+                                                                 domain=["black", "white"],
+                                                                 range=["black", "white"])))
     return (cells + text).properties(width=60 * len(columns), height=16 * len(order),
                                      title=title)
 

@@ -4,6 +4,8 @@ and an SVG of every chart."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import html
 import json
 from datetime import datetime
@@ -65,21 +67,41 @@ def level_order(hp: pl.DataFrame, axis: str) -> list[str]:
 
 
 def _table_html(frame: pl.DataFrame) -> str:
+    """The table in a box that scrolls sideways when it is wider than the page; the
+    paper's column names (|S| = 0 ...), and no column that is empty throughout."""
+    frame = frame.select([c for c in frame.columns if frame[c].null_count() < frame.height])
+
     def cell(v):
         if v is None:
             return ""
         return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    head = "".join(f"<th>{html.escape(charts.COLUMN_LABELS.get(c, c))}</th>"
+                   for c in frame.columns)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
                    for row in frame.iter_rows())
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def _selection_html(sel: Selection, models) -> str:
+    """What the page is about: the filters given, and the axes left out."""
+    parts = [f"<code>--{k} {html.escape(repr(v))}</code>"
+             for k, v in (("where", sel.where), ("dataset", sel.dataset), ("sweep", sel.sweep))
+             if v is not None]
+    text = ("Models selected by " + ", ".join(parts) + "." if parts
+            else "All models of the warehouse.")
+    if models.constant:
+        text += (" Constant in this selection, so left out of every table: "
+                 + ", ".join(f"{html.escape(a)} = {html.escape(str(v))}"
+                             for a, v in models.constant.items()) + ".")
+    return text
 
 
 def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | None = None, *,
                  draws: int = 10, color: str | None = None) -> Path:
     sel = sel or Selection()
     out.mkdir(parents=True, exist_ok=True)
-    every = select_models(con, Selection(sel.where, sel.dataset, sel.sweep, all_models=True))
+    every = select_models(con, dataclasses.replace(sel, all_models=True))
     ids = every.ids.tolist()
     outcomes = con.sql("SELECT * FROM model_outcomes").pl().filter(pl.col("model_id").is_in(ids))
     hp = _hp_frame(con, ids)
@@ -88,9 +110,15 @@ def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | Non
     sections: list[tuple[str, str, alt.TopLevelMixin | None, str]] = []
     sections.append(("fig1_converged", "Figure 1: models that fit the training set",
                      charts.converged_per_level(shown), ""))
-    sections.append(("fig1_cross_entropy", "Figure 1: final training cross-entropy",
-                     charts.histogram(outcomes, "train_loss",
-                                      "Final training cross-entropy", log=True), ""))
+    if outcomes.filter(pl.col("train_loss") > 0).height:
+        sections.append(("fig1_cross_entropy", "Figure 1: final training cross-entropy",
+                         charts.histogram(outcomes, "train_loss",
+                                          "Final training cross-entropy", log=True), ""))
+    else:
+        sections.append(("fig1_cross_entropy", "Figure 1: final training cross-entropy",
+                         None, "<p class='note'>No panel: none of these models has a final "
+                         "training cross-entropy in the warehouse (results tables carry "
+                         "accuracies only; models trained by fgm-train have it).</p>"))
     sections.append(("fig1_gap", "Figure 1: generalization gap",
                      charts.histogram(outcomes, "gap", "Generalization gap (train − test acc.)"),
                      ""))
@@ -110,6 +138,8 @@ def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | Non
     if trace.height:
         keep = sorted(trace["model_id"].unique().to_list())
         keep = keep[:: max(1, len(keep) // TRACE_MODELS)]
+        if color is not None and color not in every.axes:
+            raise unknown_axis(color, every.axes)
         axis = color or (varying[0] if varying else None)
         if axis:
             labels = hp.filter(pl.col("axis") == axis).select("model_id",
@@ -120,18 +150,22 @@ def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | Non
             sections.append(("traces", "Training curves",
                              charts.traces(points, axis, level_order(hp, axis)),
                              f"<p class='note'>{note}</p>" if note else ""))
-    return _write(out, sections, con, every)
+    return _write(out, sections, outcomes, every, sel)
 
 
-def _write(out: Path, sections, con, every) -> Path:
+def _write(out: Path, sections, outcomes: pl.DataFrame, every, sel: Selection) -> Path:
     blocks, images = [], []
     for i, (name, heading, chart, extra) in enumerate(sections):
+        if chart is None:
+            blocks.append(f"<section><h2>{html.escape(heading)}</h2>{extra}</section>")
+            continue
         images += save_images(chart, out, name)
         blocks.append(f"<section><h2>{html.escape(heading)}</h2><div id='c{i}'></div>{extra}"
                       f"<p class='files'>{name}.png · {name}.svg</p></section>")
-    specs = json.dumps({f"c{i}": spec(c) for i, (_, _, c, _) in enumerate(sections)})
-    datasets = ", ".join(r[0] for r in con.sql("SELECT DISTINCT dataset FROM models").fetchall())
-    n_conv = int(con.sql("SELECT count(*) FROM model_outcomes WHERE included").fetchall()[0][0])
+    specs = json.dumps({f"c{i}": spec(c) for i, (_, _, c, _) in enumerate(sections)
+                        if c is not None})
+    datasets = ", ".join(sorted(outcomes["dataset"].unique().to_list()))
+    n_conv = int(outcomes["included"].sum())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fgm report</title>
 <style>
@@ -140,13 +174,18 @@ h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; margin-top: 2em; }}
 table {{ border-collapse: collapse; font-size: 0.8em; margin-top: 1em; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: 2px 6px; text-align: right; }}
 td:first-child, td:nth-child(2), th {{ text-align: left; }}
-.files, .note {{ color: #777; font-size: 0.8em; }}
+th {{ position: sticky; top: 0; background: #fff; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }}
+.files, .note {{ color: #666; font-size: 0.85em; }}
+section > div[id] {{ overflow-x: auto; }}
 </style></head><body>
 <h1>Generalization measures: report</h1>
 <p>{len(every.ids)} models ({n_conv} converged or of unknown convergence) on
 {html.escape(datasets)}; generated {datetime.now().strftime('%Y-%m-%d %H:%M')} by fgm.
-Evaluation uses converged models (SPEC §1); τ is Kendall's τ_a; ψ_i groups models
-that share every other axis's level.</p>
+{_selection_html(sel, every)}</p>
+<p>Tables 5 and 6 use the converged models only (Figure 1 shows all); τ is Kendall's
+τ_a over pairs of models; ψ_i averages τ over groups of models that share every other
+axis's level; Ψ is the mean of the ψ_i.</p>
 {''.join(blocks)}
 <script>{vega_bundle()}</script>
 <script>
@@ -162,17 +201,24 @@ for (const [id, s] of Object.entries(specs)) {{
     return page_path
 
 
+def unknown_axis(name: str, axes: list[str]):
+    from fgm.warehouse import FgmError
+    close = difflib.get_close_matches(name, axes, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return FgmError(f"unknown axis {name!r}.{hint} The axes that vary in this selection: "
+                    f"{', '.join(axes) or '(none)'}")
+
+
 def plot_measure(con: duckdb.DuckDBPyConnection, measure: str, color: str, out: Path,
                  sel: Selection | None = None, log: bool | None = None) -> list[Path]:
     """measure against the gap, coloured by an axis: PNG, SVG and a one-chart HTML page."""
     sel = sel or Selection()
-    from fgm.warehouse import FgmError
 
     from .evaluate import measure_values
     models = select_models(con, sel)
     mu, sub = measure_values(con, measure, models)
     if color not in sub.axes:
-        raise FgmError(f"unknown axis {color!r}; the warehouse has: {', '.join(sub.axes)}")
+        raise unknown_axis(color, sub.axes)
     values = sub.values.filter(pl.col("axis") == color).select(
         "model_id", pl.col("value_text").alias(color))
     frame = pl.DataFrame({"model_id": pl.Series(sub.ids.tolist(), dtype=pl.String),

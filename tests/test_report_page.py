@@ -1,0 +1,71 @@
+"""The report as a reader sees it: rendered by a real headless browser at 1280 px,
+offline, every chart drawn, nothing wider than the window, and light text on the
+dark cells of the heatmaps.
+
+Needs Debian's chromium-headless-shell (.ci/run installs it); skipped without it."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+from warehouse_fixture import build_warehouse
+
+from fgm.analysis.cli import main as query
+from fgm.ingest.synthetic import synthetic_table
+
+BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+pytestmark = pytest.mark.skipif(BROWSER is None, reason="no headless Chromium on this machine")
+
+# Appended to a copy of the page (never to the page itself): after the charts are
+# drawn, write the page's width and the number of drawn charts into the DOM.
+PROBE = """<script>
+setTimeout(() => {
+  const p = document.createElement('pre'); p.id = 'probe';
+  p.textContent = JSON.stringify({scroll: document.documentElement.scrollWidth,
+                                  inner: window.innerWidth,
+                                  charts: document.querySelectorAll('section svg.marks').length});
+  document.body.appendChild(p);
+}, 3000);
+</script></body>"""
+
+
+def browse(page, *args):
+    return subprocess.run([BROWSER, "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1280,4000", "--virtual-time-budget=15000", *args,
+                           page.as_uri()], capture_output=True, text=True, timeout=300)
+
+
+def test_the_report_renders_readably_at_1280_px(db, tmp_path):
+    table = synthetic_table(n_measures=6).sample(300, seed=1)
+    build_warehouse(db, table)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(query, ["report", "--out", str(out), "--db", str(db),
+                                     "--where", "depth >= 0"])
+    assert res.exit_code == 0, res.output
+    page = out / "index.html"
+    text = page.read_text()
+    assert "Models selected by <code>--where &#x27;depth &gt;= 0&#x27;</code>" in text
+    words = text.split("<script>")[0]                   # the page, not the Vega bundle
+    assert "|S| = 0" in words and ">s0<" not in words and "SPEC" not in words
+
+    probed = tmp_path / "probed.html"
+    head, _, tail = text.rpartition("</body>")        # the page's own end, not the bundle's
+    probed.write_text(head + PROBE + tail)
+    dom = browse(probed, "--dump-dom").stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    probe = {k: int(v) for k, v in re.findall(r'"(\w+)":(\d+)', found.group(1).replace(
+        "&quot;", '"'))}
+    assert probe["charts"] >= 4                       # every chart drawn, offline
+    assert probe["scroll"] <= probe["inner"]          # nothing runs off the page
+    # light labels on dark heatmap cells, dark ones elsewhere
+    fills = re.findall(r'<text[^>]*fill="(white|black)"', dom)
+    assert "white" in fills and "black" in fills
+
+    shot = tmp_path / "shot.png"
+    browse(page, f"--screenshot={shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width = int.from_bytes(shot.read_bytes()[16:20], "big")
+    assert width == 1280
