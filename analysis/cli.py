@@ -78,9 +78,11 @@ def models(db: str | None, fmt: str) -> None:
     """List the models: hyperparameters, gap, convergence."""
     with _readonly(db) as con:
         frame = con.sql("SELECT w.*, o.train_acc, o.test_acc, o.gap, o.converged "
-                        "FROM hp_wide AS w JOIN model_outcomes AS o USING (model_id) "
-                        "ORDER BY w.model_id").pl()
-    frame = frame.drop([c for c in frame.columns if c.endswith("_level")] + ["sweep_id"])
+                        "FROM hp_wide AS w JOIN model_outcomes AS o USING (model_id)").pl()
+    # in the order of the grid: dataset, each axis by level, then seed
+    levels = [c for c in frame.columns if c.endswith("_level")]
+    frame = frame.sort(["dataset", *levels, "seed", "model_id"], nulls_last=True)
+    frame = frame.drop(levels + ["sweep_id"])
     emit_frame(frame, fmt)
 
 
@@ -98,7 +100,7 @@ def measures(db: str | None, fmt: str) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 def selection_options(func):
-    """--where, --dataset, --sweep, --all-models: which models are evaluated."""
+    """--where, --dataset, --sweep, --all-models, --relevel: which models are evaluated."""
     options = [
         click.option("--where", default=None,
                      help="SQL predicate on hyperparameters, e.g. \"weight_decay = 0\" "
@@ -107,15 +109,20 @@ def selection_options(func):
         click.option("--sweep", default=None, help="Only models of this sweep (name or id)."),
         click.option("--all-models", is_flag=True,
                      help="Include models that did not converge."),
+        click.option("--relevel", is_flag=True,
+                     help="Models of several grids whose levels disagree (depth 4 is level 2 "
+                          "in one, 0 in another): rank those axes afresh by value across "
+                          "the selection. Without it, such a mix is an error."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _selection(where, dataset, sweep, all_models, pool_seeds=False) -> Selection:
+def _selection(where, dataset, sweep, all_models, relevel=False,
+               pool_seeds=False) -> Selection:
     return Selection(where=where, dataset=dataset, sweep=sweep, all_models=all_models,
-                     pool_seeds=pool_seeds)
+                     pool_seeds=pool_seeds, relevel=relevel)
 
 
 pool_option = click.option(
@@ -182,7 +189,10 @@ def _with_constant(res: dict, models) -> dict:
 
 
 def _emit_notes(notes, fmt: str) -> None:
-    """Notes below a table; on stderr with CSV, so that the CSV stays parseable."""
+    """Notes below a table; on stderr with CSV, so that the CSV stays parseable; none
+    with JSON, whose objects carry them (a JSON list of rows stays just that)."""
+    if fmt == "json":
+        return
     for note in dict.fromkeys(n for n in notes if n):
         click.echo(f"note: {note}", err=fmt == "csv")
 
@@ -195,11 +205,12 @@ def _emit_notes(notes, fmt: str) -> None:
 @db_option
 @format_option
 @friendly_errors
-def psi(measure, ci, boot, seed, pool_seeds, where, dataset, sweep, all_models, db, fmt):
+def psi(measure, ci, boot, seed, pool_seeds,
+        where, dataset, sweep, all_models, relevel, db, fmt):
     """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs 2, 4 and 5).
     With several seeds: the mean across seeds and its std (Table 9)."""
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models))
+        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel))
         mu, sub = measure_values(con, measure, models)
     res = _with_constant(with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci,
                                     blocks=boot, seed=seed, pool_seeds=pool_seeds), models)
@@ -226,12 +237,13 @@ def _cmi_rows(res: dict) -> list[tuple[str, object]]:
 @db_option
 @format_option
 @friendly_errors
-def cmi(measure, pgdl, ci, boot, seed, pool_seeds, where, dataset, sweep, all_models, db, fmt):
+def cmi(measure, pgdl, ci, boot, seed, pool_seeds,
+        where, dataset, sweep, all_models, relevel, db, fmt):
     """Conditional mutual information Î(S) for |S| ≤ 2 and K = its minimum (App. B).
     With several seeds: the mean across seeds and its std (Table 10). When K is
     null, a note says why (JSON: "note")."""
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models))
+        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel))
         mu, sub = measure_values(con, measure, models)
     res = _with_constant(with_seeds(sub, mu, lambda m, s: cmi_result(measure, m, s, pgdl=pgdl),
                                     ci=ci, blocks=boot, seed=seed, keys=("K",),
@@ -243,18 +255,20 @@ def cmi(measure, pgdl, ci, boot, seed, pool_seeds, where, dataset, sweep, all_mo
 @click.option("--eps", type=float, required=True, help="Noise std ε, e.g. 0.01, 0.02, 0.05, 0.1.")
 @click.option("--draws", type=click.IntRange(2), default=20, show_default=True,
               help="Monte Carlo draws for the CMI.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the oracle's noise draws for the CMI.")
 @pool_option
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def oracle(eps, draws, seed, pool_seeds, where, dataset, sweep, all_models, db, fmt):
+def oracle(eps, draws, seed, pool_seeds,
+           where, dataset, sweep, all_models, relevel, db, fmt):
     """The noisy oracle g + N(0, ε²): exact expected τ and ψ, Monte Carlo CMI."""
     if eps <= 0:
         raise click.BadParameter("must be > 0", param_hint="--eps")
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models))
+        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel))
     res = _with_constant(with_seeds(models, models.gap,
                                     lambda _, m: oracle_result(m, eps, draws=draws, seed=seed),
                                     pool_seeds=pool_seeds), models)
@@ -274,10 +288,11 @@ def oracle(eps, draws, seed, pool_seeds, where, dataset, sweep, all_models, db, 
 @db_option
 @format_option
 @friendly_errors
-def table(kind, draws, ci, boot, seed, pool_seeds, where, dataset, sweep, all_models, db, fmt):
+def table(kind, draws, ci, boot, seed, pool_seeds,
+          where, dataset, sweep, all_models, relevel, db, fmt):
     """Every measure, one row each, with the oracle, canonical and random baselines.
     Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns."""
-    sel = _selection(where, dataset, sweep, all_models)
+    sel = _selection(where, dataset, sweep, all_models, relevel)
     with _readonly(db) as con:
         if kind == "psi":
             frame = table5(con, sel, seed=seed, ci=ci, blocks=boot, pool_seeds=pool_seeds)
@@ -306,7 +321,8 @@ def table(kind, draws, ci, boot, seed, pool_seeds, where, dataset, sweep, all_mo
 @db_option
 @format_option
 @friendly_errors
-def robust(measure, test_size, weighting, min_ess, where, dataset, sweep, all_models, db, fmt):
+def robust(measure, test_size, weighting, min_ess,
+           where, dataset, sweep, all_models, relevel, db, fmt):
     """Robust sign-error over environments: configurations one axis apart.
 
     As in Dziugaite, Drouin et al. (2020), "In Search of Robust Measures of
@@ -314,7 +330,7 @@ def robust(measure, test_size, weighting, min_ess, where, dataset, sweep, all_mo
     combination of two configurations is a pair of the environment, so seeds are
     never split (no --pool-seeds). When no environment is kept, a note says why."""
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models))
+        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel))
         mu, sub = measure_values(con, measure, models)
     sizes = np.full(len(mu), float(test_size)) if test_size else sub.test_size
     if np.isnan(sizes).any():
@@ -353,31 +369,41 @@ def robust(measure, test_size, weighting, min_ess, where, dataset, sweep, all_mo
 @pool_option
 @selection_options
 @db_option
+@format_option
 @friendly_errors
-def report(out, draws, color, pool_seeds, where, dataset, sweep, all_models, db):
+def report(out, draws, color, pool_seeds, where, dataset, sweep, all_models, relevel, db, fmt):
     """Write an offline HTML report: Figure 1's panels, Tables 5 and 6 as heatmaps,
-    training curves; plus a PNG and an SVG of every chart."""
+    training curves; plus a PNG and an SVG of every chart. --format: how the list of
+    files written is printed."""
     from .report import build_report
     with _readonly(db) as con:
-        page = build_report(con, out, _selection(where, dataset, sweep, all_models,
+        page = build_report(con, out, _selection(where, dataset, sweep, all_models, relevel,
                                                  pool_seeds=pool_seeds),
                             draws=draws, color=color)
-    click.echo(f"wrote {page} (and {len(list(out.glob('*.png')))} PNG + SVG charts)")
+    _emit_files([page, *sorted(out.glob("*.png")), *sorted(out.glob("*.svg"))], fmt)
+
+
+def _emit_files(files: list[Path], fmt: str) -> None:
+    emit_frame(pl.DataFrame({"file": [str(f) for f in files],
+                             "kind": [f.suffix.lstrip(".") for f in files]}), fmt,
+               title="written")
 
 
 @main.command()
-@click.option("--measure", "-m", required=True)
+@click.option("--measure", "-m", required=True, help="The measure to draw (x axis).")
 @click.option("--color", required=True, help="The axis that colours the points.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"),
-              show_default=True)
+              show_default=True, help="Folder for the chart's PNG, SVG and HTML files.")
 @click.option("--log/--linear", default=None, help="Log-scale the measure (default: auto).")
 @selection_options
 @db_option
+@format_option
 @friendly_errors
-def plot(measure, color, out, log, where, dataset, sweep, all_models, db):
-    """Draw a measure against the generalization gap, coloured by an axis."""
+def plot(measure, color, out, log, where, dataset, sweep, all_models, relevel, db, fmt):
+    """Draw a measure against the generalization gap, coloured by an axis. --format:
+    how the list of files written is printed."""
     from .report import plot_measure
     with _readonly(db) as con:
         files = plot_measure(con, measure, color, out,
-                             _selection(where, dataset, sweep, all_models), log)
-    click.echo("wrote " + ", ".join(str(f) for f in files))
+                             _selection(where, dataset, sweep, all_models, relevel), log)
+    _emit_files(files, fmt)

@@ -1,5 +1,12 @@
 """fgm.measures: every complexity measure of Appendix D, registered by family."""
 
-from .registry import REGISTRY, MeasureSpec, list_measures, measure
+import warnings
+
+# torch.func's jvp (Fisher–Rao) calls torch.jit.script, whose deprecation notice
+# torch prints on every run; it is torch's own, about nothing of ours.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                        category=FutureWarning)
+
+from .registry import REGISTRY  # noqa: E402, MeasureSpec, list_measures, measure
 
 __all__ = ["REGISTRY", "MeasureSpec", "list_measures", "measure"]

@@ -4,6 +4,7 @@ that read never creating a warehouse, and an empty selection said in words."""
 import csv
 import io
 import json
+from pathlib import Path
 
 import click
 import duckdb
@@ -114,3 +115,47 @@ def test_k_without_a_set_is_not_labelled_with_an_empty_set():
     rows = _cmi_rows({"per_axis": {}, "s0": 0.1, "s1": 0.1, "s2": 0.1, "K": 0.1,
                       "argmin": ["depth", "width"]})
     assert rows[-1][0] == "K (S = {depth, width})"
+
+
+def test_did_you_mean_for_axes_and_help_everywhere(db, tmp_path):
+    build_warehouse(db, GRID)
+    out = run("plot", "-m", "m", "--color", "widht", "--db", db, "--out", tmp_path)
+    assert out.exit_code == 1 and "Did you mean 'width'?" in out.output
+    from fgm.train.grid import parse_grid
+    from fgm.warehouse import FgmError
+    with pytest.raises(FgmError, match="did you mean 'dropout'"):
+        parse_grid({"axes": {"drop_out": [0.0]}})
+    assert "The measure to draw" in run("plot", "--help").output
+    assert "Seed of the oracle" in run("oracle", "--help").output
+
+
+def test_report_and_plot_take_format(db, tmp_path):
+    build_warehouse(db, GRID)
+    out = run("plot", "-m", "m", "--color", "width", "--db", db, "--out", tmp_path,
+              "--format", "json")
+    assert out.exit_code == 0, out.output
+    files = json.loads(out.output)
+    assert {f["kind"] for f in files} == {"png", "svg", "html"}
+    assert all(Path(f["file"]).exists() for f in files)
+
+
+def test_models_come_in_grid_order(db):
+    build_warehouse(db, GRID)
+    rows = json.loads(run("models", "--db", db, "--format", "json").output)
+    order = [(r["depth"], r["width"]) for r in rows]
+    assert order == sorted(order)
+
+
+def test_fgm_warnings_are_one_plain_line_once():
+    import warnings
+
+    from fgm.train.data import DatasetWarning
+
+    @click.command()
+    @friendly_errors
+    def cmd():
+        for _ in range(3):
+            warnings.warn("files are not the official ones", DatasetWarning, stacklevel=1)
+    out = CliRunner().invoke(cmd, [])
+    assert out.exit_code == 0
+    assert out.output == "warning: files are not the official ones\n"

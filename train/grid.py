@@ -3,6 +3,7 @@ configurations. Presets live in train/grids/*.toml."""
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import tomllib
@@ -189,7 +190,9 @@ def parse_grid(data: dict, source: str = "<grid>") -> Grid:
         raise _bad(source, "axes", f"missing table; it needs {', '.join(AXES)}")
     for key in axes:
         if key not in AXES:
-            raise _bad(source, f"axes.{key}", f"unknown axis; axes are {', '.join(AXES)}")
+            close = difflib.get_close_matches(str(key), AXES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _bad(source, f"axes.{key}", f"unknown axis{hint}; axes are {', '.join(AXES)}")
     for axis in AXES:
         if axis not in axes:
             raise _bad(source, f"axes.{axis}", f"missing; expected a list of {ALLOWED[axis]}")

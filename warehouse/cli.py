@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -23,15 +25,38 @@ format_option = click.option(
     help="Output format.")
 
 
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """fgm's own warnings (a dataset whose files are not the official ones, say) as
+    one line each, `warning: ...`, once per run: not Python's file:line display
+    with the source line under it, once per place that loads the data."""
+    seen: set[str] = set()
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("fgm."):
+            if str(message) not in seen:
+                seen.add(str(message))
+                click.echo(f"warning: {message}", err=True)
+            return
+        original(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def friendly_errors(func: Callable) -> Callable:
     """Turn FgmError, and any DuckDB or Polars error a user's input can cause, into
-    one line on stderr and exit 1."""
+    one line on stderr and exit 1; fgm's warnings become plain lines (plain_warnings)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         import duckdb
 
         try:
-            return func(*args, **kwargs)
+            with plain_warnings():
+                return func(*args, **kwargs)
         except FgmError as exc:
             raise click.ClickException(str(exc)) from None
         except (duckdb.Error, pl.exceptions.PolarsError) as exc:
