@@ -7,6 +7,6 @@ import warnings
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
-from .registry import REGISTRY  # noqa: E402, MeasureSpec, list_measures, measure
+from .registry import REGISTRY, MeasureSpec, list_measures, measure  # noqa: E402
 
 __all__ = ["REGISTRY", "MeasureSpec", "list_measures", "measure"]
