@@ -73,6 +73,7 @@ class Environments:
     zero_weight: int = 0      # left out: Σw = 0
     low_ess: int = 0          # left out: effective sample size below min_ess
     best_ess: float = 0.0     # largest effective sample size seen
+    largest_gap: float = 0.0  # largest |Δg| of any model pair
 
 
 def environment_errors(mu: np.ndarray, gap: np.ndarray, levels: np.ndarray, axis: int,
@@ -85,12 +86,13 @@ def environment_errors(mu: np.ndarray, gap: np.ndarray, levels: np.ndarray, axis
     g, lv, mu_s, gap_s, n_s = group[order], levels[order, axis], mu[order], gap[order], \
         test_size[order]
     sizes = np.bincount(g)
-    keys, errs, weights = [], [], []
+    keys, errs, weights, largest = [], [], [], 0.0
     for d in range(1, int(sizes.max(initial=1))):
         a, b = np.arange(len(g) - d), np.arange(d, len(g))
         pair = (g[a] == g[b]) & (lv[a] != lv[b])    # same group, other level: an environment
         a, b = a[pair], b[pair]
         dg = gap_s[b] - gap_s[a]
+        largest = max(largest, float(np.abs(dg).max(initial=0.0)))
         errs.append((1.0 - np.sign(mu_s[b] - mu_s[a]) * np.sign(dg)) / 2.0)
         weights.append(pair_weight(dg, np.minimum(n_s[a], n_s[b]), weighting))
         # environment key: the group and the two levels (lv sorted within group: a < b)
@@ -110,7 +112,7 @@ def environment_errors(mu: np.ndarray, gap: np.ndarray, levels: np.ndarray, axis
     return Environments(weighted[keep] / total[keep], total[keep], candidates=len(total),
                         zero_weight=int((~positive).sum()),
                         low_ess=int((positive & ~enough).sum()),
-                        best_ess=float(ess.max(initial=0.0)))
+                        best_ess=float(ess.max(initial=0.0)), largest_gap=largest)
 
 
 def summarise(envs: Environments, weighting: str = "published") -> dict:
@@ -129,9 +131,15 @@ def _why_none(envs: Environments, weighting: str, min_ess: float, test_size: flo
         return "no environment: no two configurations differ in this axis alone"
     parts = []
     if envs.zero_weight:
+        needed = ""
+        if envs.largest_gap > 0:
+            n = math.floor(test_size * (min_confident_gap(test_size, weighting)
+                                       / envs.largest_gap) ** 2)
+            needed = (f"; the largest here, |Δg| = {envs.largest_gap:.3g}, would count with "
+                      f"a test set of more than {n:,} examples")
         parts.append(f"{envs.zero_weight} with all weights 0 (no pair's |Δg| exceeds "
                      f"{min_confident_gap(test_size, weighting):.3g} at n = {test_size:g} "
-                     "test examples)")
+                     f"test examples{needed})")
     if envs.low_ess:
         parts.append(f"{envs.low_ess} with effective sample size (Σw)²/Σw² below "
                      f"min_ess = {min_ess:g} (largest {envs.best_ess:.3g}; at most the "
@@ -159,7 +167,8 @@ def robust_sign_error(mu, gap, levels, axes: list[str], test_size, *,
                          candidates=sum(e.candidates for e in found),
                          zero_weight=sum(e.zero_weight for e in found),
                          low_ess=sum(e.low_ess for e in found),
-                         best_ess=max((e.best_ess for e in found), default=0.0))
+                         best_ess=max((e.best_ess for e in found), default=0.0),
+                         largest_gap=max((e.largest_gap for e in found), default=0.0))
     overall = summarise(every, weighting)
     overall["note"] = None if len(every.errors) else _why_none(every, weighting, min_ess, n_test)
     return {"weighting": weighting, "min_ess": min_ess, "per_axis": per_axis,

@@ -159,3 +159,26 @@ def test_fgm_warnings_are_one_plain_line_once():
     out = CliRunner().invoke(cmd, [])
     assert out.exit_code == 0
     assert out.output == "warning: files are not the official ones\n"
+
+
+def test_robust_says_what_test_size_would_be_needed(db):
+    """On a small test set every Hoeffding weight is 0: the note says so, and which
+    test-set size would let the largest gap difference count."""
+    import itertools
+    import math
+    import re
+
+    from fgm.analysis.robust import min_confident_gap
+    build_warehouse(db, dict(GRID, test_size=[20] * 9))
+    res = json.loads(run("robust", "-m", "m", "--db", db, "--format", "json").output)
+    note = res["overall"]["note"]
+    assert res["overall"]["environments"] == 0 and "all weights 0" in note
+    n = int(re.search(r"more than ([\d,]+) examples", note).group(1).replace(",", ""))
+    gap = [tr - te for tr, te in zip(GRID["train_acc"], GRID["test_acc"], strict=True)]
+    cells = list(zip(GRID["hp.width"], GRID["hp.depth"], strict=True))
+    largest = max(abs(gap[i] - gap[j]) for i, j in itertools.combinations(range(9), 2)
+                  if sum(a != b for a, b in zip(cells[i], cells[j], strict=True)) == 1)
+    assert min_confident_gap(n + 1) < largest <= min_confident_gap(n) * (1 + 1e-9)
+    assert not math.isnan(largest)
+    table = run("robust", "-m", "m", "--db", db)
+    assert table.exit_code == 0 and "would count with a test set of more than" in table.output
