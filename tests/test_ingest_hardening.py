@@ -12,10 +12,9 @@ import duckdb
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from warehouse_fixture import build_warehouse, dump
+from warehouse_fixture import build_warehouse, dump, ingest_file
 
 from fgm.analysis.cli import main as query
-from fgm.ingest.table import ingest_table
 from fgm.warehouse import InputError, connect
 
 BASE = {"model_id": ["a", "b", "c", "d"], "hp.width": [24, 48, 24, 48],
@@ -28,12 +27,7 @@ def wh(db):
     return build_warehouse(db, BASE, sweep="first")
 
 
-def ingest(db, path, **kw):
-    con = connect(db)
-    try:
-        return ingest_table(con, path, **kw)
-    finally:
-        con.close()
+ingest = ingest_file
 
 
 def write(tmp_path, text, name="t.csv"):

@@ -4,12 +4,11 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from warehouse_fixture import build_warehouse, dump, write_lock_held
+from warehouse_fixture import build_warehouse, dump, ingest_file, write_lock_held
 
 from fgm.analysis.cli import main as query
 from fgm.ingest.cli import main as ingest_cli
 from fgm.ingest.synthetic import synthetic_table
-from fgm.ingest.table import ingest_table
 from fgm.warehouse import InputError, connect
 
 GOOD = """\
@@ -26,12 +25,7 @@ def write(tmp_path, text, name="t.csv"):
     return path
 
 
-def ingest(db, path, **kw):
-    con = connect(db)
-    try:
-        return ingest_table(con, path, **kw)
-    finally:
-        con.close()
+ingest = ingest_file
 
 
 def test_round_trip_values_in_equal_values_out(db, tmp_path):

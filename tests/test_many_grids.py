@@ -5,28 +5,19 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import GRID
 
 from fgm.analysis.cli import main as query
 from fgm.train.cli import main as train_cli
 from fgm.warehouse import connect
 
-GRID = """
-name = "{name}"
-dataset = "digits"
-[axes]
-width = [24]
-depth = {depth}
-dropout = [0.0]
-batch_size = [128]
-optimizer = ["adam"]
-learning_rate = [1e-3]
-weight_decay = [0.0]
-[train]
-max_steps = {steps}
-lr_drop_steps = [1000]
-estimate_batches = 5
-trace_every = 10
-"""
+
+def grid_text(name: str, depth: list[int], steps: int) -> str:
+    """conftest's tiny grid, one width, with its own name, depths and step budget."""
+    return (GRID.replace('name = "tiny"', f'name = "{name}"')
+            .replace("width = [24, 32]", "width = [24]")
+            .replace("depth = [2, 3]", f"depth = {depth}")
+            .replace("max_steps = 1500", f"max_steps = {steps}"))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,7 @@ def two_grids(tmp_path_factory):
     db = root / "w.duckdb"
     for name, depth, steps in (("first", [2, 3], 40), ("second", [3, 4], 50)):
         path = root / f"{name}.toml"
-        path.write_text(GRID.format(name=name, depth=depth, steps=steps))
+        path.write_text(grid_text(name, depth, steps))
         out = CliRunner().invoke(train_cli, ["grid", "--grid", str(path), "--out",
                                              str(root / "runs"), "--db", str(db),
                                              "--device", "cpu", "--no-measures"])

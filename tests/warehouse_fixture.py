@@ -30,6 +30,15 @@ def build_warehouse(path: Path, table: pl.DataFrame | dict, *, sweep: str = "fix
     return path
 
 
+def ingest_file(db: Path, path: Path, **kw):
+    """fgm-ingest of one results table, through the library: its IngestSummary."""
+    con = connect(db)
+    try:
+        return ingest_table(con, path, **kw)
+    finally:
+        con.close()
+
+
 def dump(path: Path) -> dict[str, list[tuple]]:
     """Every row of every table, sorted: equal dumps mean an unchanged warehouse."""
     con = connect(path, read_only=True)
