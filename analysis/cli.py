@@ -31,6 +31,12 @@ def main() -> None:
     """Query the fgm warehouse (read-only)."""
 
 
+def _a_number(value: float, param) -> float:
+    if value != value:   # NaN passes every range check
+        raise click.BadParameter("expected a number of seconds, not nan", param=param)
+    return value
+
+
 class _readonly:
     """The warehouse opened read-only, with the per-axis view hp_wide, and locked
     down: no file access beyond the warehouse, no setting changed after this."""
@@ -54,7 +60,8 @@ class _readonly:
 
 @main.command()
 @click.argument("query")
-@click.option("--timeout", type=click.FloatRange(min=0), default=60.0,
+@click.option("--timeout", type=click.FloatRange(min=0, max=86_400), default=60.0,
+              callback=lambda ctx, param, v: _a_number(v, param),
               show_default=True, metavar="SECONDS",
               help="Stop the query after this many seconds (0: no limit).")
 @click.option("--memory-limit", default="4GB", show_default=True,
@@ -306,7 +313,7 @@ def table(kind, draws, ci, boot, seed, pool_seeds,
 
 @main.command()
 @click.option("--measure", "-m", required=True, help="The measure to evaluate.")
-@click.option("--test-size", type=int, default=None,
+@click.option("--test-size", type=click.IntRange(min=1), default=None,
               help="Test-set size for the Hoeffding weights (default: the warehouse's).")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default="published",
               show_default=True,

@@ -101,7 +101,8 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
                 raise FgmError(f"unknown {name} {value!r}; the warehouse has: {', '.join(known)}")
     if models.height == 0:
         raise _empty_selection(con, sel)
-    hp = con.sql("SELECT h.model_id, h.axis, h.level, h.value_text, h.value_num "
+    hp = con.sql("SELECT h.model_id, h.axis, h.level, h.value_text, h.value_num, "
+                 "coalesce(o.sweep, o.sweep_id) AS sweep "
                  "FROM hyperparameters AS h JOIN model_outcomes AS o USING (model_id) "
                  + ("WHERE " + " AND ".join(conditions) if conditions else ""),
                  params=params).pl()
@@ -132,7 +133,7 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
     else:
         levels = np.zeros((models.height, 0), dtype=np.int64)
     return Models(ids.to_numpy(), models["gap"].to_numpy().astype(np.float64), levels, axes,
-                  hp.drop("level"), models["seed"].to_numpy().astype(np.int64),
+                  hp.drop("level", "sweep"), models["seed"].to_numpy().astype(np.int64),
                   models["test_size"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
                   dict(sorted(constant.items())))
 
@@ -146,16 +147,31 @@ def _consistent_levels(con: duckdb.DuckDBPyConnection, hp: pl.DataFrame,
     each such axis is ranked afresh by value across the selection."""
     clash = (hp.group_by("axis", "value_text").agg(pl.col("level").unique().sort())
              .filter(pl.col("level").list.len() > 1).sort("axis", "value_text"))
-    if clash.height == 0:
+    # and one level that stands for values with nothing in common in two sweeps
+    # (depth level 0 is 2 in one table and 8 in another)
+    per_sweep = hp.group_by("axis", "level", "sweep").agg(pl.col("value_text").unique())
+    apart = (per_sweep.join(per_sweep, on=["axis", "level"], suffix="_b")
+             .filter(pl.col("sweep") < pl.col("sweep_b"))
+             .filter(pl.col("value_text").list.set_intersection("value_text_b").list.len() == 0)
+             .sort("axis", "level", "sweep", "sweep_b"))
+    if clash.height == 0 and apart.height == 0:
         return hp
     if sel.relevel:
-        axes = clash["axis"].unique().to_list()
+        axes = sorted(set(clash["axis"].to_list()) | set(apart["axis"].to_list()))
         fresh = (hp.filter(pl.col("axis").is_in(axes))
                  .with_columns(pl.when(pl.col("value_num").is_not_null())
                                .then(pl.col("value_num").rank("dense").over("axis"))
                                .otherwise(pl.col("value_text").rank("dense").over("axis"))
                                .sub(1).cast(hp.schema["level"]).alias("level")))
         return pl.concat([hp.filter(~pl.col("axis").is_in(axes)), fresh.select(hp.columns)])
+    if clash.height == 0:
+        r = apart.row(0, named=True)
+        raise FgmError(
+            f"the selected models disagree on what the levels of {r['axis']!r} mean: level "
+            f"{r['level']} is {' / '.join(sorted(r['value_text']))} in sweep {r['sweep']!r} "
+            f"but {' / '.join(sorted(r['value_text_b']))} in sweep {r['sweep_b']!r}. "
+            "Evaluate one sweep at a time (--sweep NAME), or pass --relevel to rank each "
+            "such axis afresh by value across the selection")
     r = clash.row(0, named=True)
     con.register("_clash", hp.filter((pl.col("axis") == r["axis"])
                                      & (pl.col("value_text") == r["value_text"])))

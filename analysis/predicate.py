@@ -12,7 +12,9 @@ The check uses DuckDB's own parser. The statement
 expression in the WHERE clause, and every node of the expression must be one
 of the kinds above. Then that same text, and only it, runs on its own, and
 the model ids it returns are bound as a parameter into the query that uses
-them: the predicate is never pasted into another statement.
+them: the predicate is never pasted into another statement. What runs is
+DuckDB's rendering of the checked tree (json_deserialize_sql), not the text
+as typed.
 """
 
 from __future__ import annotations
@@ -49,9 +51,27 @@ def hp_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
     return list(con.sql("SELECT * FROM hp_wide LIMIT 0").columns)
 
 
+MAX_LENGTH = 100_000     # characters of a predicate
+MAX_DEPTH = 200          # nesting of its expression
+
+
 def _tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
-    out = json.loads(con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchone()[0])
-    return out
+    text = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()[0][0]
+    return json.loads(text)
+
+
+def _depth(node: object, level: int = 0) -> int:
+    """How deep the syntax tree nests (iteratively: a hostile tree must not overflow
+    Python's own stack)."""
+    deepest, todo = level, [(node, level)]
+    while todo:
+        item, d = todo.pop()
+        deepest = max(deepest, d)
+        if isinstance(item, dict):
+            todo += [(v, d + 1) for v in item.values() if isinstance(v, dict | list)]
+        elif isinstance(item, list):
+            todo += [(v, d + 1) for v in item if isinstance(v, dict | list)]
+    return deepest
 
 
 def _strip(node: object) -> object:
@@ -116,6 +136,8 @@ def checked_predicate(con: duckdb.DuckDBPyConnection, where: str) -> str:
     columns = hp_columns(con)
     if not where or not where.strip():
         raise _refuse(where, "the predicate is empty", columns)
+    if len(where) > MAX_LENGTH:
+        raise _refuse(where[:60] + "...", f"longer than {MAX_LENGTH:,} characters", columns)
     sql = BASE + where
     try:
         statements = duckdb.extract_statements(sql)
@@ -123,15 +145,43 @@ def checked_predicate(con: duckdb.DuckDBPyConnection, where: str) -> str:
         raise _refuse(where, f"not valid SQL ({str(exc).splitlines()[0]})", columns) from None
     if len(statements) != 1:
         raise _refuse(where, "it holds more than one statement", columns)
-    tree = _tree(con, sql)
+    try:
+        tree = _tree(con, sql)
+    except RecursionError:
+        raise _refuse(where, f"nested more than {MAX_DEPTH} deep", columns) from None
     if tree.get("error"):
         raise _refuse(where, f"not valid SQL ({tree.get('error_message', '')})", columns)
+    if _depth(tree) > MAX_DEPTH:
+        raise _refuse(where, f"nested more than {MAX_DEPTH} deep", columns)
     got, want = tree["statements"], _tree(con, _REFERENCE)["statements"]
     if len(got) != 1 or _strip(got[0]) != _strip(want[0]):
         raise _refuse(where, "it is more than an expression (a clause such as ORDER BY, "
                       "LIMIT, UNION or GROUP BY follows it)", columns)
     _check_expression(got[0]["node"].get("where_clause"), where, columns)
-    return sql
+    # a function the warehouse file defines (a macro named like a built-in) is not
+    # the built-in the check allowed
+    defined = {r[0].lower() for r in con.execute(
+        "SELECT function_name FROM duckdb_functions() WHERE NOT internal").fetchall()}
+    used = _function_names(got[0]["node"].get("where_clause"))
+    if defined & used:
+        raise _refuse(where, f"the warehouse defines its own {sorted(defined & used)[0]!r}, "
+                      "which a predicate does not call", columns)
+    # what runs is DuckDB's own rendering of the checked tree, so nothing the parser
+    # kept out of the tree (a clause it drops, say) can run
+    return con.execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchall()[0][0]
+
+
+def _function_names(node: object) -> set[str]:
+    names, todo = set(), [node]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            if item.get("class") == "FUNCTION":
+                names.add(str(item.get("function_name", "")).lower())
+            todo += list(item.values())
+        elif isinstance(item, list):
+            todo += item
+    return names
 
 
 def model_ids_where(con: duckdb.DuckDBPyConnection, where: str) -> list[str]:

@@ -162,7 +162,7 @@ class Conditioning:
         for s in sets:
             cell = np.zeros(n, dtype=np.int64)
             for i in s:  # mixed radix, re-ranked after each axis: codes stay below n²
-                cell = dense_rank(cell * (int(ranks[i].max()) + 1) + ranks[i])
+                cell = dense_rank(cell * (int(ranks[i].max(initial=0)) + 1) + ranks[i])
             cells.append(cell)
             n_cells.append(int(cell.max()) + 1 if n else 0)
         return cls(sets, cells, n_cells)

@@ -37,6 +37,13 @@ def vega_bundle() -> str:
     return js.replace("</script", "<\\/script")
 
 
+def script_json(obj: object) -> str:
+    """JSON to paste inside a <script>: '<', '>' and '&' as \\u escapes, so that data
+    (a hyperparameter's text value, say) can never close the script and open another."""
+    return (json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026"))
+
+
 def spec(chart: alt.TopLevelMixin) -> dict:
     out = chart.to_dict()
     out.pop("$schema", None)
@@ -162,8 +169,8 @@ def _write(out: Path, sections, outcomes: pl.DataFrame, every, sel: Selection) -
         images += save_images(chart, out, name)
         blocks.append(f"<section><h2>{html.escape(heading)}</h2><div id='c{i}'></div>{extra}"
                       f"<p class='files'>{name}.png · {name}.svg</p></section>")
-    specs = json.dumps({f"c{i}": spec(c) for i, (_, _, c, _) in enumerate(sections)
-                        if c is not None})
+    specs = script_json({f"c{i}": spec(c) for i, (_, _, c, _) in enumerate(sections)
+                         if c is not None})
     datasets = ", ".join(sorted(outcomes["dataset"].unique().to_list()))
     n_conv = int(outcomes["included"].sum())
     page = f"""<!DOCTYPE html>
@@ -236,6 +243,6 @@ def plot_measure(con: duckdb.DuckDBPyConnection, measure: str, color: str, out: 
     page = out / f"{name}.html"
     page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{name}</title>"
                     f"</head><body><div id='c'></div><script>{vega_bundle()}</script><script>"
-                    f"vegaEmbed('#c', {json.dumps(spec(chart))}, {{mode: 'vega-lite', "
+                    f"vegaEmbed('#c', {script_json(spec(chart))}, {{mode: 'vega-lite', "
                     f"actions: false}});</script></body></html>")
     return [*files, page]

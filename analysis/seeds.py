@@ -20,6 +20,7 @@ from scipy import stats
 from fgm.warehouse import FgmError
 
 SUMMARY_KEYS = ("tau", "Psi", "K")
+RANGES = {"tau": (-1.0, 1.0), "Psi": (-1.0, 1.0), "K": (0.0, 1.0)}   # what each can be
 
 
 def _numbers(results: list, key_path: tuple = ()) -> object:
@@ -50,6 +51,15 @@ def _numbers(results: list, key_path: tuple = ()) -> object:
 def check_seeds(seeds: np.ndarray) -> None:
     """Refuse seeds that leave nothing to rank: several seeds, none with two models."""
     values, counts = np.unique(np.asarray(seeds), return_counts=True)
+    alone = int((counts < 2).sum())
+    if len(values) >= 2 and counts.max() >= 2 and alone * 2 > len(values):
+        # a seed per model but for a collision or two: the few seeds that hold two
+        # models would speak for all of them
+        raise FgmError(
+            f"the `seed` column gives {alone} of its {len(values)} seeds a single model: "
+            "per seed, almost nothing can be ranked, and the few seeds with two models "
+            "would decide every figure. Pass --pool-seeds to evaluate all models together, "
+            "ignoring seeds.")
     if len(values) >= 2 and counts.max() < 2:
         raise FgmError(
             f"the `seed` column gives each of the {int(counts.sum())} models its own seed "
@@ -107,5 +117,6 @@ def jackknife(configs: np.ndarray, compute: Callable[[np.ndarray], dict], *, lev
             continue
         v = np.asarray(vals, dtype=float)
         se = float(np.sqrt((len(v) - 1) / len(v) * ((v - v.mean()) ** 2).sum()))
-        out[k] = [float(est) - z * se, float(est) + z * se]
+        low, high = RANGES.get(k, (-np.inf, np.inf))   # never past what the figure can be
+        out[k] = [max(low, float(est) - z * se), min(high, float(est) + z * se)]
     return out

@@ -512,6 +512,8 @@ def store_bundle(con: duckdb.DuckDBPyConnection, prepared: PreparedBundle, *,
                                  describe_conflict(conflicts.row(0, named=True)))
             for table in PER_MODEL_TABLES:
                 con.execute(f"DELETE FROM {table} WHERE model_id = ?", [mid])
+        if not conflicts.height:
+            _check_same_run(con, prepared, replace)
         # the bundle is the whole trace of its model: steps it does not have are stale
         stale = con.execute("DELETE FROM traces WHERE model_id = ? AND NOT list_contains(?, "
                             "step)", [mid, frames["traces"][0]["step"].to_list()]).fetchall()
@@ -524,6 +526,42 @@ def store_bundle(con: duckdb.DuckDBPyConnection, prepared: PreparedBundle, *,
     changed = stale[0][0] or any(r.added.height or r.updated.height
                                  for t, r in results.items() if t != "sweeps")
     return "updated" if changed else "unchanged"
+
+
+def _check_same_run(con: duckdb.DuckDBPyConnection, prepared: PreparedBundle,
+                    replace: bool) -> None:
+    """A bundle of a model the warehouse has, same identity. Other final weights: the
+    model was trained again (another machine, say); the new run is stored and the
+    measures computed from the old weights are dropped (fgm-measure fills them
+    again). The same weights with another outcome: the manifest does not describe
+    those weights; refused unless `replace`."""
+    mid, frames = prepared.model_id, prepared.frames
+    checkpoints = frames["checkpoints"][0]
+    new_final = checkpoints.filter(pl.col("role") == "final")["sha256"].to_list()
+    stored = con.execute("SELECT sha256 FROM checkpoints WHERE model_id = ? AND role = "
+                         "'final'", [mid]).fetchall()
+    if not stored or not new_final:
+        return
+    if stored[0][0] != new_final[0]:
+        con.execute("DELETE FROM measures WHERE model_id = ? AND NOT list_contains(?, measure)",
+                    [mid, list(TRAINING_MEASURES)])
+        return
+    outcome = frames["outcomes"][0].drop("model_id").row(0, named=True)
+    keep = con.execute(f"SELECT {', '.join(outcome)} FROM outcomes WHERE model_id = ?",
+                       [mid]).fetchall()
+    if keep and not replace:
+        before = dict(zip(outcome, keep[0], strict=True))
+        differs = [k for k, v in outcome.items() if before[k] != v
+                   and not (isinstance(v, float) and isinstance(before[k], float)
+                            and math.isclose(v, before[k], rel_tol=0, abs_tol=1e-12))]
+        if differs:
+            k = differs[0]
+            raise InputError(prepared.manifest_path,
+                             f"model {mid!r} is in the warehouse with these very weights "
+                             f"but another outcome ({k}: stored {before[k]!r}, this bundle "
+                             f"{outcome[k]!r}): the manifest does not describe its "
+                             "checkpoints. Nothing was written; pass --replace to store it "
+                             "anyway")
 
 
 def ingest_bundle(con: duckdb.DuckDBPyConnection, bundle: Path, *,

@@ -96,8 +96,19 @@ def read_table(path: Path) -> pl.DataFrame:
             frame = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(path, f"cannot be read as {suffix[1:]}: {_reason(exc)}") from None
+    if suffix == ".csv" and frame.height:
+        # the empty lines at the end (the only place _check_csv_shape allows them)
+        empty = pl.all_horizontal(pl.col(c).is_null() | (pl.col(c).str.strip_chars() == "")
+                                  for c in frame.columns)
+        flags = frame.select(empty.alias("e"))["e"].to_list()
+        while flags and flags[-1]:
+            flags.pop()
+        frame = frame.head(len(flags))
     if frame.height == 0:
         raise InputError(path, "the table has no rows: expected one row per model")
+    # text stored as a dictionary (pandas' category, Polars' Categorical/Enum) is text
+    frame = frame.with_columns(pl.col(c).cast(pl.String) for c, t in frame.schema.items()
+                               if isinstance(t, pl.Categorical | pl.Enum))
     for col, dtype in frame.schema.items():
         if not (dtype.is_numeric() or dtype in (pl.String, pl.Boolean, pl.Null)):
             raise InputError(path, f"a column of type {dtype} cannot be read: expected "
@@ -126,7 +137,14 @@ def _check_csv_shape(path: Path) -> None:
                     raise InputError(path, f"the header names column {name!r} twice (columns "
                                      f"{seen[name] + 1} and {i + 1})", column=name)
                 seen[name] = i
+            blank = None
             for row_number, row in enumerate(rows, start=1):
+                if not row:                      # an empty line: fine at the end only
+                    blank = blank or row_number
+                    continue
+                if blank is not None:
+                    raise InputError(path, "an empty line in the middle of the table",
+                                     row=blank)
                 if len(row) != len(header):
                     raise InputError(path, f"{len(row)} cells, but the header has "
                                      f"{len(header)} columns", row=row_number)
@@ -447,6 +465,48 @@ def _check_identities(con: duckdb.DuckDBPyConnection, parsed: ParsedTable,
     return conflicts["model_id"].to_list()
 
 
+def _check_same_results(con: duckdb.DuckDBPyConnection, prepared: PreparedTable,
+                        replace: bool) -> pl.DataFrame:
+    """A stored model's results are not overwritten in passing: another gap,
+    accuracy or measure value for a model the warehouse holds is refused by row
+    unless `replace` (two runs' tables of one name would otherwise overwrite each
+    other). An empty cell never erases a stored value. The measures to write."""
+    parsed = prepared.parsed
+    rows = {m: i + 1 for i, m in enumerate(parsed.models["model_id"].to_list())}
+    con.register("_incoming_outcomes", parsed.outcomes)
+    con.register("_incoming_measures", prepared.measures.select("model_id", "measure", "value"))
+    try:
+        moved = con.execute("""
+            SELECT i.model_id, c.name, c.new, c.old FROM _incoming_outcomes AS i
+            JOIN outcomes AS o USING (model_id),
+            LATERAL (VALUES ('gap', i.gap, o.gap), ('train_acc', i.train_acc, o.train_acc),
+                            ('test_acc', i.test_acc, o.test_acc)) AS c(name, new, old)
+            WHERE c.new IS NOT NULL AND c.old IS NOT NULL AND abs(c.new - c.old) > 1e-12
+            ORDER BY i.model_id LIMIT 1""").fetchall()
+        changed = con.execute("""
+            SELECT i.model_id, i.measure, i.value, m.value FROM _incoming_measures AS i
+            JOIN measures AS m USING (model_id, measure)
+            WHERE i.value IS NOT NULL AND m.value IS NOT NULL
+              AND abs(i.value - m.value) > 1e-12 * greatest(1, abs(m.value))
+            ORDER BY i.model_id, i.measure LIMIT 1""").fetchall()
+        erased = con.sql("""
+            SELECT i.model_id, i.measure FROM _incoming_measures AS i
+            JOIN measures AS m USING (model_id, measure)
+            WHERE i.value IS NULL AND m.value IS NOT NULL""").pl()
+    finally:
+        unregister_quietly(con, "_incoming_outcomes")
+        unregister_quietly(con, "_incoming_measures")
+    if not replace and (moved or changed):
+        mid, name, new, old = (moved or changed)[0]
+        what, column = (f"its {name}", name) if moved else (f"measure {name}",
+                                                           f"complexity.{name}")
+        raise InputError(parsed.path, f"model {mid!r} is in the warehouse with {what} = "
+                         f"{old!r}; this table says {new!r}. Nothing was written: pass "
+                         "--replace to overwrite stored results", row=rows.get(mid),
+                         column=column)
+    return prepared.measures.join(erased, on=["model_id", "measure"], how="anti")
+
+
 def write_table(con: duckdb.DuckDBPyConnection, prepared: PreparedTable, *,
                 replace: bool = False) -> IngestSummary:
     """Write a prepared table in one transaction. A model_id that the warehouse
@@ -461,11 +521,12 @@ def write_table(con: duckdb.DuckDBPyConnection, prepared: PreparedTable, *,
                 con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
                             [replaced])
         _check_levels_against_warehouse(con, parsed)
+        measures = _check_same_results(con, prepared, replace)
         upsert(con, "sweeps", prepared.sweeps, ["sweep_id"], ignore=("code_version", "config"))
         touched = [upsert(con, "models", parsed.models, ["model_id"]),
                    upsert(con, "hyperparameters", parsed.hyperparameters, ["model_id", "axis"]),
                    upsert(con, "outcomes", parsed.outcomes, ["model_id"])]
-        values = upsert(con, "measures", prepared.measures, ["model_id", "measure"],
+        values = upsert(con, "measures", measures, ["model_id", "measure"],
                         ignore=("computed_at", "code_version", "params"))
     added = set(touched[0].added["model_id"].to_list())
     changed = set().union(*(t.updated["model_id"].to_list() for t in touched),

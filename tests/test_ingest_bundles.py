@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
@@ -450,3 +451,42 @@ def test_train_cli_helper_still_ingests_one_bundle_on_an_open_connection(db, tmp
     finally:
         con.close()
     assert os.path.exists(db)
+
+
+def test_a_retrained_model_drops_the_measures_of_its_old_weights(db, tmp_path):
+    """The same model (identity) trained again, with other final weights: the new
+    run is stored and what was measured on the old weights goes, to be filled again."""
+    runs, again = tmp_path / "runs", tmp_path / "again"
+    bundle = make_bundle(runs, seed=0)
+    assert ingest_tree(db, runs).added == 1
+    con = connect(db)
+    con.execute("INSERT INTO measures VALUES (?, 'param_norm', 1.0, 'ok', NULL, '{}', "
+                "now(), 'x')", [model_id(bundle)])
+    con.close()
+    torch.manual_seed(99)
+    states = {role: NiN(1, 10, 4, 1).state_dict() for role in ("init", "epoch1", "final")}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for key in ("checkpoints", "trace", "format", "format_version", "model_id"):
+        manifest.pop(key)
+    trace = pl.read_parquet(bundle / "trace.parquet").to_dicts()
+    write_bundle(again, model_id(bundle), manifest, states, trace)
+    report = ingest_tree(db, again)
+    assert report.updated == 1, report
+    con = connect(db, read_only=True)
+    left = {r[0] for r in con.sql("SELECT measure FROM measures").fetchall()}
+    con.close()
+    assert "param_norm" not in left and left <= {"cross_entropy", "steps_to_0.1_loss",
+                                                 "steps_0.1_to_0.01_loss"}
+
+
+def test_the_same_weights_with_another_outcome_are_refused_unless_replace(db, tmp_path):
+    runs = tmp_path / "runs"
+    bundle = make_bundle(runs, seed=0)
+    assert ingest_tree(db, runs).added == 1
+    before = dump(db)
+    edit(bundle, lambda m: m["outcome"].update(test_acc=m["outcome"]["test_acc"] - 0.25,
+                                               gap=m["outcome"]["gap"] + 0.25))
+    report = ingest_tree(db, runs)
+    assert "with these very weights but another outcome" in reasons(report)[bundle]
+    assert dump(db) == before
+    assert ingest_tree(db, runs, replace=True).failed == []

@@ -247,3 +247,45 @@ def test_test_size_column_lets_robust_run_without_a_flag(db, tmp_path):
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["test_size"] == 10000
 
+
+
+def test_a_second_table_of_one_name_does_not_overwrite_the_first_ones_results(db, tmp_path):
+    """runA/results.csv and runB/results.csv (no model_id column): one sweep, one set
+    of ids, other results. The second is refused by row; --replace overwrites."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write(tmp_path / "a", "hp.x,gen.gap,complexity.m\n1,0.1,5\n2,0.2,6\n", "results.csv")
+    ingest(db, first)
+    before = dump(db)
+    second = write(tmp_path / "b", "hp.x,gen.gap,complexity.m\n1,0.1,5\n2,0.4,6\n",
+                   "results.csv")
+    with pytest.raises(InputError, match=r"row 2, column 'gap'.*its gap = 0\.2; this table "
+                                         r"says 0\.4.*--replace"):
+        ingest(db, second)
+    measure = write(tmp_path / "b", "hp.x,gen.gap,complexity.m\n1,0.1,5\n2,0.2,7\n",
+                    "results.csv")
+    with pytest.raises(InputError, match=r"column 'complexity.m'.*measure m = 6\.0"):
+        ingest(db, measure)
+    assert dump(db) == before
+    assert ingest(db, measure, replace=True).values[1] == 1   # m 6 -> 7, on purpose
+
+
+def test_an_empty_cell_never_erases_a_stored_value(db, tmp_path):
+    ingest(db, write(tmp_path, "hp.x,gen.gap,complexity.m\n1,0.1,5\n2,0.2,6\n"))
+    ingest(db, write(tmp_path, "hp.x,gen.gap,complexity.m\n1,0.1,\n2,0.2,6\n"))
+    con = connect(db, read_only=True)
+    values = con.sql("SELECT value, status FROM measures ORDER BY value").fetchall()
+    con.close()
+    assert values == [(5.0, "ok"), (6.0, "ok")]
+
+
+def test_trailing_empty_lines_and_categorical_text_are_fine(wh, tmp_path):
+    assert ingest(wh, write(tmp_path, "hp.x,gen.gap\n1,0.1\n2,0.2\n\n\n"),
+                  sweep="t").models == (2, 0, 0)
+    with pytest.raises(InputError, match="an empty line in the middle") as err:
+        ingest(wh, write(tmp_path, "hp.x,gen.gap\n1,0.1\n\n2,0.2\n", "u.csv"))
+    assert err.value.row == 2
+    path = tmp_path / "c.parquet"
+    pl.DataFrame({"hp.opt": pl.Series(["sgd", "adam"], dtype=pl.Categorical),
+                  "gen.gap": [0.1, 0.2]}).write_parquet(path)
+    assert ingest(wh, path).models == (2, 0, 0)

@@ -77,7 +77,9 @@ def test_reingest_is_idempotent_and_updates_are_counted(db, tmp_path):
     assert again.models == (0, 0, 3) and again.values == (0, 0, 6)
     assert dump(db) == before
     changed = write(tmp_path, GOOD.replace("m1,0.1,sgd,0,1.5", "m1,0.1,sgd,0,9.5"))
-    summary = ingest(db, changed)
+    with pytest.raises(InputError, match="measure a = 1.5; this table says 9.5"):
+        ingest(db, changed)          # a stored result is overwritten on purpose only
+    summary = ingest(db, changed, replace=True)
     assert summary.values == (0, 1, 5) and summary.models == (0, 0, 3)
     con = connect(db, read_only=True)
     assert con.sql("SELECT value FROM measures WHERE model_id='m1' AND measure='a'"

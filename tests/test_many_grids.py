@@ -69,3 +69,22 @@ def test_grids_whose_levels_disagree_are_evaluated_apart(two_grids):
     assert pooled.exit_code == 0, pooled.output
     res = json.loads(pooled.output)
     assert res["n_models"] == 4 and set(res["psi"]) == {"depth"}
+
+
+def test_a_level_that_means_other_values_in_another_sweep_is_not_pooled(db, tmp_path):
+    """Two tables that each rank their own depths from 0: level 0 is depth 2 in one
+    and depth 8 in the other, no value in common."""
+    from warehouse_fixture import ingest_file
+    a = tmp_path / "a.csv"
+    a.write_text("hp.depth,gen.gap,complexity.m\n2,0.1,1\n4,0.2,2\n")
+    b = tmp_path / "b.csv"
+    b.write_text("hp.depth,gen.gap,complexity.m\n8,0.3,3\n16,0.1,4\n")
+    ingest_file(db, a)
+    ingest_file(db, b)
+    out = CliRunner().invoke(query, ["psi", "-m", "m", "--db", str(db)])
+    assert out.exit_code == 1 and "level 0 is 2 in sweep 'a' but 8 in sweep 'b'" in out.output
+    pooled = CliRunner().invoke(query, ["psi", "-m", "m", "--relevel", "--db", str(db),
+                                        "--format", "json"])
+    assert pooled.exit_code == 0, pooled.output
+    # re-ranked by value, 2 < 4 < 8 < 16: gaps 0.1 0.2 0.3 0.1 against m 1 2 3 4
+    assert json.loads(pooled.output)["n_models"] == 4

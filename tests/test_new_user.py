@@ -182,3 +182,49 @@ def test_robust_says_what_test_size_would_be_needed(db):
     assert not math.isnan(largest)
     table = run("robust", "-m", "m", "--db", db)
     assert table.exit_code == 0 and "would count with a test set of more than" in table.output
+
+
+def test_a_hostile_text_value_cannot_open_a_script_in_the_report(db, tmp_path):
+    hostile = "</script><script>document.title='XSS'</script>"
+    table = dict(GRID, **{"hp.optimizer": [hostile, "adam", "sgd"] * 3})
+    build_warehouse(db, table)
+    out = run("report", "--out", tmp_path / "r", "--db", db)
+    assert out.exit_code == 0, out.output
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert hostile not in page
+    assert "\\u003c/script\\u003e\\u003cscript\\u003edocument.title" in page
+    plot = run("plot", "-m", "m", "--color", "optimizer", "--out", tmp_path / "p", "--db", db)
+    assert plot.exit_code == 0, plot.output
+    html = next((tmp_path / "p").glob("*.html")).read_text()
+    assert hostile not in html
+
+
+def test_a_measure_without_any_value_gives_a_null_k_not_a_traceback(db, tmp_path):
+    build_warehouse(db, dict(GRID, **{"complexity.empty": [None] * 9}))
+    out = run("cmi", "-m", "empty", "--db", db, "--format", "json")
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output)
+    assert res["K"] is None and res["n_models"] == 0 and res["note"]
+    assert run("table", "--kind", "cmi", "--db", db).exit_code == 0
+
+
+def test_a_seed_collision_or_two_does_not_decide_every_figure(db):
+    """40 models, each its own seed but for one shared seed: refused, not Ψ = 1."""
+    n = 40
+    table = {"hp.depth": [2 + i % 3 for i in range(n)], "hp.width": [16 * (1 + i % 4)
+                                                                  for i in range(n)],
+             "gen.gap": [0.01 * (i % 7) for i in range(n)],
+             "complexity.m": [float(i % 5) for i in range(n)],
+             "seed": [0] + list(range(n - 1)), "model_id": [f"m{i}" for i in range(n)]}
+    build_warehouse(db, table)
+    out = run("psi", "-m", "m", "--db", db)
+    assert out.exit_code == 1 and "--pool-seeds" in out.output
+    assert run("psi", "-m", "m", "--db", db, "--pool-seeds").exit_code == 0
+
+
+@pytest.mark.parametrize("args", [["sql", "select 1", "--timeout", "nan"],
+                                  ["sql", "select 1", "--timeout", "inf"],
+                                  ["robust", "-m", "m", "--test-size", "0"]])
+def test_numbers_out_of_range_are_refused_by_the_option(wh, args):
+    out = run(*args, "--db", wh)
+    assert out.exit_code == 2 and "Traceback" not in out.output

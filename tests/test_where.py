@@ -125,3 +125,32 @@ def test_hints_for_common_mistakes(wh):
                                      "--db", str(wh)])
     assert out.exit_code == 1 and "did you mean 'depth'" in out.output
     assert "optimizer_level" in out.output   # the usable columns are listed
+
+
+@pytest.mark.parametrize("where", ["NOT " * 500 + "true", "abs(" * 400 + "depth" + ")" * 400])
+def test_deep_nesting_is_one_line_not_a_recursion_error(wh, where):
+    out = CliRunner().invoke(query, ["psi", "-m", "path_norm", "--where", where, "--db", str(wh)])
+    assert out.exit_code == 1 and "nested more than" in out.output
+    assert out.exception.__class__ is SystemExit
+
+
+def test_what_runs_is_the_checked_tree_not_the_text(wh):
+    """The serializer drops a WINDOW clause; what runs is its rendering of the tree,
+    so a subquery hidden there never reaches DuckDB."""
+    from fgm.analysis.predicate import checked_predicate
+    from fgm.analysis.sql import create_hp_wide
+    con = duckdb.connect(str(wh), read_only=True)
+    create_hp_wide(con)
+    sql = checked_predicate(con, "depth = 2 WINDOW w AS (PARTITION BY (SELECT count(*) FROM "
+                                 "read_text('/etc/passwd')))")
+    con.close()
+    assert "read_text" not in sql and "WINDOW" not in sql.upper()
+
+
+def test_a_macro_of_the_warehouse_that_shadows_a_builtin_is_not_called(wh, tmp_path):
+    con = duckdb.connect(str(wh))
+    con.execute("CREATE MACRO lower(x) AS (SELECT count(*) FROM read_text('/etc/hostname'))")
+    con.close()
+    out = CliRunner().invoke(measure, ["--where", "lower(optimizer) = 'sgd'", "--db", str(wh),
+                                       "--device", "cpu"])
+    assert out.exit_code == 1 and "defines its own 'lower'" in out.output
