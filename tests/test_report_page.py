@@ -49,6 +49,8 @@ def test_the_report_renders_readably_at_1280_px(db, tmp_path):
     assert "Models selected by <code>--where &#x27;depth &gt;= 0&#x27;</code>" in text
     words = text.split("<script>")[0]                   # the page, not the Vega bundle
     assert "|S| = 0" in words and ">s0<" not in words and "SPEC" not in words
+    # a results table carries no final cross-entropy: the panel says so, not blank
+    assert "No panel: none of these models has a final training cross-entropy" in words
 
     probed = tmp_path / "probed.html"
     head, _, tail = text.rpartition("</body>")        # the page's own end, not the bundle's
