@@ -127,9 +127,25 @@ def selection_options(func):
 
 
 def _selection(where, dataset, sweep, all_models, relevel=False,
-               pool_seeds=False) -> Selection:
+               pool_seeds=False, converged_searches_only=False) -> Selection:
     return Selection(where=where, dataset=dataset, sweep=sweep, all_models=all_models,
-                     pool_seeds=pool_seeds, relevel=relevel)
+                     pool_seeds=pool_seeds, relevel=relevel,
+                     converged_searches_only=converged_searches_only)
+
+
+searches_option = click.option(
+    "--converged-searches-only", is_flag=True,
+    help="Leave out values whose σ, σ', α or α' search did not converge (their params "
+         "say converged: false); by default they count, and how many is reported.")
+
+
+def _searches_note(n: int, filtered: bool, what: str = "the values") -> str | None:
+    if not n:
+        return None
+    if filtered:
+        return f"{n} value(s) from searches that did not converge left out"
+    return (f"{n} of {what} come from searches that did not converge "
+            "(--converged-searches-only leaves them out)")
 
 
 pool_option = click.option(
@@ -208,22 +224,33 @@ def _emit_notes(notes, fmt: str) -> None:
 @click.option("--measure", "-m", required=True, help="The measure to evaluate.")
 @ci_options
 @pool_option
+@searches_option
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def psi(measure, ci, boot, seed, pool_seeds,
+def psi(measure, ci, boot, seed, pool_seeds, converged_searches_only,
         where, dataset, sweep, all_models, relevel, db, fmt):
     """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs 2, 4 and 5).
-    With several seeds: the mean across seeds and its std (Table 9)."""
+    With several seeds: the mean across seeds and its std (Table 9). Says how many
+    values come from searches that did not converge (JSON: "unconverged_searches")."""
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel))
+        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel,
+                                               converged_searches_only=converged_searches_only))
         mu, sub = measure_values(con, measure, models)
     res = _with_constant(with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci,
                                     blocks=boot, seed=seed, pool_seeds=pool_seeds), models)
+    res["unconverged_searches"] = sub.unconverged_searches
+    note = _searches_note(sub.unconverged_searches, converged_searches_only,
+                          f"the {len(mu)} values")
+    if note:
+        res["note"] = note if "note" not in res else f"{res['note']}; {note}"
     _emit_object(res, fmt, [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in
                                                   res["psi"].items()), ("Psi", res["Psi"]),
-                            *_spread_rows(res, ("tau", "Psi"))])
+                            *_spread_rows(res, ("tau", "Psi")),
+                            ("values from unconverged searches"
+                             + (" (left out)" if converged_searches_only else ""),
+                             sub.unconverged_searches)])
 
 
 def _cmi_rows(res: dict) -> list[tuple[str, object]]:
@@ -291,15 +318,19 @@ def oracle(eps, draws, seed, pool_seeds,
               help="Monte Carlo draws for the oracles' CMI.")
 @ci_options
 @pool_option
+@searches_option
 @selection_options
 @db_option
 @format_option
 @friendly_errors
-def table(kind, draws, ci, boot, seed, pool_seeds,
+def table(kind, draws, ci, boot, seed, pool_seeds, converged_searches_only,
           where, dataset, sweep, all_models, relevel, db, fmt):
     """Every measure, one row each, with the oracle, canonical and random baselines.
-    Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns."""
-    sel = _selection(where, dataset, sweep, all_models, relevel)
+    Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns.
+    unconverged_searches: how many of a measure's values come from searches that did
+    not converge (with --converged-searches-only: how many were left out)."""
+    sel = _selection(where, dataset, sweep, all_models, relevel,
+                     converged_searches_only=converged_searches_only)
     with _readonly(db) as con:
         if kind == "psi":
             frame = table5(con, sel, seed=seed, ci=ci, blocks=boot, pool_seeds=pool_seeds)
@@ -308,7 +339,10 @@ def table(kind, draws, ci, boot, seed, pool_seeds,
                            pool_seeds=pool_seeds)
         constant = select_models(con, sel).constant
     emit_frame(frame, fmt)
-    _emit_notes([_constant_note(constant)], fmt)
+    unconverged = int(frame["unconverged_searches"].fill_null(0).sum())
+    _emit_notes([_constant_note(constant),
+                 _searches_note(unconverged, converged_searches_only, "the measures' values")],
+                fmt)
 
 
 @main.command()

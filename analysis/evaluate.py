@@ -43,6 +43,7 @@ class Selection:
     all_models: bool = False
     pool_seeds: bool = False
     relevel: bool = False
+    converged_searches_only: bool = False   # leave out values of unconverged σ/α searches
 
 
 @dataclass
@@ -56,6 +57,9 @@ class Models:
     seeds: np.ndarray
     test_size: np.ndarray  # test-set size per model (NaN where unknown)
     constant: dict[str, str] = field(default_factory=dict)  # axis -> its one value here
+    converged_searches_only: bool = False   # measure_values leaves unconverged searches out
+    unconverged_searches: int = 0           # values of unconverged searches of the models:
+                                            # behind a figure, or left out (measure_values)
 
     def id_frame(self) -> pl.DataFrame:
         return pl.DataFrame({"model_id": pl.Series(self.ids.tolist(), dtype=pl.String)})
@@ -65,7 +69,8 @@ class Models:
         ids = self.ids[keep]
         return Models(ids, self.gap[keep], self.levels[keep], self.axes,
                       self.values.filter(pl.col("model_id").is_in(ids.tolist())),
-                      self.seeds[keep], self.test_size[keep], self.constant)
+                      self.seeds[keep], self.test_size[keep], self.constant,
+                      self.converged_searches_only)
 
 
 def _names(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
@@ -135,7 +140,7 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
     return Models(ids.to_numpy(), models["gap"].to_numpy().astype(np.float64), levels, axes,
                   hp.drop("level", "sweep"), models["seed"].to_numpy().astype(np.int64),
                   models["test_size"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
-                  dict(sorted(constant.items())))
+                  dict(sorted(constant.items())), sel.converged_searches_only)
 
 
 def _consistent_levels(con: duckdb.DuckDBPyConnection, hp: pl.DataFrame,
@@ -211,21 +216,37 @@ def measure_names(con: duckdb.DuckDBPyConnection) -> list[str]:
     return _names(con, "SELECT DISTINCT measure FROM measures ORDER BY measure")
 
 
+# A value from a σ or α search that did not converge: its params say so, or (stored
+# before fgm recorded `converged`) the deviation it reached lies outside its tolerance.
+UNCONVERGED = ("coalesce(json_extract_string(params, '$.converged') = 'false', "
+               "abs(TRY_CAST(json_extract_string(params, '$.reached_deviation') AS DOUBLE) "
+               "- TRY_CAST(json_extract_string(params, '$.target_deviation') AS DOUBLE)) "
+               "> TRY_CAST(json_extract_string(params, '$.tolerance') AS DOUBLE) + 1e-12, "
+               "false)")
+
+
 def measure_values(con: duckdb.DuckDBPyConnection, measure: str, models: Models,
                    known: list[str] | None = None):
-    """(μ, models restricted to those with a value). Unknown measure → error listing them."""
+    """(μ, models restricted to those with a value). Values from unconverged searches
+    are counted in the models' unconverged_searches, and left out when
+    models.converged_searches_only. Unknown measure → error listing them."""
     known = known if known is not None else measure_names(con)
     if measure not in known:
         close = difflib.get_close_matches(measure, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise FgmError(f"unknown measure {measure!r}.{hint} The warehouse has: "
                        f"{', '.join(known) if known else '(none)'}")
-    vals = con.sql("SELECT model_id, value FROM measures WHERE measure = ? AND value IS NOT NULL",
-                   params=[measure]).pl()
+    vals = con.sql(f"SELECT model_id, value, {UNCONVERGED} AS unconverged FROM measures "
+                   "WHERE measure = ? AND value IS NOT NULL", params=[measure]).pl()
     frame = models.id_frame().join(vals, on="model_id", how="left")
     mu = frame["value"].to_numpy().astype(np.float64)
+    unconverged = frame["unconverged"].fill_null(False).to_numpy()
+    if models.converged_searches_only:
+        mu[unconverged] = np.nan
     keep = ~np.isnan(mu)
-    return mu[keep], models.subset(keep)
+    sub = models.subset(keep)
+    sub.unconverged_searches = int(unconverged.sum())
+    return mu[keep], sub
 
 
 # --------------------------------------------------------------------------- results
@@ -417,7 +438,8 @@ def table5(con, sel: Selection, *, measures: list[str] | None = None,
         rows.append({"kind": kind, **_flat(with_seeds(models, zeros, compute, **seeding),
                                            models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "tau", "Psi",
-                         "tau_std", "Psi_std", "tau_lo", "tau_hi", "Psi_lo", "Psi_hi", "seeds"])
+                         "tau_std", "Psi_std", "tau_lo", "tau_hi", "Psi_lo", "Psi_hi", "seeds",
+                         "unconverged_searches"])
 
 
 def table6(con, sel: Selection, *, measures: list[str] | None = None,
@@ -442,7 +464,8 @@ def table6(con, sel: Selection, *, measures: list[str] | None = None,
                      **seeding)
     rows.append({"kind": "random", **_flat_cmi(res, models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "s0", "s1", "s2", "K",
-                         "argmin", "K_std", "K_lo", "K_hi", "K_stderr", "draws", "seeds"])
+                         "argmin", "K_std", "K_lo", "K_hi", "K_stderr", "draws", "seeds",
+                         "unconverged_searches"])
 
 
 def _per_measure(con, models: Models, measures: list[str] | None, progress, row) -> list[dict]:
@@ -451,7 +474,8 @@ def _per_measure(con, models: Models, measures: list[str] | None, progress, row)
     known = measure_names(con)
     for name in measures or known:
         mu, sub = measure_values(con, name, models, known)
-        rows.append({"kind": "measure", **row(name, mu, sub)})
+        rows.append({"kind": "measure", **row(name, mu, sub),
+                     "unconverged_searches": sub.unconverged_searches})
         if progress:
             progress()
     return rows
@@ -487,6 +511,7 @@ def _flat_cmi(res: dict, axes: list[str]) -> dict:
 def _frame(rows: list[dict], columns: list[str]) -> pl.DataFrame:
     present = [c for c in columns if any(c in r for r in rows)]
     schema = {c: (pl.String if c in ("kind", "measure", "argmin") else
-                  pl.Int64 if c in ("n_models", "draws", "seeds") else pl.Float64)
+                  pl.Int64 if c in ("n_models", "draws", "seeds", "unconverged_searches")
+                  else pl.Float64)
               for c in present}
     return pl.DataFrame([{c: r.get(c) for c in present} for r in rows], schema=schema)

@@ -1,22 +1,37 @@
-"""Benchmark: every measure of SPEC §4 on one model, timed per family.
+"""Benchmark: every measure of SPEC §4 on one model, timed per family, and the
+perturbation searches' reproducibility.
 
-1. a demo-grid model (digits, width 48, depth 3), trained to the stop;
-2. the smallest paper configuration (width 192, 2 blocks) on the CIFAR-10
-   subset in ../shared/data/cifar10-subset, on its first --paper-examples
-   training images (a forward pass over all 4,000 takes seconds on 2 cores,
-   and the searches make hundreds), trained for --paper-steps steps: enough
-   for the searches to have an accuracy to lower.
+1. a demo-grid model (digits, width 48, depth 3), trained to the stop: seconds
+   per family with the default ("paper") budget; then, over search seeds 0-3,
+   σ, σ', α, α', the flatness measures 1/scale² and their max/min, and whether
+   each search converged. Targets (issue #10): max/min ≤ 1.1 for
+   pacbayes_flatness and pacbayes_mag_flatness, ≤ 1.2 for sharpness_flatness and
+   sharpness_mag_flatness; the suite ≤ 10 s on CPU.
+2. --budgets: the suite with each named budget (fast, paper, thorough).
+3. --sweep: how α and α' move as the ascent budget grows (steps x restarts +
+   confirming restarts), over seeds 0-3: the paper budget's 10 x 1 + 2 is where
+   they have settled (fast: 5 x 1 + 1; thorough: 30 x 2 + 4).
+4. --grid DB: the four searches on every model of a warehouse whose models have
+   checkpoints (e.g. the demo grid: fgm-train grid --no-measures): how many
+   converged, and seconds per model.
+5. the smallest paper configuration (width 192, 2 blocks) on the CIFAR-10 subset
+   in ../shared/data/cifar10-subset, on its first --paper-examples training
+   images, trained for --paper-steps steps, with the fast budget.
 
-Prints seconds per family and in total, forward passes per search and peak
-memory. Target: every measure of one demo model in under 10 s.
+    python bench/measures.py [--threads 1] [--budgets] [--sweep] [--grid DB]
+                             [--cifar-root DIR | --no-paper]
 
-    python bench/measures.py [--cifar-root ../shared/data/cifar10-subset] [--paper-steps 400]
+Timings depend on the machine's load: --threads 1 gives steadier figures on a
+machine shared with other jobs (torch's default uses every core, and two busy
+processes on two cores slow each other down many times over).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
+import statistics
 import time
 import warnings
 from collections import defaultdict
@@ -25,11 +40,19 @@ from pathlib import Path
 import torch
 
 from fgm.measures import list_measures
-from fgm.measures.context import Context, Settings
+from fgm.measures.context import BUDGETS, Context, Settings
+from fgm.measures.search import alpha_search, sigma_search
 from fgm.train.data import load_dataset
 from fgm.train.grid import Config
 from fgm.train.loop import train_one
 from fgm.train.nin import NiN
+
+SEEDS = range(4)
+SEARCHES = (  # measure, search scale, search function, magnitude-aware, target max/min
+    ("pacbayes_flatness", "sigma", sigma_search, False, 1.1),
+    ("pacbayes_mag_flatness", "sigma'", sigma_search, True, 1.1),
+    ("sharpness_flatness", "alpha", alpha_search, False, 1.2),
+    ("sharpness_mag_flatness", "alpha'", alpha_search, True, 1.2))
 
 
 def train(dataset, width, depth, batch, steps, root=None, examples=None):
@@ -52,64 +75,164 @@ def train(dataset, width, depth, batch, steps, root=None, examples=None):
     return data, nets, r.outcome, time.perf_counter() - t
 
 
-def run_suite(label, data, nets, outcome, train_s, settings=None):
+def context(data, nets, outcome, settings: Settings) -> Context:
+    return Context.from_models(nets["final"], data.x_train, data.y_train, data.num_classes,
+                               init=nets["init"], epoch1=nets["epoch1"], outcome=outcome,
+                               settings=settings)
+
+
+def run_suite(label, data, nets, outcome, train_s, settings=None, quiet=False) -> float:
     settings = settings or Settings()
-    ctx = Context.from_models(nets["final"], data.x_train, data.y_train, data.num_classes,
-                              init=nets["init"], epoch1=nets["epoch1"], outcome=outcome,
-                              settings=settings)
-    per_family, failed = defaultdict(float), []
-    searches = {}
+    ctx = context(data, nets, outcome, settings)
+    per_family, failed, searches = defaultdict(float), [], {}
     start = time.perf_counter()
     for spec in list_measures():
         t = time.perf_counter()
         try:
             out = spec.fn(ctx)
-            if isinstance(out, tuple) and ("forward_passes" in out[1] or "evaluations" in out[1]):
-                key = "sigma'" if out[1].get("magnitude_aware") else "sigma"
-                if "evaluations" in out[1]:
-                    key = "alpha'" if out[1].get("magnitude_aware") else "alpha"
+            if isinstance(out, tuple) and "converged" in out[1]:
+                key = ("sigma" if "draws" in out[1] else "alpha") \
+                    + ("'" if out[1]["magnitude_aware"] else "")
                 searches[key] = out[1]
         except Exception as exc:  # report, keep timing the rest
             failed.append(f"{spec.name}: {exc}")
         per_family[spec.family] += time.perf_counter() - t
     total = time.perf_counter() - start
+    if quiet:
+        return total
     print(f"\n== {label}: {data.info['train_size']} training images, "
           f"{ctx.net.omega} parameters, trained {outcome['steps']} steps in {train_s:.0f} s "
           f"(converged: {outcome['converged']}, train acc {outcome['train_acc']:.3f})")
     for family, s in sorted(per_family.items(), key=lambda kv: -kv[1]):
         print(f"  {family:14s} {s:7.2f} s")
-    print(f"  {'total':14s} {total:7.2f} s  ({len(list_measures())} measures)")
-    changed = {k: v for k, v in vars(settings).items() if v != getattr(Settings(), k)}
-    print(f"  search settings: {'defaults' if not changed else changed}")
+    print(f"  {'total':14s} {total:7.2f} s  ({len(list_measures())} measures, "
+          f"budget {settings.budget!r})")
     for key, p in searches.items():
-        if "forward_passes" in p:
-            print(f"  search {key}: {p['forward_passes']} forward passes over the training set "
-                  f"({p['bisection_steps_used']} bisection steps x {p['draws']} draws)")
-        else:
-            print(f"  search {key}: {p['evaluations']} radii x {p['restarts']} restarts x "
-                  f"({p['ascent_steps']} ascent steps on {p['ascent_batch']} examples + "
-                  f"1 pass over the training set)")
+        how = (f"{p['forward_passes']} draws of {p['examples_per_draw']} examples"
+               if "draws" in p else
+               f"{p['gradient_steps']} ascent steps on {p['ascent_batch_used']} examples")
+        print(f"  search {key:6s}: {p['probes']} probes, {how}; converged {p['converged']}, "
+              f"deviation {p['reached_deviation']:.4f}")
     for f in failed:
         print(f"  FAILED {f}")
+    return total
+
+
+def spread(data, nets, outcome, settings: Settings, which=SEARCHES) -> dict:
+    """Each search at seeds 0-3: {measure: (values 1/scale², converged flags, s/search)}."""
+    out = {}
+    for measure, name, search, magnitude, limit in which:
+        t, runs = time.perf_counter(), []
+        for seed in SEEDS:
+            ctx = context(data, nets, outcome, dataclasses.replace(settings, seed=seed))
+            runs.append(search(ctx, magnitude))
+        seconds = (time.perf_counter() - t) / len(SEEDS)
+        out[measure] = ([1 / v ** 2 for v, _ in runs], [p["converged"] for _, p in runs],
+                        seconds, name, [v for v, _ in runs], limit)
+    return out
+
+
+def print_spread(results: dict, title: str) -> None:
+    print(f"\n  {title}")
+    print(f"  {'measure':24s} {'scale (seeds 0-3)':36s} {'max/min':>8s} {'target':>7s} "
+          f"{'converged':>9s} {'s/search':>8s}")
+    for measure, (values, converged, seconds, name, scales, limit) in results.items():
+        ratio = max(values) / min(values)
+        scales_text = f"{name} " + " ".join(f"{v:.4g}" for v in scales)
+        print(f"  {measure:24s} {scales_text:36s} {ratio:8.3f} {'≤' + str(limit):>7s} "
+              f"{sum(converged):>5d} / 4 {seconds:8.2f}"
+              + ("" if ratio <= limit else "   MISSED"))
+
+
+def sweep(data, nets, outcome) -> None:
+    """How α and α' move as the ascent budget grows."""
+    grid = [(5, 1, 0), (10, 1, 0), (5, 1, 1), (10, 1, 2), (20, 2, 2), (30, 2, 4)]
+    print("\n  α, α' against the ascent budget (ascent steps x restarts + confirming "
+          "restarts), seeds 0-3:")
+    print(f"  {'budget':>12s} {'median α':>9s} {'max/min 1/α²':>13s} {'s':>6s} "
+          f"{'median α′':>10s} {'max/min 1/α′²':>14s} {'s':>6s}")
+    for steps, restarts, confirm in grid:
+        s = Settings(ascent_steps=steps, restarts=restarts, confirm_restarts=confirm)
+        res = spread(data, nets, outcome, s, SEARCHES[2:])
+        cells = []
+        for measure in ("sharpness_flatness", "sharpness_mag_flatness"):
+            values, converged, seconds, _, scales, _ = res[measure]
+            cells.append(f"{statistics.median(scales):10.4g} {max(values) / min(values):13.3f}"
+                         f"{'' if all(converged) else '*'} {seconds:6.2f}")
+        print(f"  {steps:5d} x {restarts} + {confirm}" + "".join(cells))
+    print("  (* a search did not converge)")
+
+
+def grid(db: Path, settings: Settings, data_root: Path | None) -> None:
+    """The four searches on every model of a warehouse (seed 0)."""
+    from fgm.measures.runner import build_context, model_inputs
+    from fgm.warehouse import connect
+    con = connect(db, read_only=True)
+    try:
+        rows = [(mid, dataset, model_inputs(con, mid)) for mid, dataset in con.sql(
+            "SELECT model_id, dataset FROM models WHERE model_id IN (SELECT model_id FROM "
+            "checkpoints WHERE role = 'final') ORDER BY model_id").fetchall()]
+    finally:
+        con.close()
+    total, unconverged, seconds, datasets = 0, [], [], {}
+    for mid, dataset, inputs in rows:
+        if dataset not in datasets:
+            datasets[dataset] = load_dataset(dataset, data_root)
+        ctx = build_context(inputs, datasets[dataset], settings, torch.device("cpu"))
+        t = time.perf_counter()
+        for _, name, search, magnitude, _ in SEARCHES:
+            total += 1
+            try:
+                value, p = search(ctx, magnitude)
+            except ValueError as exc:
+                unconverged.append(f"{mid} {name}: failed: {exc}")
+                continue
+            if not p["converged"]:
+                unconverged.append(f"{mid} {name} = {value:.4g} (deviation "
+                                   f"{p['reached_deviation']:.3f})")
+        seconds.append(time.perf_counter() - t)
+    print(f"\n== the searches on the {len(rows)} models of {db} (budget "
+          f"{settings.budget!r}, seed {settings.seed}): {total - len(unconverged)} of "
+          f"{total} converged; {statistics.median(seconds):.1f} s per model (median), "
+          f"{max(seconds):.1f} s at most")
+    for u in unconverged:
+        print(f"  not converged: {u}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--budgets", action="store_true", help="time the suite with every budget")
+    ap.add_argument("--sweep", action="store_true", help="α, α' against the ascent budget")
+    ap.add_argument("--grid", type=Path, default=None, help="a warehouse: searches per model")
+    ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--cifar-root", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "data"
                     / "cifar10-subset")
+    ap.add_argument("--no-paper", action="store_true", help="skip the paper configuration")
     ap.add_argument("--paper-steps", type=int, default=150)
     ap.add_argument("--paper-examples", type=int, default=500)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    run_suite("demo model (digits, width 48, depth 3, batch 64)",
-              *train("digits", 48, 3, 64, 3000))
-    if args.cifar_root.exists():
-        # a width-192 network on 2 CPU cores: smaller ascent minibatches and fewer draws
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    demo = train("digits", 48, 3, 64, 3000)
+    run_suite("demo model (digits, width 48, depth 3, batch 64)", *demo)
+    print_spread(spread(*demo[:3], Settings()), "the searches over seeds 0-3, budget 'paper':")
+    if args.budgets:
+        for name in BUDGETS:
+            if name != "paper":
+                run_suite(f"demo model, budget {name!r}", *demo, settings=Settings.preset(name))
+    if args.sweep:
+        sweep(*demo[:3])
+    if args.grid:
+        grid(args.grid, Settings(), args.data_root)
+    if args.cifar_root.exists() and not args.no_paper:
         run_suite("smallest paper configuration (CIFAR-10 subset, width 192, depth 2)",
                   *train("cifar10", 192, 2, 128, args.paper_steps, args.cifar_root,
-                         args.paper_examples), settings=Settings(ascent_batch=64, draws=4))
-    else:
+                         args.paper_examples), settings=Settings.preset("fast"))
+    elif not args.no_paper:
         print(f"\n(no CIFAR-10 subset at {args.cifar_root}: paper configuration skipped)")
     print(f"\npeak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -8,7 +8,7 @@ kernels W_i of the d = 3·depth + 1 weight layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import polars as pl
@@ -20,21 +20,92 @@ from .fold import Layer, fold, input_sizes
 
 @dataclass
 class Settings:
-    """Search budgets and choices, stored with every value in `measures.params`."""
+    """Search budgets and choices, stored with every value in `measures.params`.
+    `Settings.preset(name)` gives one of BUDGETS; the defaults are the "paper" budget."""
     seed: int = 0
+    budget: str = "paper"            # the preset the search budgets started from
     spectral: str = "fft"            # "fft" (Sedghi et al. 2018) or "exact" (power iteration)
     power_iterations: int = 200
     target_deviation: float = 0.1    # accuracy drop that defines σ, σ', α, α' (App. E: d)
     tolerance: float = 0.01          # |deviation − target| accepted by the bisection
-    bisection_steps: int = 12        # M1
-    draws: int = 8                   # M2: Monte Carlo draws per σ (Algorithm 2)
-    restarts: int = 2                # M2 of Algorithm 3: ascent restarts per α
+    bisection_steps: int = 12        # M1: log-scale bisection steps after the bracketing
+    draws_min: int = 8               # M2: Monte Carlo draws per σ probe, at first, then
+    draws: int = 1024                # more, up to this cap, until the standard error of the
+    stderr_ratio: float = 0.25       # mean deviation is ≤ this × tolerance (at most 0.5)
+    draw_examples: int = 128         # M3: training examples each draw is scored on (a seeded
+                                     # subset; the full set when m ≤ this, or when 0)
+    restarts: int = 1                # M2 of Algorithm 3: ascents per α probe (the first
+                                     # from the worst perturbation found so far)...
+    confirm_restarts: int = 2        # ...and more, from random starts, where it would stop
     ascent_steps: int = 10           # M4: gradient-ascent steps per restart
-    ascent_batch: int = 256          # minibatch for each ascent step
-    ascent_lr: float = 0.1           # η: each ascent step moves 0.1 of the radius (box: half-width)
+    ascent_batch: int = 2048         # examples per ascent step; the full set when m ≤ this
+    ascent_lr: float = 0.5           # η_0: a step moves η_t of the radius (box: half-width),
+                                     # η_t cosine-decayed from η_0 to η_0/10
+    sigma_start: float = 0.1         # first σ tried; doubled or halved to bracket
+    sigma_mag_start: float = 0.25    # first σ' (relative std)
+    alpha_start: float = 1.0         # first α (ℓ2 radius)
+    alpha_mag_start: float = 0.05    # first α' (relative half-width)
     eps: float = 1e-3                # ε of the magnitude-aware perturbations
     delta: float = 0.01              # δ of the bounds
     batch: int = 2048                # evaluation batch
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be {rule}" for name, ok, rule in (
+            ("target_deviation", 0 < self.target_deviation < 1, "in (0, 1)"),
+            ("tolerance", 0 < self.tolerance < self.target_deviation,
+             "positive and below target_deviation"),
+            ("stderr_ratio", 0 < self.stderr_ratio <= 0.5, "in (0, 0.5]"),
+            ("draws_min", self.draws_min >= 2, "at least 2"),
+            ("draws", self.draws >= self.draws_min, "at least draws_min"),
+            ("bisection_steps", self.bisection_steps >= 1, "at least 1"),
+            ("restarts", self.restarts >= 1, "at least 1"),
+            ("confirm_restarts", self.confirm_restarts >= 0, "at least 0"),
+            ("ascent_steps", self.ascent_steps >= 1, "at least 1"),
+            ("ascent_lr", self.ascent_lr > 0, "positive"),
+            ("draw_examples", self.draw_examples >= 0, "at least 0 (0: every example)"),
+            ("ascent_batch", self.ascent_batch >= 0, "at least 0 (0: every example)"),
+        ) if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def preset(cls, budget: str = "paper", **overrides) -> Settings:
+        """The named search budget of BUDGETS, with any field overridden."""
+        if budget not in BUDGETS:
+            raise ValueError(f"unknown budget {budget!r}; budgets: {', '.join(BUDGETS)}")
+        return cls(**{**BUDGETS[budget], **overrides, "budget": budget})
+
+    @classmethod
+    def parse(cls, budget: str, assignments: tuple[str, ...] | list[str] = (),
+              **fixed) -> Settings:
+        """A budget with NAME=VALUE overrides as a command line gives them
+        (fgm-measure --budget B --set draws=2048). ValueError names what is wrong."""
+        types = {f.name: f.type for f in fields(cls) if f.name != "budget"}
+        overrides = {}
+        for item in assignments:
+            name, eq, text = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not eq or name not in types:
+                raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of "
+                                 f"{', '.join(sorted(types))}")
+            kind = {"int": int, "float": float}.get(types[name], str)
+            try:
+                overrides[name] = kind(text.strip())
+            except ValueError:
+                raise ValueError(f"{item!r}: {name} takes a{'n' if kind is int else ''} "
+                                 f"{kind.__name__}") from None
+        return cls.preset(budget, **{**fixed, **overrides})
+
+
+# Search budgets by name, over the defaults above ("paper"): README, "Complexity
+# measures", has them as a table; bench/measures.py shows what each costs and how
+# far the searches' results move with it.
+BUDGETS: dict[str, dict] = {
+    "fast": {"draws": 256, "stderr_ratio": 0.5, "confirm_restarts": 1, "ascent_steps": 5},
+    "paper": {},
+    "thorough": {"draws": 4096, "stderr_ratio": 0.125, "restarts": 2, "confirm_restarts": 4,
+                 "ascent_steps": 30, "bisection_steps": 20},
+}
 
 
 class FlatNet:
@@ -140,6 +211,9 @@ class Context:
             return float(np.percentile((true - other).cpu().numpy(), 10))
         return self.memo("margin", compute)
 
-    def generator(self, salt: int) -> torch.Generator:
-        return torch.Generator(device=self.net.w.device).manual_seed(self.settings.seed * 1000
-                                                                     + salt)
+    def generator(self, salt: int, draw: int | None = None) -> torch.Generator:
+        """A seeded generator per search (salt), or per Monte Carlo draw of it."""
+        seed = self.settings.seed * 1000 + salt
+        if draw is not None:
+            seed = (seed << 24) + draw
+        return torch.Generator(device=self.net.w.device).manual_seed(seed)

@@ -86,10 +86,11 @@ def sum_of_fro_over_margin(ctx: Context) -> float:
 
 
 def path_norm_value(net: FlatNet, w: torch.Tensor, shape: tuple[int, ...]) -> float:
-    """Σ_j f_{w²}(1)[j]: every parameter squared, an all-ones input forwarded."""
+    """Σ_j f_{w²}(1)[j]: every parameter squared, an all-ones input forwarded, in
+    float64 (a product over many layers of squared folded weights overflows float32)."""
     with torch.no_grad():
-        ones = torch.ones((1, *shape), dtype=w.dtype, device=w.device)
-        return float(net.logits(w.pow(2), ones).sum())
+        ones = torch.ones((1, *shape), dtype=torch.float64, device=w.device)
+        return float(net.logits(w.double().pow(2), ones).sum())
 
 
 @measure(eq="44")

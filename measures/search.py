@@ -4,66 +4,278 @@
 Each finds the largest scale whose perturbation lowers the training accuracy
 by `target_deviation` (0.1) from the model's own, within `tolerance`. Every
 budget used is returned with the value, to be stored in `measures.params`.
+
+What makes the result reproducible across search seeds:
+- σ, σ': common random numbers. Draw k is the same direction z_k at every
+  σ tried (its own seeded generator), scaled by σ, so the estimated deviation
+  is a smooth, all but monotone function of σ and bisection on it is well
+  posed. Each probe adds draws until the estimate's standard error is at most
+  stderr_ratio·tolerance (¼ by default: at ½, four seeds of a width-16 digits
+  net ended 12% apart in 1/σ²), or its side of the target band is certain, up
+  to a cap. Each draw is scored on
+  its own seeded subset of `draw_examples` training examples (the paper's
+  EstimateAccuracy samples minibatches too): per unit of compute that lowers
+  the standard error several times more than scoring fewer draws on all.
+- α, α': a strong ascent. Full-batch gradients where the training set fits
+  in `ascent_batch`, a cosine step-size schedule, restarts, and a warm start
+  from the worst perturbation found at the radii tried before. Every iterate's
+  accuracy on the full training set is checked, and a probe stops early once
+  one lies beyond the target band: a perturbation is a witness. Where the
+  search would stop, `confirm_restarts` more ascents look for one.
+- A search that does not converge within its budget returns the largest scale
+  known to lie below the target (the safe side: a smaller σ or α only loosens
+  a bound), with `converged: false` and the deviation reached there.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .context import Context
+from .context import Context, Settings
+
+Z_CERTAIN = 3.0       # a probe is on one side of the target when this many standard errors away
+MAX_EXPANSIONS = 30   # probes to bracket the target from the first scale
+AIM = 0.75            # a search stops at a deviation within AIM·tolerance of the target;
+AIM_ASCENT = 0.2      # an ascent's deviation has no sampling error: it can aim closer
+COLLAPSED = 1.02      # a bracket this narrow without a probe in the band: re-probe lo
 
 
-def _bisect(ctx: Context, deviation: Callable[[float], float], upper: float) -> tuple[float, dict]:
-    s = ctx.settings
-    hi, expansions = upper, 0
-    dev_hi = deviation(hi)
-    while dev_hi < s.target_deviation and expansions < 30:   # make sure hi is past the target
-        hi *= 2.0
-        expansions += 1
-        dev_hi = deviation(hi)
-    if dev_hi < s.target_deviation:
-        raise ValueError(f"the training accuracy never dropped by {s.target_deviation} "
-                         f"(reached {dev_hi:.3f} at scale {hi:g}); is the model trained?")
-    lo, mid, dev, steps = 0.0, hi, dev_hi, 0
-    for steps in range(1, s.bisection_steps + 1):  # noqa: B007 - steps is reported
-        mid = (lo + hi) / 2
-        dev = deviation(mid)
-        if abs(dev - s.target_deviation) <= s.tolerance:
+class NoSafeScale(ValueError):
+    """Even the smallest scale tried lowers the accuracy by more than the target."""
+
+    def __init__(self, message: str, deviation: float = math.nan):
+        super().__init__(message)
+        self.deviation = deviation
+
+
+@dataclass
+class Probe:
+    """The deviation base − accuracy estimated at one scale."""
+    scale: float
+    deviation: float
+    stderr: float = 0.0   # of the Monte Carlo mean; 0 for the ascent
+    draws: int = 0        # Monte Carlo draws behind it; 0 for the ascent
+
+
+def _side(p: Probe, s: Settings) -> int:
+    """+1 above the band target ± tolerance, −1 below, 0 inside."""
+    gap = p.deviation - s.target_deviation
+    return 0 if abs(gap) <= s.tolerance else (1 if gap > 0 else -1)
+
+
+def _accepts(p: Probe, s: Settings) -> bool:
+    return _side(p, s) == 0 and p.stderr <= s.stderr_ratio * s.tolerance
+
+
+def _interpolate(dev_lo: float, dev_hi: float, target: float) -> float:
+    """Where between the bracket's ends (0: lo, 1: hi, in log scale) the target lies,
+    if the deviation grows as a power of the scale (the line through the two ends
+    on log-log axes); on a linear scale of deviation when the low end shows none."""
+    if dev_lo > 0:
+        return math.log(target / dev_lo) / math.log(dev_hi / dev_lo)
+    return (target - dev_lo) / (dev_hi - dev_lo)
+
+
+def _toward(p: Probe, last: Probe | None, target: float) -> float:
+    """The next scale to bracket the target from p (last: the probe before it, on the
+    same side): where the power law through the two (a line on log-log axes) meets
+    the target, 1.01 to 2 times p's scale away; twice or half p's scale without one.
+    (An ascent probe that stopped at a witness shows a deviation too low: hence
+    at most 2x.)"""
+    ratio = 2.0
+    if last is not None and p.deviation > 0 and last.deviation > 0 \
+            and p.deviation != last.deviation:
+        power = math.log(p.deviation / last.deviation) / math.log(p.scale / last.scale)
+        if power > 0:
+            ratio = math.exp(min(max(abs(math.log(target / p.deviation)) / power,
+                                     math.log(1.01)), math.log(2.0)))
+    return p.scale * ratio if p.deviation < target else p.scale / ratio
+
+
+def bisect(s: Settings, probe: Callable[..., Probe], start: float,
+           floor: float = 0.0, aim: float = AIM) -> tuple[float, dict]:
+    """Bracket the target from `start` (_toward), then shrink the bracket in log
+    scale: each new scale is where the deviation, a power of the scale between the
+    bracket's ends, meets the target (kept 5% inside), or the midpoint when one end
+    has moved three times in a row (so the bracket keeps shrinking).
+
+    Converged: a probe inside the band target ± tolerance whose standard error is
+    ≤ stderr_ratio·tolerance. The search stops at one within aim·tolerance of the
+    target; one farther out is kept while the search goes on (stopping anywhere in
+    a band as wide as the tolerance would let seeds end at scales a few percent
+    apart). Not converged within `bisection_steps`: the largest scale known to be
+    below the target (Z_CERTAIN standard errors below it), `converged: False`.
+    Below `floor` the perturbation no longer shrinks: halving stops there."""
+    target = s.target_deviation
+    lo = hi = accepted = safe = None
+    scale, probes, expansions, steps, moved, reprobed = start, 0, 0, 0, [], set()
+    again = False
+    while True:
+        p = probe(scale, again) if again else probe(scale)
+        probes, again = probes + 1, False
+        if _accepts(p, s) and (accepted is None or abs(p.deviation - target)
+                               < abs(accepted.deviation - target)):
+            accepted = p
+        if accepted is not None and abs(accepted.deviation - target) <= aim * s.tolerance:
             break
-        if dev > s.target_deviation:
-            hi = mid
+        if p.deviation + Z_CERTAIN * p.stderr < target and (safe is None
+                                                            or p.scale > safe.scale):
+            safe = p
+        if p.deviation > target:
+            previous, hi = hi, p
+            # the deviation grows with the scale: what was found at p, an ascent could
+            # have found at any larger scale; probes there that showed less were wrong
+            if lo is not None and lo.scale >= p.scale:   # (re-probed below)
+                lo = None
+            if safe is not None and safe.scale >= p.scale:
+                safe = None
+            if accepted is not None and accepted.scale >= p.scale \
+                    and p.deviation > target + s.tolerance:
+                accepted = None
         else:
-            lo = mid
-    return mid, {"target_deviation": s.target_deviation, "tolerance": s.tolerance,
-                 "bisection_steps": s.bisection_steps, "bisection_steps_used": steps,
-                 "upper_bound": upper * 2 ** expansions, "reached_deviation": dev,
-                 "seed": s.seed}
+            previous, lo = lo, p
+        moved.append(p.deviation > target)
+        if lo is None or hi is None:          # bracketing
+            if expansions == MAX_EXPANSIONS or (lo is None and p.scale < floor):
+                break
+            expansions += 1
+            scale = _toward(p, previous, target)
+            continue
+        if steps == s.bisection_steps:
+            break
+        steps += 1
+        if hi.scale < lo.scale * COLLAPSED and lo.scale not in reprobed:
+            # the deviation jumps over the whole band between two scales 2% apart: lo
+            # may be wrong (an ascent weak there, which starts from hi's perturbation
+            # now; a side taken on few draws): probe it again, precisely
+            reprobed.add(lo.scale)
+            scale, again = lo.scale, True
+            continue
+        t = _interpolate(lo.deviation, hi.deviation, target)
+        if len(moved) >= 3 and moved[-1] == moved[-2] == moved[-3]:
+            t = 0.5
+        t = min(max(t, 0.05), 0.95)
+        scale = lo.scale ** (1 - t) * hi.scale ** t
+    if accepted is None and hi is None:
+        raise ValueError(f"the training accuracy never dropped by {target} (reached "
+                         f"{p.deviation:.3f} at scale {p.scale:g}); is the model trained?")
+    if accepted is None and safe is None and lo is not None:
+        # lo is below the target by its estimate only: halve it until a probe is
+        # known to be (for the ascent, lo itself is: its deviation has no error)
+        scale = lo.scale
+        for _ in range(MAX_EXPANSIONS):
+            scale /= 2
+            p, probes = probe(scale), probes + 1
+            if p.deviation + Z_CERTAIN * p.stderr < target:
+                safe = p
+                break
+    final = accepted or safe
+    if final is None:
+        raise NoSafeScale(f"no scale was found to lower the training accuracy by less than "
+                          f"{target} (the smallest tried, {p.scale:g}, lowered it by "
+                          f"{p.deviation:.3f})", p.deviation)
+    return final.scale, {
+        "converged": accepted is not None, "reached_deviation": final.deviation,
+        "deviation_stderr": final.stderr, "target_deviation": target,
+        "tolerance": s.tolerance, "bisection_steps": s.bisection_steps,
+        "bisection_steps_used": steps, "probes": probes,
+        "expansions": expansions, "seed": s.seed, "budget": s.budget,
+        **({"draws_used": final.draws} if final.draws else {})}
+
+
+# --------------------------------------------------------------------------- σ, σ'
+
+def noise_draws(ctx: Context, salt: int, first: int,
+                count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draws first .. first+count−1: directions z_k ~ N(0, I) over the ω weights,
+    (count, ω), and the training examples each is scored on, (count, draw_examples)
+    (None: the whole set, when it is no larger). Draw k comes from its own
+    generator, so it is the same whatever the scale or the batching."""
+    w, s = ctx.net.w, ctx.settings
+    subset = 0 < s.draw_examples < ctx.m
+    z = torch.empty((count, w.numel()), dtype=w.dtype, device=w.device)
+    idx = torch.empty((count, s.draw_examples), dtype=torch.long, device=w.device) \
+        if subset else None
+    for i in range(count):
+        gen = ctx.generator(salt, draw=first + i)
+        z[i] = torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype)
+        if idx is not None:
+            idx[i] = torch.randperm(ctx.m, generator=gen, device=w.device)[:s.draw_examples]
+    return z, idx
+
+
+def perturbed_accuracies(ctx: Context, perturbations: torch.Tensor,
+                         examples: torch.Tensor | None = None) -> list[float]:
+    """Training accuracy of w + u for each row u of a (B, ω) stack: on all examples,
+    or on row b of `examples` (B, k) for perturbation b."""
+    w = ctx.net.w
+    if examples is None:
+        return [ctx.accuracy(w + u) for u in perturbations]
+    with torch.no_grad():
+        return [(ctx.net.logits(w + u, ctx.x[i]).argmax(1) == ctx.y[i]).double().mean().item()
+                for u, i in zip(perturbations, examples, strict=True)]
 
 
 def sigma_search(ctx: Context, magnitude: bool) -> tuple[float, dict]:
     """Algorithm 2. Noise N(0, σ²) on every weight, or with magnitude=True the
-    per-weight std √(σ'² w_i² + ε²). Expected accuracy over `draws` samples."""
+    per-weight std √(σ'² w_i² + ε²). The expected accuracy is a mean over the
+    common draws z_1, z_2, ...: at least `draws_min` of them, more until the
+    standard error of the mean is ≤ stderr_ratio·tolerance or, outside the band,
+    Z_CERTAIN standard errors from the target, at most `draws`. `forward_passes`
+    in params: the draws scored, each on `examples_per_draw` examples."""
     s = ctx.settings
     w = ctx.net.w
     base = ctx.accuracy()
-    gen = ctx.generator(2 if magnitude else 1)
+    salt = 2 if magnitude else 1
+    chunk = max(1, min(16, 2 ** 25 // w.numel()))   # draws held at once: ≤ 128 MiB in float32
     passes = 0
 
-    def deviation(sigma: float) -> float:
+    def probe(sigma: float, again: bool = False) -> Probe:
         nonlocal passes
         std = torch.sqrt(sigma ** 2 * w ** 2 + s.eps ** 2) if magnitude else sigma
-        accs = [ctx.accuracy(w + std * torch.randn(w.shape, generator=gen, device=w.device,
-                                                   dtype=w.dtype)) for _ in range(s.draws)]
-        passes += s.draws
-        return base - sum(accs) / len(accs)
+        accs: list[float] = []
+        n = min(s.draws_min, s.draws)
+        while True:
+            while len(accs) < n:
+                z, examples = noise_draws(ctx, salt, len(accs), min(chunk, n - len(accs)))
+                accs += perturbed_accuracies(ctx, std * z, examples)
+            acc = torch.tensor(accs, dtype=torch.float64)
+            p = Probe(sigma, base - float(acc.mean()),
+                      float(acc.std() / math.sqrt(n)) if n > 1 else math.inf, n)
+            # precise enough to accept or reject it; or, outside the band, to be sure
+            # of its side of the target (all the bracket needs). The deviation of a
+            # draw is skewed (a few directions do much harm): a handful of draws
+            # misses them, and their standard error too, so near the target a side
+            # takes 4·draws_min draws at least. Asked `again`: precise in any case.
+            gap = abs(p.deviation - s.target_deviation)
+            goal = s.stderr_ratio * s.tolerance
+            if gap > s.tolerance and not again and (n >= 4 * s.draws_min
+                                                    or gap > 3 * s.tolerance):
+                goal = max(goal, gap / Z_CERTAIN)
+            if p.stderr <= goal or n >= s.draws:
+                passes += n
+                return p
+            # as many draws as that stderr asks for, at most 4x at a time (a few
+            # draws' standard error is itself rough)
+            needed = math.ceil(1.2 * n * (p.stderr / goal) ** 2)
+            n = min(max(needed, n + s.draws_min), 4 * n, s.draws)
 
-    sigma, params = _bisect(ctx, deviation, upper=1.0)
-    return sigma, dict(params, draws=s.draws, forward_passes=passes, model_accuracy=base,
-                       magnitude_aware=magnitude, eps=s.eps if magnitude else None)
+    start = "sigma_mag_start" if magnitude else "sigma_start"
+    sigma, params = bisect(s, probe, getattr(s, start))
+    return sigma, dict(params, **{start: getattr(s, start)}, draws=s.draws, draws_min=s.draws_min,
+                       stderr_ratio=s.stderr_ratio, draw_examples=s.draw_examples,
+                       examples_per_draw=min(s.draw_examples, ctx.m) if s.draw_examples > 0
+                       else ctx.m, forward_passes=passes,
+                       model_accuracy=base, magnitude_aware=magnitude,
+                       eps=s.eps if magnitude else None)
 
+
+# --------------------------------------------------------------------------- α, α'
 
 def project_ball(u: torch.Tensor, radius: float) -> torch.Tensor:
     norm = u.norm()
@@ -74,47 +286,126 @@ def project_box(u: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.minimum(u, half_width), -half_width)
 
 
+def ascent_rate(s: Settings, step: int) -> float:
+    """η_t: cosine decay from ascent_lr to ascent_lr/10 over the ascent steps."""
+    frac = step / max(s.ascent_steps - 1, 1)
+    return s.ascent_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class Ascent:
+    """Projected gradient ASCENT on the training cross-entropy inside the set of
+    radius α: the ℓ2 ball ‖u‖ ≤ α, or with magnitude=True the box |u_i| ≤ α|w_i| + ε.
+    Remembers the worst perturbation found, as a fraction of its set, to start the
+    next radius from it."""
+
+    def __init__(self, ctx: Context, magnitude: bool, gen: torch.Generator):
+        self.ctx, self.magnitude, self.gen = ctx, magnitude, gen
+        s = ctx.settings
+        self.batch = ctx.m if s.ascent_batch <= 0 else min(s.ascent_batch, ctx.m)
+        self.full = self.batch == ctx.m
+        self.best: torch.Tensor | None = None   # worst u found so far, divided by its set's size
+        self.gradients = self.passes = 0
+
+    def _size(self, alpha: float) -> torch.Tensor | float:
+        w = self.ctx.net.w
+        return alpha * w.abs() + self.ctx.settings.eps if self.magnitude else alpha
+
+    def _loss_and_accuracy(self, u: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        ctx = self.ctx
+        if self.full:
+            logits = torch.cat([ctx.net.logits(ctx.net.w + u, ctx.x[i:i + ctx.settings.batch])
+                                for i in range(0, ctx.m, ctx.settings.batch)])
+            acc = (logits.argmax(1) == ctx.y).double().mean().item()
+            return F.cross_entropy(logits, ctx.y), acc
+        idx = torch.randint(0, ctx.m, (self.batch,), generator=self.gen, device=ctx.x.device)
+        return F.cross_entropy(ctx.net.logits(ctx.net.w + u, ctx.x[idx]), ctx.y[idx]), None
+
+    def worst_accuracy(self, alpha: float, stop_below: float = -1.0,
+                       restarts: int | None = None, warm: bool = True) -> float:
+        """The lowest full-training-set accuracy found inside the set of radius α by
+        `restarts` ascents (the first from the worst perturbation so far, if `warm`).
+        Stops as soon as one is below `stop_below` (that alone decides the probe)."""
+        s, w = self.ctx.settings, self.ctx.net.w
+        size = self._size(alpha)
+        worst, worst_u = float("inf"), None
+
+        def seen(acc: float, u: torch.Tensor) -> bool:
+            nonlocal worst, worst_u
+            if acc < worst:
+                worst, worst_u = acc, u.detach().clone()
+            return worst < stop_below
+
+        for restart in range(s.restarts if restarts is None else restarts):
+            if restart == 0 and warm and self.best is not None:   # the worst found so far
+                u = (project_box(self.best * size, size) if self.magnitude
+                     else project_ball(self.best * alpha, alpha))
+            else:   # off the flat minimum with uniform noise inside the set (App. E)
+                r = torch.rand(w.shape, generator=self.gen, device=w.device, dtype=w.dtype) * 2 - 1
+                u = r * size if self.magnitude else r * alpha / w.numel() ** 0.5
+            done = False
+            for step in range(s.ascent_steps):
+                u = u.detach().requires_grad_(True)
+                loss, acc = self._loss_and_accuracy(u)
+                if acc is not None and seen(acc, u):     # full batch: every iterate checked
+                    done = True
+                    break
+                (g,) = torch.autograd.grad(loss, u)
+                self.gradients += 1
+                with torch.no_grad():   # ASCENT: up the loss, then back into the set
+                    eta = ascent_rate(s, step)
+                    if self.magnitude:
+                        u = project_box(u + eta * size * g.sign(), size)
+                    else:
+                        u = project_ball(u + eta * alpha * g / g.norm().clamp_min(1e-30), alpha)
+            if not done:
+                self.passes += 1
+                done = seen(self.ctx.accuracy(w + u.detach()), u)
+            if done:
+                break
+        if worst_u is not None and (warm or worst < stop_below):
+            self.best = worst_u / size
+        return worst
+
+
 def worst_accuracy(ctx: Context, alpha: float, magnitude: bool, gen: torch.Generator) -> float:
-    """The lowest training accuracy gradient ascent finds inside the set of radius α:
-    the ℓ2 ball ‖u‖ ≤ α, or with magnitude=True the box |u_i| ≤ α|w_i| + ε."""
-    s = ctx.settings
-    w = ctx.net.w
-    half = alpha * w.abs() + s.eps if magnitude else None
-    worst = float("inf")
-    for _ in range(s.restarts):
-        # start off the flat minimum with uniform noise inside the set (App. E)
-        r = torch.rand(w.shape, generator=gen, device=w.device, dtype=w.dtype) * 2 - 1
-        u = r * half if magnitude else r * alpha / w.numel() ** 0.5
-        for _ in range(s.ascent_steps):
-            idx = torch.randint(0, ctx.m, (min(s.ascent_batch, ctx.m),), generator=gen,
-                                device=w.device)
-            u = u.detach().requires_grad_(True)
-            loss = F.cross_entropy(ctx.net.logits(w + u, ctx.x[idx]), ctx.y[idx])
-            (g,) = torch.autograd.grad(loss, u)
-            with torch.no_grad():   # ASCENT: move up the loss, then back into the set
-                if magnitude:
-                    u = project_box(u + s.ascent_lr * half * g.sign(), half)
-                else:
-                    step = s.ascent_lr * alpha * g / g.norm().clamp_min(1e-30)
-                    u = project_ball(u + step, alpha)
-        worst = min(worst, ctx.accuracy(w + u.detach()))
-    return worst
+    """The lowest training accuracy gradient ascent finds inside the set of radius α
+    (a fresh ascent, no warm start)."""
+    return Ascent(ctx, magnitude, gen).worst_accuracy(alpha)
 
 
 def alpha_search(ctx: Context, magnitude: bool) -> tuple[float, dict]:
     """Algorithm 3, with gradient ascent on the cross-entropy as the surrogate."""
     s = ctx.settings
     base = ctx.accuracy()
-    gen = ctx.generator(4 if magnitude else 3)
-    evaluations = 0
+    ascent = Ascent(ctx, magnitude, ctx.generator(4 if magnitude else 3))
+    # an accuracy below this is a perturbation beyond the band: it decides the probe
+    above = base - s.target_deviation - s.tolerance
 
-    def deviation(alpha: float) -> float:
-        nonlocal evaluations
-        evaluations += 1
-        return base - worst_accuracy(ctx, alpha, magnitude, gen)
+    def probe(alpha: float, again: bool = False) -> Probe:
+        # again: as any probe, the ascent starting from the worst perturbation so far
+        worst = ascent.worst_accuracy(alpha, stop_below=above)
+        if abs(base - worst - s.target_deviation) <= AIM_ASCENT * s.tolerance:
+            # where the search would stop: look harder for a perturbation beyond the band
+            worst = min(worst, ascent.worst_accuracy(alpha, stop_below=above,
+                                                     restarts=s.confirm_restarts, warm=False))
+        return Probe(alpha, base - worst)
 
-    alpha, params = _bisect(ctx, deviation, upper=1.0 if magnitude else 5.0)
-    return alpha, dict(params, restarts=s.restarts, ascent_steps=s.ascent_steps,
-                       ascent_batch=s.ascent_batch, ascent_lr=s.ascent_lr,
-                       evaluations=evaluations, model_accuracy=base, magnitude_aware=magnitude,
-                       eps=s.eps if magnitude else None)
+    start = "alpha_mag_start" if magnitude else "alpha_start"
+    # the box |u_i| ≤ α'|w_i| + ε is the ε-box, to 1%, once α'·max|w_i| < ε/100
+    floor = s.eps / 100 / float(ctx.net.w.abs().max()) if magnitude else 0.0
+    try:
+        alpha, params = bisect(s, probe, getattr(s, start), floor, AIM_ASCENT)
+    except NoSafeScale as exc:
+        if not magnitude:
+            raise
+        raise NoSafeScale(f"even the smallest box, |u_i| ≤ ε = {s.eps:g}, lowers the "
+                          f"training accuracy by {exc.deviation:.3f}, more than "
+                          f"{s.target_deviation}: α' is not defined for this model (the "
+                          f"ε-box's corners lie {s.eps * ctx.net.omega ** 0.5:.3g} from w "
+                          "in ℓ2)") from None
+    return alpha, dict(params, **{start: getattr(s, start)}, restarts=s.restarts,
+                       confirm_restarts=s.confirm_restarts, ascent_steps=s.ascent_steps,
+                       ascent_batch=s.ascent_batch, ascent_batch_used=ascent.batch,
+                       ascent_lr=s.ascent_lr, gradient_steps=ascent.gradients,
+                       accuracy_passes=ascent.passes, model_accuracy=base,
+                       magnitude_aware=magnitude, eps=s.eps if magnitude else None)

@@ -5,7 +5,9 @@ kernel. Two ways, chosen per run (Settings.spectral):
 - "fft" (default, the paper's): Sedghi et al. (2018). A stride-1 convolution
   with circular padding on n×n inputs is block-diagonalised by the 2-D DFT;
   its singular values are those of the c_out×c_in matrices K̂(u, v), the
-  kernel's DFT zero-padded to n×n, at each frequency (u, v).
+  kernel's DFT zero-padded to n×n, at each frequency (u, v). A kernel larger
+  than its input (3×3 on 2×2 or 1×1 maps in deep nets) is first folded onto
+  the n×n grid, its taps wrapped modulo n, as the circular convolution does.
 - "exact": power iteration on the true strided, zero-padded convolution,
   with the adjoint taken through autograd.
 """
@@ -23,11 +25,24 @@ from .norms import dist_sq, fro_sq, prod_pow
 from .registry import measure
 
 
+def fold_taps(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """The kernel as a circular convolution on n×n inputs sees it: a k×k kernel with
+    k > n wraps around, tap (a, b) acting at offset (a mod n, b mod n); taps that land
+    on one offset add up. (c_out, c_in, min(k, n), min(k, n))."""
+    k = weight.shape[-1]
+    if k <= n:
+        return weight
+    folded = weight.new_zeros((*weight.shape[:2], n, n))
+    for a in range(k):
+        for b in range(k):
+            folded[:, :, a % n, b % n] += weight[:, :, a, b]
+    return folded
+
+
 def spectral_norm_fft(weight: torch.Tensor, n: int) -> float:
     """Largest singular value of the circular stride-1 convolution on n×n inputs."""
-    k = weight.shape[-1]
-    size = max(n, k)
-    transfer = torch.fft.fft2(weight.double(), s=(size, size))     # (c_out, c_in, n, n)
+    kernel = fold_taps(weight.double(), n)
+    transfer = torch.fft.fft2(kernel, s=(n, n))                      # (c_out, c_in, n, n)
     blocks = transfer.permute(2, 3, 0, 1)                            # (n, n, c_out, c_in)
     return float(torch.linalg.matrix_norm(blocks, ord=2).max())
 

@@ -136,7 +136,10 @@ def circular_conv_matrix(kernel: np.ndarray, n: int) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-@pytest.mark.parametrize("c_out,c_in,k,n", [(3, 2, 3, 5), (4, 4, 1, 4), (2, 3, 3, 7)])
+@pytest.mark.parametrize("c_out,c_in,k,n", [(3, 2, 3, 5), (4, 4, 1, 4), (2, 3, 3, 7),
+                                            # kernels larger than their input: 3x3 on
+                                            # 1x1, 2x2 and 3x3 maps (deep nets' last blocks)
+                                            (3, 2, 3, 1), (2, 3, 3, 2), (4, 2, 3, 3)])
 def test_fft_spectral_norm_against_svd_of_the_explicit_convolution(c_out, c_in, k, n):
     kernel = np.random.default_rng(c_out + n).normal(size=(c_out, c_in, k, k))
     ref = np.linalg.svd(circular_conv_matrix(kernel, n), compute_uv=False)[0]
@@ -185,6 +188,35 @@ def test_path_norm_against_enumeration_of_every_path():
     assert path_norm_value(net, net.w, (3, 1, 1)) == pytest.approx(total, rel=1e-12)
 
 
+def test_path_norm_of_a_deep_net_with_small_batchnorm_variances_is_finite():
+    """25 folded layers of width 96, every BatchNorm with running variance 1e-4: each
+    layer multiplies the path norm by ~3000, past float32's 3.4e38. Against the product
+    of the squared centre taps in numpy float64 (1x1 input: only they see it)."""
+    torch.manual_seed(0)
+    model = NiN(3, 10, 96, 8).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(1e-4)
+    state = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    h = np.ones(3)
+    for b in range(8):
+        for j in range(3):
+            conv, bn = f"features.{b * 10 + 3 * j}", f"features.{b * 10 + 3 * j + 1}"
+            scale = state[f"{bn}.weight"] / np.sqrt(state[f"{bn}.running_var"] + 1e-5)
+            kernel = state[f"{conv}.weight"]
+            w = kernel[:, :, kernel.shape[2] // 2, kernel.shape[3] // 2] * scale[:, None]
+            bias = (state[f"{conv}.bias"] - state[f"{bn}.running_mean"]) * scale \
+                + state[f"{bn}.bias"]
+            h = w ** 2 @ h + bias ** 2
+    ref = float((state["classifier.weight"][:, :, 0, 0] ** 2 @ h
+                 + state["classifier.bias"] ** 2).sum())
+    assert 1e38 < ref < 1e300
+    ctx = Context.from_models(model, torch.zeros(2, 3, 1, 1), torch.zeros(2, dtype=torch.long),
+                              10)
+    # folding itself is float32 (its rounding, ~1e-7 a layer, is all that differs)
+    assert REGISTRY["path_norm"].fn(ctx) == pytest.approx(ref, rel=1e-6)
+
+
 def test_margin_is_the_signed_tenth_percentile(trained):
     ctx = make_ctx(trained)
     f = ctx.train_logits().double().numpy()
@@ -203,7 +235,7 @@ def test_margin_is_the_signed_tenth_percentile(trained):
 # --------------------------------------------------------------------------- searches
 
 def test_sigma_search_hits_its_target_and_noise_lowers_accuracy_monotonically(trained):
-    ctx = make_ctx(trained, draws=16)
+    ctx = make_ctx(trained)
     w, base = ctx.net.w, ctx.accuracy()
     gen = torch.Generator().manual_seed(0)
     devs = [base - np.mean([ctx.accuracy(w + s * torch.randn(w.shape, generator=gen))
@@ -211,8 +243,8 @@ def test_sigma_search_hits_its_target_and_noise_lowers_accuracy_monotonically(tr
     assert all(b >= a - 0.02 for a, b in zip(devs, devs[1:], strict=False))
     assert devs[-1] > devs[0] + 0.3
     sigma, params = sigma_search(ctx, magnitude=False)
-    assert abs(params["reached_deviation"] - 0.1) <= 0.01 + 1e-12
-    assert params["draws"] == 16 and params["bisection_steps_used"] <= 12
+    assert params["converged"] and abs(params["reached_deviation"] - 0.1) <= 0.01 + 1e-12
+    assert params["deviation_stderr"] <= 0.01 / 4 and params["draws_used"] <= params["draws"]
 
 
 def test_alpha_search_is_ascent_worse_than_random_noise_of_the_same_radius(trained):
