@@ -8,10 +8,11 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fgm.train.executor import executor_for, executor_options
 from fgm.warehouse import connect
 from fgm.warehouse.cli import db_option, emit_frame, format_option, friendly_errors
 
-from .context import Settings
+from .context import BUDGETS, Settings
 from .registry import list_measures
 from .runner import measure_models
 
@@ -30,11 +31,17 @@ from .runner import measure_models
                                       "power iteration on the true strided operator.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the perturbation searches.")
+@click.option("--budget", type=click.Choice(list(BUDGETS)), default="paper", show_default=True,
+              help="Budget of the σ, σ', α, α' searches (README: Complexity measures).")
+@click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Override one setting of the budget, e.g. --set draws=2048 (repeatable).")
 @click.option("--list", "list_only", is_flag=True, help="List the registered measures and exit.")
 @db_option
 @format_option
 @friendly_errors
-def main(pattern, where, recompute, data_root, device, spectral, seed, list_only, db, fmt):
+@executor_options
+def main(pattern, where, recompute, data_root, device, spectral, seed, budget, overrides,
+         list_only, db, fmt, executor):
     """Compute the measures of Appendix D that the warehouse lacks."""
     if list_only:
         import polars as pl
@@ -46,6 +53,18 @@ def main(pattern, where, recompute, data_root, device, spectral, seed, list_only
                                  "description": [s.description for s in specs]}), fmt)
         return
     from fgm.train.cli import resolve_device
+    try:
+        settings = Settings.parse(budget, overrides, seed=seed, spectral=spectral)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+    if executor.name == "ray":   # one Ray task per model; this process writes the warehouse
+        connect(db, create=False).close()
+        report = executor_for(executor).measure(
+            db, Console(stderr=True), device=device, pattern=pattern, where=where,
+            recompute=recompute, data_root=data_root,
+            settings=settings)
+        click.echo(str(report))
+        return
     dev = resolve_device(device)
     console = Console(stderr=True)
     connect(db, create=False).close()   # measures are of models a warehouse already holds
@@ -59,6 +78,6 @@ def main(pattern, where, recompute, data_root, device, spectral, seed, list_only
         # the warehouse is opened per model, to read its inputs and to write its values
         report = measure_models(db, pattern=pattern, where=where, recompute=recompute,
                                 data_root=data_root, device=dev,
-                                settings=Settings(seed=seed, spectral=spectral),
+                                settings=settings,
                                 progress=progress)
     click.echo(str(report))

@@ -153,6 +153,82 @@ def run_one(spec: MeasureSpec, ctx: Context) -> tuple[float | None, str, str | N
                                f"{where.lineno})", {}
 
 
+# What makes a model unmeasurable as a whole (its checkpoints moved or changed, its
+# dataset missing): the model is skipped and reported, nothing is stored for it.
+SKIP_ERRORS = (FgmError, OSError, ValueError, KeyError, RuntimeError)
+ROW_KEYS = ("model_id", "measure", "value", "status", "error", "params")
+
+
+def compute_model_measures(model_id: str, inputs: ModelInputs, data: Data, names: list[str],
+                           settings: Settings, device: torch.device,
+                           specs: dict[str, MeasureSpec] | None = None) -> list[dict]:
+    """Rebuild one model and compute `names` on it: one plain row per measure
+    (ROW_KEYS; params as JSON text). Needs no warehouse, so a Ray worker runs it as
+    it is. Raises one of SKIP_ERRORS when the model itself cannot be rebuilt."""
+    specs = specs or {s.name: s for s in list_measures()}
+    ctx = build_context(inputs, data, settings, device)
+    rows = []
+    for name in names:
+        value, status, error, params = run_one(specs[name], ctx)
+        rows.append({"model_id": model_id, "measure": name, "value": value, "status": status,
+                     "error": error, "params": json.dumps(params, default=str)})
+    return rows
+
+
+def check_measure_rows(rows: object, model_id: str, names: list[str]) -> list[dict]:
+    """Rows that came back from elsewhere (a Ray worker), checked before they are
+    stored: one per asked measure of this model, a finite number with status 'ok' or
+    NULL with status 'failed' and an error, params a JSON object. ValueError names
+    the first problem."""
+    if not isinstance(rows, list):
+        raise ValueError(f"expected a list of rows, got {type(rows).__name__}")
+    seen = []
+    for r in rows:
+        if not isinstance(r, dict) or set(r) != set(ROW_KEYS):
+            raise ValueError(f"a row must have exactly the keys {', '.join(ROW_KEYS)}: {r!r:.200}")
+        where = f"{r['measure']!r}"
+        if r["model_id"] != model_id:
+            raise ValueError(f"{where}: a row of model {r['model_id']!r}, not {model_id!r}")
+        if r["measure"] not in names:
+            raise ValueError(f"{where}: not a measure that was asked for")
+        value, status, error = r["value"], r["status"], r["error"]
+        if status == "ok":
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or error is not None):
+                raise ValueError(f"{where}: status 'ok' needs a finite number and no error, "
+                                 f"got {value!r}")
+        elif status == "failed":
+            if value is not None or not isinstance(error, str) or not error:
+                raise ValueError(f"{where}: status 'failed' needs no value and an error")
+        else:
+            raise ValueError(f"{where}: status {status!r}; expected 'ok' or 'failed'")
+        try:
+            params = json.loads(r["params"]) if isinstance(r["params"], str) else None
+        except json.JSONDecodeError:
+            params = None
+        if not isinstance(params, dict):
+            raise ValueError(f"{where}: params must be a JSON object as text")
+        seen.append(r["measure"])
+    if sorted(seen) != sorted(names):
+        missing = sorted(set(names) - set(seen)) or sorted(n for n in seen if seen.count(n) > 1)
+        raise ValueError(f"the rows do not match the measures asked for ({', '.join(missing)})")
+    return [dict(r, value=None if r["value"] is None else float(r["value"])) for r in rows]
+
+
+def store_measure_rows(db: Warehouse, rows: list[dict], report: JobReport) -> None:
+    """One model's rows in one transaction (the same upsert, whichever executor
+    computed them), counted into `report`."""
+    now, version = datetime.now().replace(microsecond=0), code_version()
+    rows = [dict(r, computed_at=now, code_version=version) for r in rows]
+    frame = pl.DataFrame(rows, schema_overrides={"value": pl.Float64, "error": pl.String})
+    with briefly(db) as con, transaction(con):
+        upsert(con, "measures", frame, ["model_id", "measure"], ignore=("computed_at",))
+    report.models += 1
+    report.values += sum(r["status"] == "ok" for r in rows)
+    report.failed += [(r["model_id"], r["measure"], r["error"]) for r in rows
+                      if r["status"] == "failed"]
+
+
 def measure_models(db: Warehouse, *, pattern: str = "*",
                    where: str | None = None, recompute: bool = False,
                    model_ids: list[str] | None = None,
@@ -174,7 +250,6 @@ def measure_models(db: Warehouse, *, pattern: str = "*",
         todo = models_to_measure(con, specs, where, recompute, model_ids, settings)
     by_name = {s.name: s for s in specs}
     report, start, datasets = JobReport(), time.perf_counter(), {}
-    version = code_version()
     for i, row in enumerate(todo.iter_rows(named=True), 1):
         mid = row["model_id"]
         if progress:
@@ -184,23 +259,11 @@ def measure_models(db: Warehouse, *, pattern: str = "*",
                 inputs = model_inputs(con, mid)
             if row["dataset"] not in datasets:
                 datasets[row["dataset"]] = load_dataset(row["dataset"], data_root).to(device)
-            ctx = build_context(inputs, datasets[row["dataset"]], settings, device)
-        except (FgmError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            rows = compute_model_measures(mid, inputs, datasets[row["dataset"]],
+                                          row["measure"], settings, device, by_name)
+        except SKIP_ERRORS as exc:
             report.skipped.append((mid, str(exc)))
             continue
-        rows = []
-        for name in row["measure"]:
-            value, status, error, params = run_one(by_name[name], ctx)
-            rows.append({"model_id": mid, "measure": name, "value": value, "status": status,
-                         "error": error, "params": json.dumps(params, default=str),
-                         "computed_at": datetime.now().replace(microsecond=0),
-                         "code_version": version})
-            if status == "failed":
-                report.failed.append((mid, name, error))
-        frame = pl.DataFrame(rows, schema_overrides={"value": pl.Float64, "error": pl.String})
-        with briefly(db) as con, transaction(con):
-            upsert(con, "measures", frame, ["model_id", "measure"], ignore=("computed_at",))
-        report.models += 1
-        report.values += sum(r["status"] == "ok" for r in rows)
+        store_measure_rows(db, rows, report)
     report.seconds = time.perf_counter() - start
     return report

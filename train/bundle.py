@@ -8,9 +8,12 @@
         final.safetensors    weights at the stop
         trace.parquet        step, epoch, estimated cross-entropy, lr, wall time
 
-Everything is written into `.<model_id>.tmp-<pid>/` and renamed into place
-at the end, so a killed run leaves a temp directory (removed by the next run,
-once process <pid> is gone), never a half-written bundle.
+Everything is written into `.<model_id>.tmp-<pid>@<host>/` and renamed into
+place at the end, so a killed run leaves a temp directory (removed by the next
+run on that machine, once process <pid> is gone), never a half-written bundle.
+<host> is a short hash of the machine's name: on an `--out` that several
+machines share (a Ray cluster), a pid says nothing about another machine's
+processes, so only the machine that wrote a temp directory removes it.
 
 Several runs may share one output directory. A finished bundle is never replaced:
 if another run renamed its bundle of the same model into place first, the rename
@@ -27,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import polars as pl
@@ -60,7 +64,16 @@ def is_complete(out: Path, model_id: str) -> bool:
     return (out / model_id / "manifest.json").is_file()
 
 
-_TMP = re.compile(r"\..+\.tmp-(?P<pid>\d+)(?:-.*)?")
+_TMP = re.compile(r"\..+\.tmp-(?P<pid>\d+)(?:@(?P<host>[0-9a-f]{8}))?(?:-.*)?")
+
+
+def host_tag() -> str:
+    """This machine, as temp directory names carry it (8 hex digits of its name)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _tmp_suffix() -> str:
+    return f"tmp-{os.getpid()}@{host_tag()}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -81,13 +94,15 @@ def pid_alive(pid: int) -> bool:
 def clean_stale(out: Path) -> list[Path]:
     """Remove temp directories left by killed runs; return what was removed. The
     temp directories of a run still alive (the pid in the name) are left alone, and
-    so is anything whose name does not carry a pid."""
+    so is anything whose name does not carry a pid, or carries another machine's
+    tag (whose pids this machine cannot see)."""
     if not out.is_dir():
         return []
-    stale = []
+    stale, here = [], host_tag()
     for p in out.glob(".*.tmp-*"):
         m = _TMP.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not pid_alive(int(m["pid"])):
+        if (m and m["host"] in (None, here) and p.is_dir() and not p.is_symlink()
+                and not pid_alive(int(m["pid"]))):
             stale.append(p)
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
@@ -98,7 +113,7 @@ def write_bundle(out: Path, model_id: str, manifest: dict,
                  states: dict[str, dict[str, torch.Tensor]], trace: list[dict]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     final = out / model_id
-    tmp = out / f".{model_id}.tmp-{os.getpid()}"
+    tmp = out / f".{model_id}.{_tmp_suffix()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     files = {}
@@ -127,7 +142,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     (another run finished the same model first) and drop ours. Something unfinished
     at `final` (no manifest.json: never written by a run, which renames only finished
     bundles) is moved aside and removed."""
-    aside = final.parent / f".{final.name}.tmp-{os.getpid()}-aside"
+    aside = final.parent / f".{final.name}.{_tmp_suffix()}-aside"
     for _ in range(3):
         try:
             os.rename(tmp, final)    # onto a missing or empty directory only

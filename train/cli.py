@@ -18,6 +18,7 @@ from fgm.warehouse.store import briefly
 
 from .bundle import clean_stale, is_complete, write_bundle
 from .data import load_dataset
+from .executor import GridPlan, executor_for, executor_options
 from .grid import AXES, MAX_MODELS, Config, load_grid, override, preset_names
 from .loop import train_one
 
@@ -67,7 +68,7 @@ def main() -> None:
 @click.option("--download", is_flag=True, help="Download the dataset if it is not there.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Where run bundles go.")
+              help="Where run bundles go (with --executor ray: storage every node sees).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
               show_default=True)
 @click.option("--no-ingest", is_flag=True, help="Write bundles only; ingest them later.")
@@ -78,8 +79,9 @@ def main() -> None:
                    f"times seeds); without it such a grid is refused.")
 @db_option
 @friendly_errors
+@executor_options
 def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, device,
-         no_ingest, no_measures, yes, db):
+         no_ingest, no_measures, yes, db, executor):
     """Train every configuration of a grid that is not finished yet."""
     if preset and grid_file:
         raise FgmError("give --preset or --grid, not both")
@@ -94,7 +96,11 @@ def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, 
         raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2",
                                  param_hint="--seeds") from None
     g.check_size(len(seed_list), None if yes else MAX_MODELS)
-    dev = resolve_device(device)
+    if executor.name == "local":
+        resolve_device(device)
+    else:
+        executor.use_gpu(device)
+        out = out.resolve()     # workers do not share this process's working directory
     console = Console(stderr=True)
     stale = clean_stale(out)
     if stale:
@@ -104,16 +110,25 @@ def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, 
     jobs = [(c, s, model_id_for(c.hash, g.dataset, s, training))
             for s in seed_list for c in configs]
     todo = [j for j in jobs if not is_complete(out, j[2])]
+    executor_for(executor).grid(GridPlan(g, jobs, todo, out, db, device, data_root, download,
+                                         no_ingest, no_measures, console))
+
+
+def grid_local(plan: GridPlan) -> None:
+    """--executor local: one model at a time, in this process."""
+    g, jobs, todo, out, db = plan.grid, plan.jobs, plan.todo, plan.out, plan.db
+    no_ingest, no_measures, console = plan.no_ingest, plan.no_measures, plan.console
+    data_root, dev = plan.data_root, resolve_device(plan.device)
     console.print(f"grid {g.name!r} on {g.dataset}: {len(jobs)} models, "
                   f"{len(jobs) - len(todo)} already finished, {len(todo)} to train on {dev}")
     if not no_ingest:
-        finished = [j[2] for j in jobs if j not in todo]
+        finished = plan.finished
         _ingest_finished(out, finished, db, console)
         if finished and not no_measures:  # a run killed between ingest and its measures
             _measure_finished(finished, db, data_root, dev, console)
     if not todo:
         return
-    data = load_dataset(g.dataset, data_root, download).to(dev)
+    data = load_dataset(g.dataset, data_root, plan.download).to(dev)
     _run(g, todo, data, dev, out, db, no_ingest, no_measures, console, data_root)
 
 

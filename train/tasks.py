@@ -1,0 +1,79 @@
+"""What a Ray worker runs: one model's training, or one model's missing measures.
+
+Plain functions: the driver (train/ray_executor.py) wraps them with `ray.remote`,
+so this module imports no Ray and runs as well in a test or a debugger. They never
+open the warehouse: a training task writes its run bundle under `--out` (storage
+every node sees) and returns the bundle's path; a measure task returns its rows as
+data, which the driver checks before it writes them.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from .bundle import write_bundle
+from .data import Data
+from .grid import Config, Grid
+
+
+class OutNotWritable(Exception):
+    """A worker cannot write under --out: every model would fail the same way, so the
+    driver stops the grid and says so, instead of storing each model as failed."""
+
+
+def node() -> str:
+    return socket.gethostname()
+
+
+def _device(use_gpu: bool, threads: int) -> torch.device:
+    # Intra-op threads shape the float sums, so they shape the weights: a task trains
+    # with as many threads as CPUs Ray gave it, and a local run with
+    # OMP_NUM_THREADS=<that number> gets the same bytes.
+    torch.set_num_threads(max(1, threads))
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+def train_task(grid: Grid, config: Config, seed: int, model_id: str, data: Data, out: str,
+               use_gpu: bool, threads: int) -> dict:
+    """Train one model into its run bundle under `out`; return where it is and how
+    it went (the driver checks and ingests the bundle itself)."""
+    from .cli import manifest_for
+    from .loop import train_one
+    device = _device(use_gpu, threads)
+    if use_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    data = data.to(device)
+    start = time.perf_counter()
+    result = train_one(config, data, grid.train, seed, device)
+    manifest = manifest_for(grid, config, seed, data, result, device)
+    try:
+        bundle = write_bundle(Path(out), model_id, manifest,
+                              {"init": result.init_state, "epoch1": result.epoch1_state,
+                               "final": result.final_state}, result.trace)
+    except OSError as exc:
+        raise OutNotWritable(
+            f"{out}: node {node()} cannot write a run bundle there "
+            f"({exc.strerror or exc}); --out must be a directory that every node of "
+            f"the cluster can write") from None
+    return {"bundle": str(bundle), "node": node(), "outcome": result.outcome,
+            "seconds": time.perf_counter() - start,
+            "gpu_memory": torch.cuda.max_memory_allocated(device) if use_gpu else None}
+
+
+def measure_task(model_id: str, inputs, data: Data, names: list[str], settings,
+                 use_gpu: bool, threads: int) -> dict:
+    """One model's missing measures: {'rows': [...]} (plain rows, see
+    measures.runner.compute_model_measures), or {'skipped': why} when the model
+    cannot be rebuilt here (its checkpoints not visible on this node, say)."""
+    from fgm.measures.runner import SKIP_ERRORS, compute_model_measures
+    device = _device(use_gpu, threads)
+    try:
+        rows = compute_model_measures(model_id, inputs, data.to(device), names, settings,
+                                      device)
+    except SKIP_ERRORS as exc:
+        return {"skipped": f"{exc} (on node {node()})", "node": node()}
+    return {"rows": rows, "node": node()}
