@@ -8,6 +8,7 @@ kernels W_i of the d = 3·depth + 1 weight layers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -50,7 +51,18 @@ class Settings:
     batch: int = 2048                # evaluation batch
 
     def __post_init__(self) -> None:
+        def positive(x) -> bool:
+            return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
         problems = [f"{name} must be {rule}" for name, ok, rule in (
+            ("seed", 0 <= self.seed < MAX_SEED, f"in [0, {MAX_SEED:,})"),
+            ("spectral", self.spectral in SPECTRAL, f"one of {', '.join(SPECTRAL)}"),
+            ("power_iterations", self.power_iterations >= 1, "at least 1"),
+            *((name, positive(getattr(self, name)), "a positive finite number")
+              for name in ("sigma_start", "sigma_mag_start", "alpha_start",
+                           "alpha_mag_start", "ascent_lr", "eps")),
+            ("delta", 0 < self.delta < 1, "in (0, 1)"),
+            ("batch", self.batch >= 1, "at least 1"),
             ("target_deviation", 0 < self.target_deviation < 1, "in (0, 1)"),
             ("tolerance", 0 < self.tolerance < self.target_deviation,
              "positive and below target_deviation"),
@@ -61,7 +73,6 @@ class Settings:
             ("restarts", self.restarts >= 1, "at least 1"),
             ("confirm_restarts", self.confirm_restarts >= 0, "at least 0"),
             ("ascent_steps", self.ascent_steps >= 1, "at least 1"),
-            ("ascent_lr", self.ascent_lr > 0, "positive"),
             ("draw_examples", self.draw_examples >= 0, "at least 0 (0: every example)"),
             ("ascent_batch", self.ascent_batch >= 0, "at least 0 (0: every example)"),
         ) if not ok]
@@ -80,11 +91,16 @@ class Settings:
               **fixed) -> Settings:
         """A budget with NAME=VALUE overrides as a command line gives them
         (fgm-measure --budget B --set draws=2048). ValueError names what is wrong."""
-        types = {f.name: f.type for f in fields(cls) if f.name != "budget"}
+        # the budget, the seed and the spectral method have options of their own
+        types = {f.name: f.type for f in fields(cls)
+                 if f.name not in ("budget", *fixed)}
         overrides = {}
         for item in assignments:
             name, eq, text = item.partition("=")
             name = name.strip().replace("-", "_")
+            if eq and name in fixed:
+                raise ValueError(f"{item!r}: {name} has its own option (--{name}), "
+                                 f"not --set")
             if not eq or name not in types:
                 raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of "
                                  f"{', '.join(sorted(types))}")
@@ -95,6 +111,10 @@ class Settings:
                 raise ValueError(f"{item!r}: {name} takes a{'n' if kind is int else ''} "
                                  f"{kind.__name__}") from None
         return cls.preset(budget, **{**fixed, **overrides})
+
+
+MAX_SEED = 10 ** 9          # a search's generator seeds are (seed·1000 + salt)·2²⁴ + draw
+SPECTRAL = ("fft", "exact")
 
 
 # Search budgets by name, over the defaults above ("paper"): README, "Complexity

@@ -60,14 +60,15 @@ def pacbayes_flatness(ctx: Context):
 def pacbayes_mag_init(ctx: Context):
     """¼ Σ log((ε² + (σ'²+1)‖w−w0‖²/ω) / (ε² + σ'²(w_i−w0_i)²)) + log(m/δ) + 10 (Eq. 56)."""
     s, p = sigma_mag(ctx)
-    return mag_bound(ctx, ctx.w0, s ** 2, 1.0), dict(p, sigma_mag=s)
+    return mag_bound(ctx, ctx.w0, s ** 2, 1.0), dict(p, sigma_mag=s, delta=ctx.settings.delta)
 
 
 @measure(eq="57", needs=("final", "data"))
 def pacbayes_mag_orig(ctx: Context):
     """Eq. 56 with w0 = 0 (Eq. 57)."""
     s, p = sigma_mag(ctx)
-    return mag_bound(ctx, torch.zeros_like(ctx.net.w), s ** 2, 1.0), dict(p, sigma_mag=s)
+    return (mag_bound(ctx, torch.zeros_like(ctx.net.w), s ** 2, 1.0),
+            dict(p, sigma_mag=s, delta=ctx.settings.delta))
 
 
 @measure(eq="61", needs=("final", "data"))

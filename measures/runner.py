@@ -68,7 +68,8 @@ def models_to_measure(con: duckdb.DuckDBPyConnection, specs: list[MeasureSpec],
                       model_ids: list[str] | None = None,
                       settings: Settings | None = None) -> pl.DataFrame:
     """model_id, dataset, and the list of measures to compute for each: those
-    missing, and those stored with settings that differ from `settings`."""
+    missing, and those stored with settings that differ from `settings` (None: the
+    missing ones only, whatever settings the stored ones had)."""
     from fgm.analysis.predicate import model_ids_where
     from fgm.analysis.sql import create_hp_wide
     sql = ("SELECT m.model_id, m.dataset FROM models AS m WHERE model_id IN "
@@ -83,8 +84,11 @@ def models_to_measure(con: duckdb.DuckDBPyConnection, specs: list[MeasureSpec],
     models = con.sql(sql + " ORDER BY model_id", params=params).pl()
     if model_ids is not None:
         models = models.filter(pl.col("model_id").is_in(model_ids))
-    done = con.sql("SELECT model_id, measure, params FROM measures "
-                   "WHERE status <> 'missing'").pl()
+    # only these models' rows: the stale check parses each row's params, and on a
+    # paper-size warehouse all of them would cost seconds per model of a grid
+    done = con.sql("SELECT model_id, measure, params FROM measures WHERE status <> 'missing' "
+                   "AND list_contains(?::VARCHAR[], model_id)",
+                   params=[models["model_id"].to_list()]).pl()
     if settings is not None and done.height:
         fresh = [not _stale(p, settings) for p in done["params"].to_list()]
         done = done.filter(pl.Series(fresh, dtype=pl.Boolean))
@@ -149,8 +153,9 @@ def run_one(spec: MeasureSpec, ctx: Context) -> tuple[float | None, str, str | N
         return value, "ok", None, params
     except Exception as exc:  # a measure's failure is data, not a crash
         where = traceback.extract_tb(exc.__traceback__)[-1]
+        # the settings it failed with: a run with others (a bigger budget) tries again
         return None, "failed", f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:" \
-                               f"{where.lineno})", {}
+                               f"{where.lineno})", dataclasses.asdict(ctx.settings)
 
 
 # What makes a model unmeasurable as a whole (its checkpoints moved or changed, its
@@ -193,8 +198,12 @@ def check_measure_rows(rows: object, model_id: str, names: list[str]) -> list[di
             raise ValueError(f"{where}: not a measure that was asked for")
         value, status, error = r["value"], r["status"], r["error"]
         if status == "ok":
-            if (isinstance(value, bool) or not isinstance(value, int | float)
-                    or not math.isfinite(value) or error is not None):
+            try:
+                finite = (not isinstance(value, bool) and isinstance(value, int | float)
+                          and math.isfinite(float(value)))
+            except OverflowError:    # an int too large for a float
+                finite = False
+            if not finite or error is not None:
                 raise ValueError(f"{where}: status 'ok' needs a finite number and no error, "
                                  f"got {value!r}")
         elif status == "failed":
@@ -202,9 +211,10 @@ def check_measure_rows(rows: object, model_id: str, names: list[str]) -> list[di
                 raise ValueError(f"{where}: status 'failed' needs no value and an error")
         else:
             raise ValueError(f"{where}: status {status!r}; expected 'ok' or 'failed'")
-        try:
-            params = json.loads(r["params"]) if isinstance(r["params"], str) else None
-        except json.JSONDecodeError:
+        try:   # strict JSON: NaN and Infinity are Python's, not JSON's
+            params = (json.loads(r["params"], parse_constant=_not_json)
+                      if isinstance(r["params"], str) else None)
+        except ValueError:   # JSONDecodeError is one
             params = None
         if not isinstance(params, dict):
             raise ValueError(f"{where}: params must be a JSON object as text")
@@ -213,6 +223,10 @@ def check_measure_rows(rows: object, model_id: str, names: list[str]) -> list[di
         missing = sorted(set(names) - set(seen)) or sorted(n for n in seen if seen.count(n) > 1)
         raise ValueError(f"the rows do not match the measures asked for ({', '.join(missing)})")
     return [dict(r, value=None if r["value"] is None else float(r["value"])) for r in rows]
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def store_measure_rows(db: Warehouse, rows: list[dict], report: JobReport) -> None:
@@ -234,11 +248,14 @@ def measure_models(db: Warehouse, *, pattern: str = "*",
                    model_ids: list[str] | None = None,
                    data_root: Path | None = None, device: torch.device | None = None,
                    settings: Settings | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> JobReport:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   refresh_stale: bool = True) -> JobReport:
     """Compute what the warehouse lacks. `db`: a path, a connection factory or an open
     connection (warehouse.store.Warehouse). Given a path or a factory, the warehouse
     is opened only to read a model's inputs and to write its values, never while a
-    measure computes, so readers are locked out for those moments only."""
+    measure computes, so readers are locked out for those moments only.
+    refresh_stale=False: values stored with other settings are kept (a grid's resume
+    fills gaps; only fgm-measure recomputes what another budget computed)."""
     specs = list_measures(pattern)
     if not specs:
         names = ", ".join(s.name for s in list_measures())
@@ -247,7 +264,8 @@ def measure_models(db: Warehouse, *, pattern: str = "*",
     settings = settings or Settings()
     with briefly(db) as con:
         mirror_definitions(con)
-        todo = models_to_measure(con, specs, where, recompute, model_ids, settings)
+        todo = models_to_measure(con, specs, where, recompute, model_ids,
+                                 settings if refresh_stale else None)
     by_name = {s.name: s for s in specs}
     report, start, datasets = JobReport(), time.perf_counter(), {}
     for i, row in enumerate(todo.iter_rows(named=True), 1):

@@ -60,14 +60,15 @@ def pac_sharpness_mag_init(ctx: Context):
     """¼ Σ log((ε² + (α'² + 4 log(2ω/δ))‖w−w0‖²/ω) / (ε² + α'²(w_i−w0_i)²)) + log(m/δ) + 10
     (Eq. 59)."""
     a, p = alpha_mag(ctx)
-    return _pac_sharpness(ctx, ctx.w0, a), dict(p, alpha_mag=a)
+    return _pac_sharpness(ctx, ctx.w0, a), dict(p, alpha_mag=a, delta=ctx.settings.delta)
 
 
 @measure(eq="60", needs=("final", "data"))
 def pac_sharpness_mag_orig(ctx: Context):
     """Eq. 59 with w0 = 0 (Eq. 60)."""
     a, p = alpha_mag(ctx)
-    return _pac_sharpness(ctx, torch.zeros_like(ctx.net.w), a), dict(p, alpha_mag=a)
+    return (_pac_sharpness(ctx, torch.zeros_like(ctx.net.w), a),
+            dict(p, alpha_mag=a, delta=ctx.settings.delta))
 
 
 @measure(eq="62", needs=("final", "data"))

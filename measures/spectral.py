@@ -94,6 +94,7 @@ def _params(ctx: Context) -> dict:
     p = {"spectral": ctx.settings.spectral}
     if ctx.settings.spectral == "exact":
         p["power_iterations"] = ctx.settings.power_iterations
+        p["seed"] = ctx.settings.seed      # of the power iteration's start
     return p
 
 

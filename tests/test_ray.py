@@ -410,3 +410,43 @@ def test_temp_dirs_of_other_machines_are_left_alone(tmp_path):
         (tmp_path / name).mkdir()
     assert sorted(p.name for p in clean_stale(tmp_path)) == [mine, f"{mine}-aside"]
     assert [p.name for p in tmp_path.iterdir()] == [theirs]
+
+
+def test_a_reader_holding_the_warehouse_costs_a_wait_not_the_tasks_in_flight(head):
+    """A write (or a read of a task's inputs) that finds the warehouse held by a long
+    reader raises WarehouseLocked after briefly()'s wait: the job goes back to the
+    queue, the result waits and is written later; nothing is cancelled or lost."""
+    import io
+    import posixpath
+    from collections import deque
+
+    from rich.console import Console
+
+    from fgm.train.executor import ExecutorSettings
+    from fgm.train.ray_executor import Cluster, Display, Job, schedule
+    from fgm.warehouse import WarehouseLocked
+
+    held = {"submit": 2, "finish": 3}
+    written = []
+
+    def submit(job):
+        if held["submit"]:
+            held["submit"] -= 1
+            raise WarehouseLocked("w.duckdb: the warehouse is in use by another process")
+        return remote.remote(f"runs/{job.model_id}")
+
+    def finish(job, ok, value):
+        if held["finish"]:
+            held["finish"] -= 1
+            raise WarehouseLocked("w.duckdb: the warehouse is in use by another process")
+        written.append((job.model_id, ok, value))
+
+    with Cluster(ExecutorSettings("ray", head.address)) as cluster:
+        remote = cluster.remote(posixpath.basename, "basename")
+        queue = deque(Job("train", f"m{i}", f"m{i}") for i in range(5))
+        text = io.StringIO()
+        with Display(Console(file=text), "t", 5) as display:
+            schedule(cluster, queue, display, submit, finish)
+    assert sorted(written) == [(f"m{i}", True, f"m{i}") for i in range(5)]
+    assert held == {"submit": 0, "finish": 0}
+    assert display.started == 5

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fgm.warehouse import FgmError, code_version
+from fgm.warehouse import FgmError, InputError, code_version
 from fgm.warehouse.cli import db_option, friendly_errors
 from fgm.warehouse.ids import model_id_for, training_hash
 from fgm.warehouse.store import briefly
@@ -140,17 +140,26 @@ def _ingest_finished(out: Path, model_ids: list[str], db, console: Console) -> N
     with briefly(db) as con:
         known = {r[0] for r in con.sql("SELECT DISTINCT model_id FROM checkpoints").fetchall()}
     missing = [m for m in model_ids if m not in known]
+    refused = []
     for m in missing:
-        prepared = prepare_bundle(out / m)      # checked with the warehouse closed
+        try:
+            prepared = prepare_bundle(out / m)      # checked with the warehouse closed
+        except InputError as exc:    # the bundle stays on disk, the grid goes on
+            refused.append(m)
+            console.print(f"refused the finished bundle {out / m}: {exc}", soft_wrap=True)
+            continue
         with briefly(db) as con:
             store_bundle(con, prepared)
-    if missing:
-        console.print(f"ingested {len(missing)} finished bundle(s) the warehouse lacked")
+    if len(missing) > len(refused):
+        console.print(f"ingested {len(missing) - len(refused)} finished bundle(s) the "
+                      f"warehouse lacked")
 
 
 def _measure_finished(model_ids: list[str], db, data_root, dev, console: Console) -> None:
     from fgm.measures.runner import measure_models
-    job = measure_models(db, model_ids=model_ids, data_root=data_root, device=dev)
+    # the missing ones only: values fgm-measure computed with another budget stay
+    job = measure_models(db, model_ids=model_ids, data_root=data_root, device=dev,
+                         refresh_stale=False)
     if job.models:
         console.print(f"computed {job.values} missing measures of {job.models} finished models")
 

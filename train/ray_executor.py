@@ -32,7 +32,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fgm.warehouse import FgmError, InputError
+from fgm.warehouse import FgmError, InputError, WarehouseLocked
 from fgm.warehouse.store import briefly
 
 from .bundle import clean_stale
@@ -273,12 +273,18 @@ class Job:
     names: list[str] = field(default_factory=list)
     dataset: str | None = None     # fgm-measure: which dataset object the task gets
     first: bool = True             # the model's first job (counts it as started)
+    reported: bool = False         # its result was counted and shown (a retried write
+    stored: bool = False           # after WarehouseLocked does neither twice)
 
 
 def schedule(cluster: Cluster, queue: deque, display: Display,
              submit: Callable[[Job], object], finish: Callable[[Job, bool, object], None]) -> None:
     """Keep the cluster full from `queue` (which `finish` may add to, at the front)
     and hand each result to `finish(job, ok, value_or_error)` as it completes.
+
+    A reader that holds the warehouse longer than a write waits (WarehouseLocked
+    from `submit` or `finish`) costs nothing: the job goes back to the queue, the
+    result waits in `pending` and is handed over again while the tasks run on.
 
     Ctrl-C is taken between results, never in the middle of a write: the results
     already complete are still handed over, the tasks in flight cancelled, and
@@ -287,6 +293,7 @@ def schedule(cluster: Cluster, queue: deque, display: Display,
     ray = cluster.ray
     inflight: dict = {}
     stop: list[int] = []
+    pending: deque = deque()      # (job, ok, value) whose write found the warehouse held
 
     def on_sigint(signum, frame):
         if stop:
@@ -296,9 +303,25 @@ def schedule(cluster: Cluster, queue: deque, display: Display,
     def fill() -> None:
         while queue and not stop and len(inflight) < max(1, cluster.capacity()):
             job = queue.popleft()
+            try:
+                ref = submit(job)
+            except WarehouseLocked:      # its inputs could not be read: later
+                queue.appendleft(job)
+                break
             display.started += job.first
-            inflight[submit(job)] = job
+            job.first = False
+            inflight[ref] = job
         display.refresh()
+
+    def hand_over(job: Job, ok: bool, value) -> bool:
+        try:
+            finish(job, ok, value)
+        except WarehouseLocked as exc:
+            if not pending:
+                display.line(f"waiting to write: {_first_line(exc)}")
+            pending.append((job, ok, value))
+            return False
+        return True
 
     def handle(ref, ok_only: bool = False) -> None:
         job = inflight.pop(ref)
@@ -308,14 +331,23 @@ def schedule(cluster: Cluster, queue: deque, display: Display,
         except ray.exceptions.RayError as exc:
             value, ok = exc, False
         if ok or not ok_only:
-            finish(job, ok, value)
+            hand_over(job, ok, value)
         display.refresh()
+
+    def retry_pending() -> None:
+        for _ in range(len(pending)):
+            if not hand_over(*pending.popleft()):
+                break
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         fill()
-        while inflight and not stop:
+        while (inflight or pending or queue) and not stop:
+            retry_pending()
+            fill()
+            if not inflight:
+                continue
             ready, rest = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             if ready and rest:
                 more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
@@ -332,6 +364,10 @@ def schedule(cluster: Cluster, queue: deque, display: Display,
             for ref in inflight:
                 ray.cancel(ref, force=True)
         if stop:
+            retry_pending()
+            if pending:     # bundles stay on disk (the next run ingests them); rows do not
+                display.line(f"{len(pending)} result(s) not written: the warehouse was "
+                             "held; the next run ingests their bundles or measures again")
             raise KeyboardInterrupt(len(inflight))
     except BaseException:
         for ref in inflight:
@@ -432,14 +468,14 @@ class _GridRun:
             raise SystemExit(1)
 
     def _missing_measures(self, model_ids: list[str]) -> dict[str, list[str]]:
-        from fgm.measures.context import Settings
         from fgm.measures.registry import list_measures, mirror_definitions
         from fgm.measures.runner import models_to_measure
         with briefly(self.plan.db) as con:
             if not self.mirrored:        # the registry into measure_definitions, once
                 mirror_definitions(con)
                 self.mirrored = True
-            todo = models_to_measure(con, list_measures(), None, False, model_ids, Settings())
+            # the missing ones only: values fgm-measure computed with another budget stay
+            todo = models_to_measure(con, list_measures(), None, False, model_ids, None)
         return {r["model_id"]: r["measure"] for r in todo.iter_rows(named=True)}
 
     def submit(self, job: Job):
@@ -457,42 +493,65 @@ class _GridRun:
 
     def finish(self, job: Job, ok: bool, value) -> None:
         if job.kind == "measure":
-            _finish_measures(self.cluster, self.plan.db, self.report, self.display, job, ok,
-                             value, summary=True)
+            why = _finish_measures(self.cluster, self.plan.db, self.report, self.display, job,
+                                   ok, value, summary=True)
+            if why:
+                self.failures.append((f"measures of {job.label}", why))
             return
         if not ok:
-            self._failed(job, self.cluster.failure(value))
+            from .bundle import is_complete
+            from .tasks import finished_bundle
+            if is_complete(self.plan.out, job.model_id):   # its worker died after writing it
+                self._trained(job, finished_bundle(self.plan.out, job.model_id))
+            else:
+                self._failed(job, self.cluster.failure(value))
             return
         self._trained(job, value)
 
     def _trained(self, job: Job, value: dict) -> None:
+        """A finished training task: its bundle checked, stored, its measures queued.
+        Called again for the same job when a write found the warehouse held (flags)."""
         from fgm.ingest.bundles import prepare_bundle, store_bundle
         p = self.plan
-        bundle = Path(value["bundle"])
-        if not (bundle / "manifest.json").is_file():
-            raise FgmError(f"{bundle}: node {value['node']} wrote this run bundle, but this "
-                           f"driver does not see it; --out must be storage that every node "
-                           f"and the driver share")
-        self.trained += 1
-        o = value["outcome"]
-        self.not_converged += not o["converged"]
-        gpu = (f", {value['gpu_memory'] / 2**20:.0f} MiB GPU" if value.get("gpu_memory")
-               else "")
-        self.display.line(
-            f"[{self.trained}/{len(p.todo)}] {job.label}: "
-            f"{'converged' if o['converged'] else 'NOT converged'} in {o['steps']} steps "
-            f"({value['seconds']:.1f} s on {value['node']}{gpu}), "
-            f"train ce {o['train_loss']:.4f}, gap {o['gap']:.4f}")
-        if p.no_ingest:
-            self.display.done += 1
-            return
-        try:
-            prepared = prepare_bundle(bundle)
-            with briefly(p.db) as con:
-                store_bundle(con, prepared)
-        except InputError as exc:    # the bundle on disk stays the record of it
-            self._failed(job, f"its bundle was refused: {exc}", store=False)
-            return
+        if not job.reported:
+            expected = p.out / job.model_id
+            bundle = Path(str(value.get("bundle")))
+            if bundle.resolve() != expected.resolve():   # only its own place under --out
+                self._failed(job, f"its task returned the bundle path {bundle}, not "
+                                  f"{expected}")
+                return
+            if not (bundle / "manifest.json").is_file():
+                raise FgmError(f"{bundle}: node {value['node']} wrote this run bundle, but "
+                               f"this driver does not see it; --out must be storage that "
+                               f"every node and the driver share")
+            self.trained += 1
+            job.reported = True
+            o = value["outcome"]
+            self.not_converged += not o.get("converged", False)
+            gpu = (f", {value['gpu_memory'] / 2**20:.0f} MiB GPU" if value.get("gpu_memory")
+                   else "")
+            how = ("finished earlier (its bundle was on disk)" if value.get("reused") else
+                   f"{value['seconds']:.1f} s on {value['node']}{gpu}")
+            self.display.line(
+                f"[{self.trained}/{len(p.todo)}] {job.label}: "
+                f"{'converged' if o.get('converged') else 'NOT converged'} in "
+                f"{o.get('steps')} steps ({how}), train ce {o.get('train_loss', math.nan):.4f}, "
+                f"gap {o.get('gap', math.nan):.4f}")
+            if p.no_ingest:
+                self.display.done += 1
+                return
+        if not job.stored:
+            try:
+                prepared = prepare_bundle(p.out / job.model_id)
+                if prepared.model_id != job.model_id:
+                    raise InputError(p.out / job.model_id, f"the bundle is of model "
+                                     f"{prepared.model_id}, not {job.model_id}")
+                with briefly(p.db) as con:
+                    store_bundle(con, prepared)
+            except InputError as exc:    # the bundle on disk stays the record of it
+                self._failed(job, f"its bundle was refused: {exc}", store=False)
+                return
+            job.stored = True
         names = [] if p.no_measures else self._missing_measures([job.model_id]).get(
             job.model_id, [])
         if names:
@@ -503,10 +562,8 @@ class _GridRun:
 
     def _failed(self, job: Job, why: str, store: bool = True) -> None:
         p = self.plan
-        self.failures.append((job.label, why))
-        self.display.failed += 1
         stored = ""
-        if store and not p.no_ingest:
+        if store and not p.no_ingest:   # first: a held warehouse retries all of this
             from fgm.ingest.failed import store_failed_model
             from fgm.train.grid import AXES
             g, c = p.grid, job.config
@@ -518,37 +575,49 @@ class _GridRun:
                     hyperparameters=[{"axis": a, "value": c.values[a], "level": c.levels[a]}
                                      for a in AXES])
             stored = " (stored as failed)"
+        self.failures.append((job.label, why))
+        self.display.failed += 1
         self.display.line(f"FAILED {job.label}: {why}{stored}")
 
 
 def _finish_measures(cluster: Cluster, db, report, display: Display, job: Job, ok: bool,
-                     value, summary: bool = False) -> None:
-    """A measure task's result into the warehouse, checked as the local path's are."""
+                     value, summary: bool = False) -> str | None:
+    """A measure task's result into the warehouse, checked as the local path's are.
+    A task that failed for good (its worker died --max-retries + 1 times) stores
+    nothing: values stored before stay, the next run measures the model again; the
+    reason is returned."""
     from fgm.measures.runner import check_measure_rows, store_measure_rows
-    if ok and "skipped" in value:
+    if ok and isinstance(value, dict) and "skipped" in value:
         report.skipped.append((job.model_id, value["skipped"]))
         display.line(f"measures of {job.label}: skipped ({value['skipped']})")
         display.done += 1
         return
     if ok:
         try:
-            rows = check_measure_rows(value.get("rows"), job.model_id, job.names)
+            rows = check_measure_rows(value.get("rows") if isinstance(value, dict) else value,
+                                      job.model_id, job.names)
         except ValueError as exc:
             report.skipped.append((job.model_id, f"rows refused: {exc}"))
             display.line(f"measures of {job.label}: rows refused ({exc})")
             display.failed += 1
-            return
-    else:    # the task failed for good: each measure is stored as failed, with why
-        why = cluster.failure(value)
-        rows = [{"model_id": job.model_id, "measure": n, "value": None, "status": "failed",
-                 "error": f"measure task failed: {why}", "params": "{}"} for n in job.names]
+            return f"rows refused: {exc}"
+    else:    # not the measures' failure but the task's: nothing is stored
+        why = f"measure task failed: {cluster.failure(value)}"
+        report.skipped.append((job.model_id, f"{why}; nothing stored, run again to retry"))
+        display.failed += 1
+        display.line(f"measures of {job.label}: {why}; nothing stored, the next run "
+                     f"measures it again")
+        return why
     store_measure_rows(db, rows, report)
     display.done += 1
     if summary:      # fgm-train grid: a line per model, as the local executor's
         from .cli import _measure_summary
-        display.line(f"measures of {job.label}{_measure_summary(db, job.model_id)}")
-    elif not ok:
-        display.line(f"measures of {job.label}: {rows[0]['error']}")
+        try:
+            display.line(f"measures of {job.label}{_measure_summary(db, job.model_id)}")
+        except WarehouseLocked:     # stored already: only the line is lost
+            display.line(f"measures of {job.label}: {sum(r['status'] == 'ok' for r in rows)} "
+                         f"values stored")
+    return None
 
 
 # --------------------------------------------------------------------------- fgm-measure

@@ -9,6 +9,8 @@ data, which the driver checks before it writes them.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -41,8 +43,12 @@ def train_task(grid: Grid, config: Config, seed: int, model_id: str, data: Data,
                use_gpu: bool, threads: int) -> dict:
     """Train one model into its run bundle under `out`; return where it is and how
     it went (the driver checks and ingests the bundle itself)."""
+    from .bundle import is_complete
     from .cli import manifest_for
     from .loop import train_one
+    if is_complete(Path(out), model_id):   # a retry of a task whose worker died after
+        return finished_bundle(Path(out), model_id)   # writing it: never trained twice
+    _check_writable(Path(out))             # before the training, not after it
     device = _device(use_gpu, threads)
     if use_gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -62,6 +68,27 @@ def train_task(grid: Grid, config: Config, seed: int, model_id: str, data: Data,
     return {"bundle": str(bundle), "node": node(), "outcome": result.outcome,
             "seconds": time.perf_counter() - start,
             "gpu_memory": torch.cuda.max_memory_allocated(device) if use_gpu else None}
+
+
+def finished_bundle(out: Path, model_id: str) -> dict:
+    """What train_task returns, for a bundle already on disk."""
+    manifest = json.loads((out / model_id / "manifest.json").read_text())
+    return {"bundle": str(out / model_id), "node": node(),
+            "outcome": manifest.get("outcome", {}), "seconds": 0.0, "gpu_memory": None,
+            "reused": True}
+
+
+def _check_writable(out: Path) -> None:
+    probe = out / f".write-probe-{node()}-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutNotWritable(
+            f"{out}: node {node()} cannot write a run bundle there "
+            f"({exc.strerror or exc}); --out must be a directory that every node of "
+            f"the cluster can write") from None
 
 
 def measure_task(model_id: str, inputs, data: Data, names: list[str], settings,
