@@ -72,8 +72,9 @@ class _readonly:
 @friendly_errors
 def sql(query: str, timeout: float, memory_limit: str, db: str | None, fmt: str) -> None:
     """Run a SELECT on the warehouse. Tables: models, hyperparameters, outcomes,
-    measures, traces, checkpoints, sweeps; views: model_measures, model_outcomes,
-    model_levels, measure_summary, hp_wide (a column per axis)."""
+    measures, traces, checkpoints, sweeps, evaluations, evaluation_values; views:
+    model_measures, model_outcomes, model_levels, measure_summary, hp_wide (a column
+    per axis), latest_evaluation, evaluation_status, evaluation_families."""
     with _readonly(db, memory_limit=memory_limit) as con:
         emit_frame(run_readonly(con, query, timeout=timeout or None), fmt)
 
