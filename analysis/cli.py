@@ -1,4 +1,5 @@
-"""fgm-query: ask the warehouse. Read-only, every command with --format table|csv|json."""
+"""fgm-query: ask the warehouse. Read-only, every command with --format table|csv|json;
+psi, cmi, oracle, table and robust then keep what they computed (analysis/stored.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .stored import cmi_rows, keep, oracle_rows, psi_rows, robust_rows, snapshot
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Query the fgm warehouse (read-only)."""
+    """Query the fgm warehouse (read-only; evaluations are stored unless --no-store)."""
 
 
 def _a_number(value: float, param) -> float:
