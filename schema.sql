@@ -9,7 +9,7 @@ CREATE TABLE IF NOT EXISTS fgm_meta (
     key   VARCHAR PRIMARY KEY,
     value VARCHAR NOT NULL
 );
-INSERT INTO fgm_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
+INSERT INTO fgm_meta VALUES ('schema_version', '2') ON CONFLICT DO NOTHING;
 
 -- One row: a grid of models trained or ingested together.
 CREATE TABLE IF NOT EXISTS sweeps (
@@ -99,4 +99,44 @@ CREATE TABLE IF NOT EXISTS measure_definitions (
     family      VARCHAR,                -- module: norms, spectral, margin, ...
     needs       VARCHAR[],              -- final | init | epoch1 | data | trace
     description VARCHAR
+);
+
+-- (version 2) One row: one evaluation fgm-query computed and stored (psi, cmi, table,
+-- oracle, robust): the question asked (command, its options, the selection of models),
+-- the code that answered it, and the data it read. The same question asked of the
+-- same data by the same code is the same row: evaluation_id hashes the three.
+CREATE TABLE IF NOT EXISTS evaluations (
+    evaluation_id  VARCHAR PRIMARY KEY,   -- sha256 prefix of question_key, inputs_md5, code_version
+    created_at     TIMESTAMP NOT NULL,    -- when it was first computed (UTC)
+    command        VARCHAR NOT NULL,      -- psi | cmi | oracle | robust | table psi | table cmi
+    question_key   VARCHAR NOT NULL,      -- sha256 prefix of the command, options and selection
+    options        JSON,                  -- the command's own: measure, eps, draws, weighting, ...
+    where_sql      VARCHAR,               -- --where, as given
+    dataset        VARCHAR,
+    sweep          VARCHAR,
+    all_models     BOOLEAN NOT NULL,
+    relevel        BOOLEAN NOT NULL,
+    pool_seeds     BOOLEAN NOT NULL,
+    converged_searches_only BOOLEAN NOT NULL,
+    pgdl           BOOLEAN NOT NULL,
+    ci_level       DOUBLE,                -- --ci, with --blocks and --seed
+    ci_blocks      INTEGER,
+    seed           INTEGER,
+    measure_scope  VARCHAR,               -- measures read: one name, '*' (all) or NULL (none)
+    code_version   VARCHAR,
+    n_models       INTEGER NOT NULL,      -- the selected models
+    models_sha256  VARCHAR NOT NULL,      -- sha256 of their sorted ids, one a line
+    inputs_md5     VARCHAR NOT NULL       -- md5 of the rows it read (view evaluation_input_rows)
+);
+
+-- (version 2) One row: one figure of an evaluation. axis is 'all' for an overall one.
+CREATE TABLE IF NOT EXISTS evaluation_values (
+    evaluation_id VARCHAR NOT NULL,
+    measure  VARCHAR NOT NULL,           -- a measure, or a baseline: oracle_0.01, random, ...
+    kind     VARCHAR NOT NULL,           -- measure | oracle | canonical | random
+    axis     VARCHAR NOT NULL,
+    quantity VARCHAR NOT NULL,           -- tau, psi, Psi, cmi, cmi_s0, K, ..., *_std, *_lo, *_hi
+    value    DOUBLE,                     -- NULL: undefined in this selection
+    detail   VARCHAR,                    -- K: the conditioning set that attains it
+    PRIMARY KEY (evaluation_id, measure, axis, quantity)
 );

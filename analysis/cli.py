@@ -1,4 +1,5 @@
-"""fgm-query: ask the warehouse. Read-only, every command with --format table|csv|json."""
+"""fgm-query: ask the warehouse. Read-only, every command with --format table|csv|json;
+psi, cmi, oracle, table and robust then keep what they computed (analysis/stored.py)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from .evaluate import (
 )
 from .robust import WEIGHTINGS, robust_sign_error
 from .sql import create_hp_wide, lock_down, run_readonly
+from .stored import cmi_rows, keep, oracle_rows, psi_rows, robust_rows, snapshot, table_rows
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Query the fgm warehouse (read-only)."""
+    """Query the fgm warehouse (read-only; evaluations are stored unless --no-store)."""
 
 
 def _a_number(value: float, param) -> float:
@@ -71,8 +73,9 @@ class _readonly:
 @friendly_errors
 def sql(query: str, timeout: float, memory_limit: str, db: str | None, fmt: str) -> None:
     """Run a SELECT on the warehouse. Tables: models, hyperparameters, outcomes,
-    measures, traces, checkpoints, sweeps; views: model_measures, model_outcomes,
-    model_levels, measure_summary, hp_wide (a column per axis)."""
+    measures, traces, checkpoints, sweeps, evaluations, evaluation_values; views:
+    model_measures, model_outcomes, model_levels, measure_summary, hp_wide (a column
+    per axis), latest_evaluation, evaluation_status, evaluation_families."""
     with _readonly(db, memory_limit=memory_limit) as con:
         emit_frame(run_readonly(con, query, timeout=timeout or None), fmt)
 
@@ -170,6 +173,13 @@ def ci_options(func):
     return func
 
 
+store_option = click.option(
+    "--no-store", is_flag=True,
+    help="Do not keep this evaluation in the warehouse (tables evaluations and "
+         "evaluation_values). Kept by default; skipped with a note when the file cannot "
+         "be written (read-only, or held by another process).")
+
+
 def _spread_rows(res: dict, keys: tuple[str, ...]) -> list[tuple[str, object]]:
     rows = []
     if "seeds" in res:
@@ -226,18 +236,21 @@ def _emit_notes(notes, fmt: str) -> None:
 @pool_option
 @searches_option
 @selection_options
+@store_option
 @db_option
 @format_option
 @friendly_errors
 def psi(measure, ci, boot, seed, pool_seeds, converged_searches_only,
-        where, dataset, sweep, all_models, relevel, db, fmt):
+        where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs 2, 4 and 5).
     With several seeds: the mean across seeds and its std (Table 9). Says how many
     values come from searches that did not converge (JSON: "unconverged_searches")."""
+    sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds,
+                     converged_searches_only)
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel,
-                                               converged_searches_only=converged_searches_only))
+        models = select_models(con, sel)
         mu, sub = measure_values(con, measure, models)
+        snap = None if no_store else snapshot(con, sel, models.ids, measure)
     res = _with_constant(with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci,
                                     blocks=boot, seed=seed, pool_seeds=pool_seeds), models)
     res["unconverged_searches"] = sub.unconverged_searches
@@ -251,6 +264,8 @@ def psi(measure, ci, boot, seed, pool_seeds, converged_searches_only,
                             ("values from unconverged searches"
                              + (" (left out)" if converged_searches_only else ""),
                              sub.unconverged_searches)])
+    keep(db, snap, "psi", sel, {"measure": measure}, psi_rows(res), ci=ci, blocks=boot,
+         seed=seed if ci else None)
 
 
 def _cmi_rows(res: dict) -> list[tuple[str, object]]:
@@ -268,21 +283,26 @@ def _cmi_rows(res: dict) -> list[tuple[str, object]]:
 @ci_options
 @pool_option
 @selection_options
+@store_option
 @db_option
 @format_option
 @friendly_errors
 def cmi(measure, pgdl, ci, boot, seed, pool_seeds,
-        where, dataset, sweep, all_models, relevel, db, fmt):
+        where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """Conditional mutual information Î(S) for |S| ≤ 2 and K = its minimum (App. B).
     With several seeds: the mean across seeds and its std (Table 10). When K is
     null, a note says why (JSON: "note")."""
+    sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds)
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel))
+        models = select_models(con, sel)
         mu, sub = measure_values(con, measure, models)
+        snap = None if no_store else snapshot(con, sel, models.ids, measure)
     res = _with_constant(with_seeds(sub, mu, lambda m, s: cmi_result(measure, m, s, pgdl=pgdl),
                                     ci=ci, blocks=boot, seed=seed, keys=("K",),
                                     pool_seeds=pool_seeds), models)
     _emit_object(res, fmt, _cmi_rows(res) + _spread_rows(res, ("K",)))
+    keep(db, snap, "cmi", sel, {"measure": measure}, cmi_rows(res), pgdl=pgdl, ci=ci,
+         blocks=boot, seed=seed if ci else None)
 
 
 @main.command()
@@ -293,22 +313,26 @@ def cmi(measure, pgdl, ci, boot, seed, pool_seeds,
               help="Seed of the oracle's noise draws for the CMI.")
 @pool_option
 @selection_options
+@store_option
 @db_option
 @format_option
 @friendly_errors
 def oracle(eps, draws, seed, pool_seeds,
-           where, dataset, sweep, all_models, relevel, db, fmt):
+           where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """The noisy oracle g + N(0, ε²): exact expected τ and ψ, Monte Carlo CMI."""
     if eps <= 0:
         raise click.BadParameter("must be > 0", param_hint="--eps")
+    sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds)
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel))
+        models = select_models(con, sel)
+        snap = None if no_store else snapshot(con, sel, models.ids, None)
     res = _with_constant(with_seeds(models, models.gap,
                                     lambda _, m: oracle_result(m, eps, draws=draws, seed=seed),
                                     pool_seeds=pool_seeds), models)
     rows = [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in res["psi"].items()),
             ("Psi", res["Psi"]), *_cmi_rows(res["cmi"]), ("K stderr", res["cmi"]["stderr"]["K"])]
     _emit_object(res, fmt, rows)
+    keep(db, snap, "oracle", sel, {"eps": eps, "draws": draws}, oracle_rows(res), seed=seed)
 
 
 @main.command()
@@ -320,11 +344,12 @@ def oracle(eps, draws, seed, pool_seeds,
 @pool_option
 @searches_option
 @selection_options
+@store_option
 @db_option
 @format_option
 @friendly_errors
 def table(kind, draws, ci, boot, seed, pool_seeds, converged_searches_only,
-          where, dataset, sweep, all_models, relevel, db, fmt):
+          where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """Every measure, one row each, with the oracle, canonical and random baselines.
     Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns.
     unconverged_searches: how many of a measure's values come from searches that did
@@ -337,12 +362,18 @@ def table(kind, draws, ci, boot, seed, pool_seeds, converged_searches_only,
         else:
             frame = table6(con, sel, draws=draws, seed=seed, ci=ci, blocks=boot,
                            pool_seeds=pool_seeds)
-        constant = select_models(con, sel).constant
+        models = select_models(con, sel)
+        constant = models.constant
+        snap = None if no_store else snapshot(con, sel, models.ids, "*")
     emit_frame(frame, fmt)
     unconverged = int(frame["unconverged_searches"].fill_null(0).sum())
     _emit_notes([_constant_note(constant),
                  _searches_note(unconverged, converged_searches_only, "the measures' values")],
                 fmt)
+    keep(db, snap, f"table {kind}", _selection(where, dataset, sweep, all_models, relevel,
+                                               pool_seeds, converged_searches_only),
+         {"draws": draws} if kind == "cmi" else {}, table_rows(frame, kind, models.axes),
+         ci=ci, blocks=boot, seed=seed)
 
 
 @main.command()
@@ -359,20 +390,23 @@ def table(kind, draws, ci, boot, seed, pool_seeds, converged_searches_only,
               help="Minimum effective sample size (Σw)²/Σw² of an environment "
                    "[default: 12 with published, 0 with hoeffding].")
 @selection_options
+@store_option
 @db_option
 @format_option
 @friendly_errors
 def robust(measure, test_size, weighting, min_ess,
-           where, dataset, sweep, all_models, relevel, db, fmt):
+           where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """Robust sign-error over environments: configurations one axis apart.
 
     As in Dziugaite, Drouin et al. (2020), "In Search of Robust Measures of
     Generalization"; see analysis/robust.py for the weights. Every seed
     combination of two configurations is a pair of the environment, so seeds are
     never split (no --pool-seeds). When no environment is kept, a note says why."""
+    sel = _selection(where, dataset, sweep, all_models, relevel)
     with _readonly(db) as con:
-        models = select_models(con, _selection(where, dataset, sweep, all_models, relevel))
+        models = select_models(con, sel)
         mu, sub = measure_values(con, measure, models)
+        snap = None if no_store else snapshot(con, sel, models.ids, measure)
     sizes = np.full(len(mu), float(test_size)) if test_size else sub.test_size
     if np.isnan(sizes).any():
         raise FgmError("the warehouse does not know the test-set size of some models "
@@ -382,8 +416,11 @@ def robust(measure, test_size, weighting, min_ess,
            **robust_sign_error(mu, sub.gap, sub.levels, sub.axes, sizes, weighting=weighting,
                                min_ess=min_ess)}
     _with_constant(res, models)
+    options = {"measure": measure, "test_size": test_size, "weighting": weighting,
+               "min_ess": min_ess}
     if fmt == "json":
         click.echo(to_json(res))
+        keep(db, snap, "robust", sel, options, robust_rows(res))
         return
     rows = [{"axis": a, **v} for a, v in res["per_axis"].items()]
     rows.append({"axis": "overall", **res["overall"]})
@@ -399,6 +436,7 @@ def robust(measure, test_size, weighting, min_ess,
             if r["note"]:
                 click.echo(f"note [{r['axis']}]: {r['note']}")
     _emit_notes([_constant_note(res.get("constant_axes"))], fmt)
+    keep(db, snap, "robust", sel, options, robust_rows(res))
 
 
 @main.command()

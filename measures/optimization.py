@@ -90,3 +90,26 @@ def grad_noise_epoch1(ctx: Context) -> float:
 def grad_noise_final(ctx: Context) -> float:
     """Variance over training examples of ∇_w ℓ at the final weights (Eq. 66)."""
     return gradient_noise(ctx.net, ctx.x, ctx.y, _chunk(ctx.net))
+
+
+@measure(eq="", needs=("final", "data"))
+def input_grad_norm(ctx: Context) -> float:
+    """Mean over training examples of ‖∇_x ℓ(f_w(x), y)‖₂, the loss's input gradient.
+
+    The paper reports "input grad norm" in its appendix tables (5-8) but gives it no
+    equation and no definition (App. D lists 40 measures without it), and SPEC §4 does
+    not define it either. Read here, beside the gradient-noise measures (Eqs. 65, 66,
+    also cross-entropy gradients at the final weights): the Euclidean norm of the
+    gradient of the cross-entropy with respect to the input image (all channels and
+    pixels), averaged over the training set, at the final weights of the folded net.
+    """
+    w, total = ctx.net.w, 0.0
+    for i in range(0, ctx.m, ctx.settings.batch):
+        x = ctx.x[i:i + ctx.settings.batch].clone().requires_grad_(True)
+        # the examples do not interact, so the gradient of the summed loss with
+        # respect to example j is the gradient of example j's own loss
+        loss = F.cross_entropy(ctx.net.logits(w, x), ctx.y[i:i + ctx.settings.batch],
+                               reduction="sum")
+        (g,) = torch.autograd.grad(loss, x)
+        total += float(g.double().flatten(1).norm(dim=1).sum())
+    return total / ctx.m

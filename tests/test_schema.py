@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import duckdb
 import pytest
 from sqlalchemy import ARRAY, Boolean, DateTime, Float, Integer, String, TypeDecorator
@@ -91,3 +93,69 @@ def test_db_path_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("FGM_DB", str(tmp_path / "env.duckdb"))
     assert resolve_db() == tmp_path / "env.duckdb"
     assert resolve_db(tmp_path / "x.duckdb") == tmp_path / "x.duckdb"
+
+
+# --------------------------------------------------------------------------- migration
+
+def _version_1_warehouse(path, tmp_path):
+    """A warehouse as fgm wrote it before evaluations were stored: tests/schema_v1.sql
+    (schema.sql as it was), the four views of then, and the rows of a real ingest."""
+    source = build_warehouse(tmp_path / "source.duckdb", {
+        "hp.depth": [2, 2, 4, 4, 8, 8], "hp.width": [8, 16, 8, 16, 8, 16],
+        "gen.gap": [0.1, 0.12, 0.2, 0.19, 0.3, 0.33],
+        "complexity.m": [1.0, 1.5, 2.0, 1.8, 3.0, 3.5]})
+    con = duckdb.connect(str(path))
+    con.execute((Path(__file__).parent / "schema_v1.sql").read_text())
+    old_views = ("measure_summary", "model_levels", "model_measures", "model_outcomes")
+    pending = [v for v in old_views]
+    while pending:   # created in dependency order, as the store does
+        for name in list(pending):
+            try:
+                con.execute(f'CREATE VIEW "{name}" AS {view_files()[name]}')
+                pending.remove(name)
+            except duckdb.CatalogException:
+                pass
+    con.execute("INSERT INTO fgm_meta VALUES ('views_sha256', 'of version 1')")
+    con.execute(f"ATTACH '{source}' AS src (READ_ONLY)")
+    for table in TABLES[1:]:
+        con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+    con.close()
+    return path
+
+
+def test_a_version_1_warehouse_is_read_as_it_is_and_migrated_by_the_first_writer(db, tmp_path):
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from fgm.analysis.cli import main as query
+    _version_1_warehouse(db, tmp_path)
+    before, raw = dump(db), hashlib.sha256(db.read_bytes()).hexdigest()
+    assert len(before["models"]) == 6 and before["fgm_meta"][0] == ("schema_version", "1")
+    # a reader: the new views answer (nothing stored yet), and not a byte is written
+    con = connect(db, read_only=True)
+    assert con.sql("SELECT count(*) FROM latest_evaluation").fetchall() == [(0,)]
+    con.close()
+    out = CliRunner().invoke(query, ["psi", "-m", "m", "--no-store", "--db", str(db)])
+    assert out.exit_code == 0 and "Psi" in out.output, out.output
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == raw
+    # storing writes: the file is migrated to this version, every row of version 1 kept
+    out = CliRunner().invoke(query, ["psi", "-m", "m", "--db", str(db)])
+    assert out.exit_code == 0 and "note" not in out.output, out.output
+    after = dump(db)
+    assert dict(after["fgm_meta"])["schema_version"] == str(SCHEMA_VERSION) == "2"
+    assert {t: v for t, v in after.items() if t != "fgm_meta"} == \
+        {t: v for t, v in before.items() if t != "fgm_meta"}
+    con = connect(db, read_only=True)
+    assert con.sql("SELECT command, n_models, stale FROM evaluation_status").fetchall() == [
+        ("psi", 6, False)]
+    con.close()
+
+
+def test_a_version_without_a_migration_is_refused(db):
+    connect(db).close()
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE fgm_meta SET value = '0' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(SchemaVersionError, match=r"version 0, older than this fgm.*no migration"):
+        connect(db)

@@ -93,7 +93,43 @@ class MeasureDefinition(SQLModel, table=True):
     description: str | None = None
 
 
+class Evaluation(SQLModel, table=True):
+    __tablename__ = "evaluations"
+    evaluation_id: str = Field(primary_key=True)
+    created_at: datetime
+    command: str
+    question_key: str
+    options: str | None = None  # JSON
+    where_sql: str | None = None
+    dataset: str | None = None
+    sweep: str | None = None
+    all_models: bool
+    relevel: bool
+    pool_seeds: bool
+    converged_searches_only: bool
+    pgdl: bool
+    ci_level: float | None = None
+    ci_blocks: int | None = None
+    seed: int | None = None
+    measure_scope: str | None = None
+    code_version: str | None = None
+    n_models: int
+    models_sha256: str
+    inputs_md5: str
+
+
+class EvaluationValue(SQLModel, table=True):
+    __tablename__ = "evaluation_values"
+    evaluation_id: str = Field(primary_key=True)
+    measure: str = Field(primary_key=True)
+    kind: str
+    axis: str = Field(primary_key=True)
+    quantity: str = Field(primary_key=True)
+    value: float | None = None
+    detail: str | None = None
+
+
 ROW_CLASSES: tuple[type[SQLModel], ...] = (
     Sweep, Model, Hyperparameter, Checkpoint, TracePoint, Outcome, MeasureValue,
-    MeasureDefinition,
+    MeasureDefinition, Evaluation, EvaluationValue,
 )

@@ -37,6 +37,14 @@ def _declared_version(sql: str) -> int:
 
 SCHEMA_VERSION = _declared_version(schema_sql())
 
+# What brings a warehouse of each older version to the next one, run after schema.sql
+# by the first writer that opens it. Every change so far only added tables, which
+# schema.sql's CREATE TABLE IF NOT EXISTS makes by itself, so the statements are
+# empty; a change that alters an existing table must put its ALTERs here.
+MIGRATIONS: dict[int, str] = {
+    1: "",   # version 2 adds evaluations and evaluation_values (fgm-query's stored results)
+}
+
 
 def view_files() -> dict[str, str]:
     """{view name: SELECT body} from warehouse/views/*.sql, in file-name order."""
@@ -91,10 +99,32 @@ def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         raise SchemaVersionError(
             f"{path}: the warehouse has schema version {found}, newer than this fgm "
             f"understands (version {SCHEMA_VERSION}). Upgrade fgm to read it.")
-    if found is not None and found < SCHEMA_VERSION:
+    if found is not None and found < SCHEMA_VERSION and not _migratable(found):
         raise SchemaVersionError(
             f"{path}: the warehouse has schema version {found}, older than this fgm "
             f"(version {SCHEMA_VERSION}), and no migration exists for it.")
+
+
+def _migratable(found: int) -> bool:
+    return all(v in MIGRATIONS for v in range(found, SCHEMA_VERSION))
+
+
+def _table_statements() -> dict[str, str]:
+    """{table: its CREATE TABLE statement} from schema.sql."""
+    return {m.group(1): m.group(0) for m in re.finditer(
+        r"CREATE TABLE IF NOT EXISTS (\w+) \(.*?\n\);", schema_sql(), flags=re.S)}
+
+
+def _shadow_missing_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """A reader of a warehouse older than this code: the tables added since are made
+    empty TEMP tables of this connection, so that the views over them work (and say
+    there is nothing yet) without writing a byte. The first writer migrates the file."""
+    present = {r[0] for r in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+        "AND table_catalog = current_database()").fetchall()}
+    for table, statement in _table_statements().items():
+        if table not in present:
+            con.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
 
 
 def views_digest() -> str:
@@ -105,8 +135,15 @@ def views_digest() -> str:
 
 
 def apply_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Apply schema.sql and (re)create the views. Idempotent."""
+    """Apply schema.sql, migrate an older warehouse, (re)create the views. Idempotent."""
+    found = stored_version(con)
     con.execute(schema_sql())
+    if found is not None and found < SCHEMA_VERSION:
+        for version in range(found, SCHEMA_VERSION):
+            if MIGRATIONS[version]:
+                con.execute(MIGRATIONS[version])
+        con.execute("UPDATE fgm_meta SET value = ? WHERE key = 'schema_version'",
+                    [str(SCHEMA_VERSION)])
     apply_views(con)
     con.execute("INSERT INTO fgm_meta VALUES ('views_sha256', ?) ON CONFLICT (key) "
                 "DO UPDATE SET value = excluded.value", [views_digest()])
@@ -161,6 +198,8 @@ def connect(db: str | os.PathLike | None = None, *, read_only: bool = False,
         if stored_version(con) is None:
             con.close()
             raise FgmError(f"{path}: a DuckDB file, but not an fgm warehouse (no fgm_meta).")
+        if stored_version(con) < SCHEMA_VERSION:
+            _shadow_missing_tables(con)
         apply_views(con, temp=True)
         return con
     if path.parent and not path.parent.exists():

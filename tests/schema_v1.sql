@@ -1,0 +1,102 @@
+-- fgm warehouse schema: the only definition of the warehouse's tables.
+-- Applying this file to a warehouse that already has it changes nothing.
+-- Keys are natural (config hashes, checkpoint sha256, measure names), never
+-- autoincrement, so the same result ingested twice lands on the same row.
+
+-- One row: a property of the warehouse itself. 'schema_version' is read by
+-- the code that opens the file; bump it with any change to this file.
+CREATE TABLE IF NOT EXISTS fgm_meta (
+    key   VARCHAR PRIMARY KEY,
+    value VARCHAR NOT NULL
+);
+INSERT INTO fgm_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
+
+-- One row: a grid of models trained or ingested together.
+CREATE TABLE IF NOT EXISTS sweeps (
+    sweep_id     VARCHAR PRIMARY KEY,   -- sha256 prefix of the sweep's name
+    name         VARCHAR NOT NULL,
+    dataset      VARCHAR,
+    config       JSON,                  -- the grid, or the source table's path
+    code_version VARCHAR,
+    created_at   TIMESTAMP DEFAULT current_timestamp
+);
+
+-- One row: one trained network = one configuration, one seed, one dataset.
+CREATE TABLE IF NOT EXISTS models (
+    model_id    VARCHAR PRIMARY KEY,
+    sweep_id    VARCHAR NOT NULL,
+    dataset     VARCHAR NOT NULL,
+    seed        INTEGER NOT NULL,
+    config_hash VARCHAR NOT NULL,       -- sha256 of the canonical JSON of the hyperparameter values
+    status      VARCHAR NOT NULL,       -- 'done' | 'failed'
+    created_at  TIMESTAMP DEFAULT current_timestamp
+);
+
+-- One row: the value of one hyperparameter axis for one model. Grouping and
+-- conditioning use `level` (ordinal position on the axis), not the value.
+CREATE TABLE IF NOT EXISTS hyperparameters (
+    model_id   VARCHAR NOT NULL,
+    axis       VARCHAR NOT NULL,
+    level      INTEGER NOT NULL,
+    value_text VARCHAR NOT NULL,
+    value_num  DOUBLE,                  -- NULL where the value is not a number (optimizer)
+    PRIMARY KEY (model_id, axis)
+);
+
+-- One row: one saved set of weights of a model.
+CREATE TABLE IF NOT EXISTS checkpoints (
+    model_id VARCHAR NOT NULL,
+    role     VARCHAR NOT NULL,          -- 'init' | 'epoch1' | 'final'
+    path     VARCHAR NOT NULL,
+    sha256   VARCHAR NOT NULL,
+    bytes    BIGINT NOT NULL,
+    PRIMARY KEY (model_id, role)
+);
+
+-- One row: one point of a model's training curve.
+CREATE TABLE IF NOT EXISTS traces (
+    model_id   VARCHAR NOT NULL,
+    step       BIGINT NOT NULL,
+    epoch      DOUBLE NOT NULL,
+    train_loss DOUBLE,                  -- cross-entropy estimated while training
+    lr         DOUBLE,
+    seconds    DOUBLE,                  -- wall time since the start of training
+    PRIMARY KEY (model_id, step)
+);
+
+-- One row: how a model ended. gap = train_acc - test_acc (0-1 loss).
+CREATE TABLE IF NOT EXISTS outcomes (
+    model_id   VARCHAR PRIMARY KEY,
+    train_acc  DOUBLE,
+    test_acc   DOUBLE,
+    train_loss DOUBLE,                  -- confirmed on the full training set
+    test_loss  DOUBLE,
+    gap        DOUBLE NOT NULL,
+    converged  BOOLEAN,                 -- NULL: unknown (a results table without is.converged)
+    steps      BIGINT,
+    train_size BIGINT,
+    test_size  BIGINT
+);
+
+-- One row: one complexity measure of one model. value is NULL when it could
+-- not be computed; status and error say why.
+CREATE TABLE IF NOT EXISTS measures (
+    model_id     VARCHAR NOT NULL,
+    measure      VARCHAR NOT NULL,
+    value        DOUBLE,
+    status       VARCHAR NOT NULL,      -- 'ok' | 'missing' | 'failed'
+    error        VARCHAR,
+    params       JSON,                  -- search budgets, seeds, ... used for this value
+    computed_at  TIMESTAMP NOT NULL,
+    code_version VARCHAR,
+    PRIMARY KEY (model_id, measure)
+);
+
+-- One row: a registered complexity measure (mirrors the code's registry).
+CREATE TABLE IF NOT EXISTS measure_definitions (
+    measure     VARCHAR PRIMARY KEY,
+    equation    VARCHAR,                -- the paper's equation number
+    family      VARCHAR,                -- module: norms, spectral, margin, ...
+    needs       VARCHAR[],              -- final | init | epoch1 | data | trace
+    description VARCHAR
+);
