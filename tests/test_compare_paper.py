@@ -153,3 +153,41 @@ def test_compare_needs_paper(warehouse):
     assert out.exit_code != 0 and "--paper" in out.output
     out = CliRunner().invoke(query, ["compare", "--paper", "--table", "9", "--db", str(db)])
     assert out.exit_code != 0 and "'9' is not one of" in out.output
+
+
+def test_convention_paper_seed_statistics(db):
+    """psi / table --convention paper: Ψ's std across seeds as Table 10's,
+    sqrt(Σ σ_i²)/k over the k axes; the means are the same as SPEC's."""
+    table = pl.concat([grid(seed=s).with_columns(pl.lit(s).alias("seed"),
+                                                 pl.col("model_id") + f"s{s}")
+                       for s in range(3)])
+    build_warehouse(db, table)
+    spec = json.loads(run("psi", "-m", "path_norm", "--db", db, "--format", "json"))
+    paper = json.loads(run("psi", "-m", "path_norm", "--convention", "paper", "--db", db,
+                           "--format", "json"))
+    sigma = [spec["seeds"]["std"]["psi"][a] for a in AXES]
+    # the per-seed ψ_i, recomputed from scratch: their std matches, then Table 10's formula
+    levels = {}
+    per_seed_psi = []
+    for s in range(3):
+        t = table.filter(pl.col("seed") == s).sort("model_id")
+        levels = _levels(t)
+        per_seed_psi.append(psi_ref(t["complexity.path_norm"].to_list(),
+                                    t["gen.gap"].to_list(), levels))
+    np.testing.assert_allclose(sigma, np.std(per_seed_psi, axis=0, ddof=1), atol=1e-12)
+    expected = float(np.sqrt(np.sum(np.square(sigma))) / len(AXES))
+    assert paper["seeds"]["std"]["Psi"] == pytest.approx(expected, abs=1e-12)
+    per_seed_big = np.mean(per_seed_psi, axis=1)
+    assert spec["seeds"]["std"]["Psi"] == pytest.approx(np.std(per_seed_big, ddof=1), abs=1e-12)
+    assert paper["Psi"] == pytest.approx(spec["Psi"], abs=1e-15)
+    frame = pl.read_csv(io.StringIO(run("table", "--convention", "paper", "--db", db,
+                                        "--format", "csv")))
+    row = frame.filter(pl.col("measure") == "path_norm").row(0, named=True)
+    assert row["Psi_std"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_convention_paper_refuses_pgdl(warehouse):
+    db, _ = warehouse
+    out = CliRunner().invoke(query, ["cmi", "-m", "path_norm", "--pgdl", "--convention",
+                                     "paper", "--db", str(db)])
+    assert out.exit_code != 0 and "--convention" in out.output
