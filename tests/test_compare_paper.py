@@ -191,3 +191,40 @@ def test_convention_paper_refuses_pgdl(warehouse):
     out = CliRunner().invoke(query, ["cmi", "-m", "path_norm", "--pgdl", "--convention",
                                      "paper", "--db", str(db)])
     assert out.exit_code != 0 and "--convention" in out.output
+
+
+def test_report_section_paper_vs_here(warehouse, tmp_path):
+    import re
+    db, _ = warehouse
+    out = tmp_path / "rep"
+    run("report", "--out", out, "--draws", "2", "--db", db)
+    page = (out / "index.html").read_text()
+    words = page.split("<script>")[0]
+    assert "The paper and this warehouse: Ψ (Table 5) and K (Table 6)" in words
+    assert "The sign of Ψ agrees for 3 of 4 measures (it flips for sharpness_flatness)" in words
+    assert "Not in the paper: my_measure." in words
+    assert (out / "paper_vs_here.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    specs = json.loads(re.search(r"const specs = (\{.*?\});\n", page, re.S).group(1))
+    chart = next(s for s in specs.values() if "hconcat" in s)
+    psi_panel, k_panel = chart["hconcat"]
+    diagonal, dots = psi_panel["layer"]
+    assert diagonal["mark"]["type"] == "line"
+    assert dots["mark"]["type"] == "circle"
+    assert dots["encoding"]["x"]["field"] == "paper" and dots["encoding"]["y"]["field"] == "here"
+    data = chart["datasets"]
+    line = data[diagonal["data"]["name"]]
+    assert [(p["paper"], p["here"]) for p in line] == [(-1.0, -1.0), (1.0, 1.0)]
+    points = data[dots["data"]["name"]]
+    assert sorted(p["measure"] for p in points) == sorted(PAPER_PSI)
+    assert k_panel["layer"][1]["encoding"]["x"]["title"] == "K in the paper"
+
+
+def test_report_section_without_the_papers_measures(db, tmp_path):
+    table = grid().select("model_id", "hp.depth", "hp.width", "hp.batch_size", "gen.gap",
+                          "complexity.my_measure")
+    build_warehouse(db, table)
+    out = tmp_path / "rep"
+    run("report", "--out", out, "--draws", "2", "--db", db)
+    page = (out / "index.html").read_text().split("<script>")[0]
+    assert "No panel: this warehouse holds none of the paper's measures." in page
+    assert not (out / "paper_vs_here.png").exists()
