@@ -65,7 +65,7 @@ def test_cells_read_by_hand():
     assert cell(6, "conditional entropy", "depth") == 0.8308
     assert cell(7, "spectral complexity", "depth") == -0.9989
     assert cell(7, "spectral complexity", "Psi") == -0.4567
-    assert cell(9, "1/α' sharpness mag", "Psi") == 0.5122
+    assert cell(9, "1/alpha sharpness mag", "Psi") == 0.5122   # as Table 9 prints it
     assert cell(10, "grad-noise-epoch-1", "Psi") == 0.0186
     assert cell(1, "oracle 0.02", "K", "cmi") == 0.1637
     assert cell(2, "Frob distance", "Psi", "psi") == -0.341   # printed "-0341"
