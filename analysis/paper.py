@@ -11,8 +11,9 @@ table gives it) and `measure`: SPEC §4's name, empty where fgm has no such
 measure (e.g. Table 7's "median margin", or "displacement", which Table 6 prints
 beside frob-distance with the same numbers). Numbers are as printed, with their
 precision; the paper's own inconsistencies stay (Table 1 prints 1/γ with the
-opposite signs of Table 5's 1/margin; Tables 9 and 10 call "pacbayes-mag-init"
-what Table 5 reports as the "u1" variant).
+opposite signs of Table 5's 1/margin; Table 5's pacbayes-mag-init and -orig
+match Table 9's "ratio cplx gaussian (0ref) u1" rows, not the rows Table 9
+labels pacbayes-mag-init and -orig).
 
 Table 7 (SVHN) names measures by the paper's internal names ("spectral product
 dd/2 om"); they are matched to SPEC's by meaning, the magnitude-aware bounds by
