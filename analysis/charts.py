@@ -98,3 +98,33 @@ def measure_vs_gap(frame: pl.DataFrame, measure: str, color: str, log: bool,
         color=alt.Color(f"{color}:N", title=color, sort=order),
         tooltip=["model_id", "value", "gap", color],
     ).properties(width=WIDTH, height=320, title=f"{measure} against the gap")
+
+
+def paper_vs_here(points: pl.DataFrame) -> alt.HConcatChart:
+    """The paper's figure against this warehouse's, one point per measure, the
+    diagonal drawn: a panel for Ψ (coloured by whether its sign agrees) and one for K.
+    points: measure, quantity (Ψ or K), paper, here, sign."""
+    panels = []
+    for quantity in ("Ψ", "K"):
+        data = points.filter(pl.col("quantity") == quantity)
+        if not data.height:
+            continue
+        if quantity == "Ψ":
+            lo, hi = -1.0, 1.0
+        else:
+            lo, hi = 0.0, max(float(data.select(pl.max_horizontal("paper", "here")).max()
+                                    .item()) * 1.05, 1e-3)
+        diagonal = alt.Chart(pl.DataFrame({"paper": [lo, hi], "here": [lo, hi]})).mark_line(
+            color="#888", strokeDash=[4, 4]).encode(x="paper:Q", y="here:Q")
+        color = (alt.Color("sign:N", title="sign of Ψ",
+                           scale=alt.Scale(domain=["agree", "flip", "n/a"],
+                                           range=["#1f77b4", "#d62728", "#999999"]))
+                 if quantity == "Ψ" else alt.value("#1f77b4"))
+        dots = alt.Chart(data).mark_circle(size=60, opacity=0.8).encode(
+            x=alt.X("paper:Q", title=f"{quantity} in the paper",
+                    scale=alt.Scale(domain=[lo, hi])),
+            y=alt.Y("here:Q", title=f"{quantity} here", scale=alt.Scale(domain=[lo, hi])),
+            color=color, tooltip=["measure", "paper", "here"])
+        panels.append((diagonal + dots).properties(width=WIDTH // 2 - 20, height=WIDTH // 2 - 20,
+                                                   title=f"{quantity}: the paper and here"))
+    return alt.hconcat(*panels)

@@ -151,6 +151,13 @@ def _searches_note(n: int, filtered: bool, what: str = "the values") -> str | No
             "(--converged-searches-only leaves them out)")
 
 
+convention_option = click.option(
+    "--convention", type=click.Choice(["spec", "paper"]), default="spec", show_default=True,
+    help="spec: SPEC's definitions. paper: the paper's own, as its tables show them: CMI "
+         "slices weighted equally (App. B.1), Table 6's |S| = 1 as the least unnormalised "
+         "information (bits), Table 10's std of Ψ as sqrt(Σ σ_i²)/k (README: Evaluation).")
+
+
 pool_option = click.option(
     "--pool-seeds", is_flag=True,
     help="Evaluate all models together, ignoring the seed column (default: per seed, "
@@ -234,13 +241,14 @@ def _emit_notes(notes, fmt: str) -> None:
 @click.option("--measure", "-m", required=True, help="The measure to evaluate.")
 @ci_options
 @pool_option
+@convention_option
 @searches_option
 @selection_options
 @store_option
 @db_option
 @format_option
 @friendly_errors
-def psi(measure, ci, boot, seed, pool_seeds, converged_searches_only,
+def psi(measure, ci, boot, seed, pool_seeds, convention, converged_searches_only,
         where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs 2, 4 and 5).
     With several seeds: the mean across seeds and its std (Table 9). Says how many
@@ -252,7 +260,8 @@ def psi(measure, ci, boot, seed, pool_seeds, converged_searches_only,
         mu, sub = measure_values(con, measure, models)
         snap = None if no_store else snapshot(con, sel, models.ids, measure)
     res = _with_constant(with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci,
-                                    blocks=boot, seed=seed, pool_seeds=pool_seeds), models)
+                                    blocks=boot, seed=seed, pool_seeds=pool_seeds,
+                                    convention=convention), models)
     res["unconverged_searches"] = sub.unconverged_searches
     note = _searches_note(sub.unconverged_searches, converged_searches_only,
                           f"the {len(mu)} values")
@@ -264,8 +273,15 @@ def psi(measure, ci, boot, seed, pool_seeds, converged_searches_only,
                             ("values from unconverged searches"
                              + (" (left out)" if converged_searches_only else ""),
                              sub.unconverged_searches)])
-    keep(db, snap, "psi", sel, {"measure": measure}, psi_rows(res), ci=ci, blocks=boot,
+    keep(db, snap, "psi", sel, {"measure": measure, **_convention(convention)}, psi_rows(res),
+         ci=ci, blocks=boot,
          seed=seed if ci else None)
+
+
+def _convention(convention: str) -> dict:
+    """The stored evaluation's options: the paper's convention is another question
+    (another key), SPEC's the default that older evaluations were computed with."""
+    return {} if convention == "spec" else {"convention": convention}
 
 
 def _cmi_rows(res: dict) -> list[tuple[str, object]]:
@@ -282,27 +298,33 @@ def _cmi_rows(res: dict) -> list[tuple[str, object]]:
                    "|S| = 2 only).")
 @ci_options
 @pool_option
+@convention_option
 @selection_options
 @store_option
 @db_option
 @format_option
 @friendly_errors
-def cmi(measure, pgdl, ci, boot, seed, pool_seeds,
+def cmi(measure, pgdl, ci, boot, seed, pool_seeds, convention,
         where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """Conditional mutual information Î(S) for |S| ≤ 2 and K = its minimum (App. B).
     With several seeds: the mean across seeds and its std (Table 10). When K is
-    null, a note says why (JSON: "note")."""
+    null, a note says why (JSON: "note"). --convention paper adds the conditional
+    entropy H(V_g | axis) per axis, in bits (Table 6's last row)."""
+    if pgdl and convention != "spec":
+        raise click.BadParameter("--pgdl is the PGDL scorer's own convention; leave out "
+                                 "--convention paper", param_hint="--convention")
     sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds)
     with _readonly(db) as con:
         models = select_models(con, sel)
         mu, sub = measure_values(con, measure, models)
         snap = None if no_store else snapshot(con, sel, models.ids, measure)
-    res = _with_constant(with_seeds(sub, mu, lambda m, s: cmi_result(measure, m, s, pgdl=pgdl),
-                                    ci=ci, blocks=boot, seed=seed, keys=("K",),
-                                    pool_seeds=pool_seeds), models)
-    _emit_object(res, fmt, _cmi_rows(res) + _spread_rows(res, ("K",)))
-    keep(db, snap, "cmi", sel, {"measure": measure}, cmi_rows(res), pgdl=pgdl, ci=ci,
-         blocks=boot, seed=seed if ci else None)
+    res = _with_constant(with_seeds(sub, mu, lambda m, s: cmi_result(
+        measure, m, s, pgdl=pgdl, convention=convention), ci=ci, blocks=boot, seed=seed,
+        keys=("K",), pool_seeds=pool_seeds), models)
+    entropy = [(f"H(V_g | {a}) bits", v) for a, v in res.get("conditional_entropy", {}).items()]
+    _emit_object(res, fmt, _cmi_rows(res) + entropy + _spread_rows(res, ("K",)))
+    keep(db, snap, "cmi", sel, {"measure": measure, **_convention(convention)}, cmi_rows(res),
+         pgdl=pgdl, ci=ci, blocks=boot, seed=seed if ci else None)
 
 
 @main.command()
@@ -342,13 +364,14 @@ def oracle(eps, draws, seed, pool_seeds,
               help="Monte Carlo draws for the oracles' CMI.")
 @ci_options
 @pool_option
+@convention_option
 @searches_option
 @selection_options
 @store_option
 @db_option
 @format_option
 @friendly_errors
-def table(kind, draws, ci, boot, seed, pool_seeds, converged_searches_only,
+def table(kind, draws, ci, boot, seed, pool_seeds, convention, converged_searches_only,
           where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """Every measure, one row each, with the oracle, canonical and random baselines.
     Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns.
@@ -358,10 +381,11 @@ def table(kind, draws, ci, boot, seed, pool_seeds, converged_searches_only,
                      converged_searches_only=converged_searches_only)
     with _readonly(db) as con:
         if kind == "psi":
-            frame = table5(con, sel, seed=seed, ci=ci, blocks=boot, pool_seeds=pool_seeds)
+            frame = table5(con, sel, seed=seed, ci=ci, blocks=boot, pool_seeds=pool_seeds,
+                           convention=convention)
         else:
             frame = table6(con, sel, draws=draws, seed=seed, ci=ci, blocks=boot,
-                           pool_seeds=pool_seeds)
+                           pool_seeds=pool_seeds, convention=convention)
         models = select_models(con, sel)
         constant = models.constant
         snap = None if no_store else snapshot(con, sel, models.ids, "*")
@@ -372,8 +396,61 @@ def table(kind, draws, ci, boot, seed, pool_seeds, converged_searches_only,
                 fmt)
     keep(db, snap, f"table {kind}", _selection(where, dataset, sweep, all_models, relevel,
                                                pool_seeds, converged_searches_only),
-         {"draws": draws} if kind == "cmi" else {}, table_rows(frame, kind, models.axes),
+         {**({"draws": draws} if kind == "cmi" else {}), **_convention(convention)},
+         table_rows(frame, kind, models.axes),
          ci=ci, blocks=boot, seed=seed)
+
+
+@main.command()
+@click.option("--paper", is_flag=True,
+              help="Compare with the paper's published figures (the one reference so far).")
+@click.option("--table", "paper_table_", type=click.Choice(["5", "6", "7"]), default=None,
+              help="The paper's table: 5 (CIFAR-10 τ, Ψ), 6 (CIFAR-10 CMI, K) or 7 (SVHN "
+                   "τ, Ψ). Default: 5 and 6.")
+@pool_option
+@selection_options
+@db_option
+@format_option
+@friendly_errors
+def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, relevel,
+            db, fmt):
+    """The paper's figures beside this warehouse's, measure by measure, computed with
+    --convention paper: Ψ and τ (and K), whether the sign of Ψ agrees, and the rank
+    correlation (Spearman, Kendall) of Ψ and of K across measures. Lists the measures
+    not in the paper, and the paper's measures missing here with the fgm-measure
+    command that would fill them."""
+    from .compare import (
+        DEFAULT_TABLES,
+        compare_paper,
+        comparison_frame,
+        summary_lines,
+        summary_rows,
+    )
+    if not paper:
+        raise click.UsageError("compare needs --paper: the paper's published figures are "
+                               "what it compares with")
+    tables = (paper_table_,) if paper_table_ else DEFAULT_TABLES
+    with _readonly(db) as con:
+        res = compare_paper(con, _selection(where, dataset, sweep, all_models, relevel),
+                            tables, pool_seeds=pool_seeds or None, db=db)
+    if fmt == "json":
+        click.echo(to_json(res))
+        return
+    emit_frame(comparison_frame(res), fmt,
+               title=f"the paper (Table {' and '.join(tables)}) and this warehouse "
+                     f"({res['n_models']} models), --convention paper")
+    rows = summary_rows(res)
+    if fmt == "csv":
+        _emit_notes([f"{q}: {'' if v is None else f'{v:.4g}'}" for q, v in rows]
+                    + summary_lines(res), fmt)
+        return
+    if rows:
+        emit_frame(pl.DataFrame({"quantity": [r[0] for r in rows],
+                                 "value": [None if r[1] is None else float(r[1])
+                                           for r in rows]},
+                                schema={"quantity": pl.String, "value": pl.Float64}), fmt)
+    for line in summary_lines(res):
+        click.echo(line)
 
 
 @main.command()

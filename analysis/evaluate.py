@@ -18,12 +18,13 @@ from .ranking import (
     Conditioning,
     big_psi,
     cmi_by_set,
+    information_by_set,
     kendall_tau,
     oracle_psi,
     oracle_tau,
     psi_per_axis,
 )
-from .seeds import check_seeds, jackknife, per_seed
+from .seeds import check_seeds, jackknife, paper_psi_std, per_seed
 
 ORACLE_EPS = (0.01, 0.02, 0.05, 0.1)
 # App. C.4: the level order believed to predict the gap, per axis (+1: larger
@@ -31,6 +32,9 @@ ORACLE_EPS = (0.01, 0.02, 0.05, 0.1)
 CANONICAL_DIRECTION = {"batch_size": 1.0, "depth": -1.0, "width": -1.0, "dropout": -1.0,
                        "weight_decay": -1.0, "learning_rate": -1.0}
 CANONICAL_OPTIMIZERS = ("sgd", "adam", "rmsprop")
+# "spec": SPEC §2 as written. "paper": the conventions behind the paper's own
+# numbers (README: Evaluation), each checked against its tables in the tests.
+CONVENTIONS = ("spec", "paper")
 
 
 @dataclass(frozen=True)
@@ -281,13 +285,43 @@ def _summarise_cmi(values: np.ndarray, cond: Conditioning, axes: list[str]) -> d
             "argmin": [axes[j] for j in cond.sets[k]] if k is not None else None}
 
 
-def cmi_result(name: str, mu: np.ndarray, models: Models, pgdl: bool = False) -> dict:
-    """SPEC §5's cmi object; with a "note" saying why when K is null."""
+def _cmi_summary(mu: np.ndarray, gap: np.ndarray, cond: Conditioning, axes: list[str],
+                 convention: str = "spec") -> dict:
+    """_summarise_cmi under a convention. "paper": slices weighted equally (App.
+    B.1), and the |S| = 1 column the minimum over axes of the unnormalised
+    information Î(axis)·H(V_g | axis) in bits, as in Table 6 (its "conditional
+    entropy" row, given here as "conditional_entropy"); K the least of |S| = 0,
+    min |S| = 1 and min |S| = 2 so taken."""
+    if convention == "spec":
+        return _summarise_cmi(cmi_by_set(mu, gap, cond), cond, axes)
+    values = cmi_by_set(mu, gap, cond, equal_slices=True)
+    info, entropy = information_by_set(mu, gap, cond, equal_slices=True)
+    singles = [i for i, s in enumerate(cond.sets) if len(s) == 1]
+    mixed = values.copy()
+    mixed[singles] = info[singles]
+    out = _summarise_cmi(mixed, cond, axes)
+    out["per_axis"] = {axes[cond.sets[i][0]]: _num(values[i]) for i in singles}
+    out["conditional_entropy"] = {axes[cond.sets[i][0]]: _num(entropy[i]) for i in singles}
+    return out
+
+
+def cmi_result(name: str, mu: np.ndarray, models: Models, pgdl: bool = False,
+               convention: str = "spec") -> dict:
+    """SPEC §5's cmi object; with a "note" saying why when K is null. `convention`
+    "paper": see _cmi_summary (not with pgdl, which is its own convention)."""
+    if pgdl and convention != "spec":
+        raise FgmError("--pgdl is the PGDL scorer's own convention: it does not combine "
+                       "with --convention paper")
     cond = Conditioning.build(models.levels, sizes=(2,) if pgdl else None)
-    summary = _summarise_cmi(cmi_by_set(mu, models.gap, cond, pgdl=pgdl), cond, models.axes)
     if pgdl:
+        summary = _summarise_cmi(cmi_by_set(mu, models.gap, cond, pgdl=True), cond,
+                                 models.axes)
         summary.update(per_axis={a: None for a in models.axes}, s0=None, s1=None)
+    else:
+        summary = _cmi_summary(mu, models.gap, cond, models.axes, convention)
     out = {"measure": name, "n_models": int(len(mu)), **summary}
+    if convention != "spec":
+        out["convention"] = convention
     if out["K"] is None:
         out["note"] = _why_no_k(mu, models, pgdl)
     return out
@@ -305,12 +339,13 @@ def _why_no_k(mu: np.ndarray, models: Models, pgdl: bool) -> str:
             "(H(V_g) = 0 everywhere)")
 
 
-def oracle_cmi(models: Models, eps: float, draws: int = 10, seed: int = 0) -> dict:
+def oracle_cmi(models: Models, eps: float, draws: int = 10, seed: int = 0,
+               convention: str = "spec") -> dict:
     """The noisy oracle's CMI: mean over seeded Monte Carlo draws, with standard errors."""
     cond = Conditioning.build(models.levels)
     rng = np.random.default_rng(seed)
-    runs = [_summarise_cmi(cmi_by_set(models.gap + rng.normal(0.0, eps, len(models.gap)),
-                                      models.gap, cond), cond, models.axes)
+    runs = [_cmi_summary(models.gap + rng.normal(0.0, eps, len(models.gap)), models.gap,
+                         cond, models.axes, convention)
             for _ in range(draws)]
     return {"measure": f"oracle_{eps:g}", "n_models": int(len(models.gap)),
             **_mean_and_stderr(runs, models.axes), "draws": draws}
@@ -327,11 +362,12 @@ def oracle_result(models: Models, eps: float, draws: int = 10, seed: int = 0) ->
 
 def with_seeds(models: Models, mu: np.ndarray, compute, *, ci: float | None = None,
                blocks: int = 20, seed: int = 0, keys: tuple[str, ...] = ("tau", "Psi"),
-               pool_seeds: bool = False, check: bool = True) -> dict:
+               pool_seeds: bool = False, check: bool = True, convention: str = "spec") -> dict:
     """compute(mu, models) per seed (mean ± std across seeds when there are several),
     plus seeded jackknife intervals over configurations when `ci` is given. `pool_seeds`:
     all models at once, ignoring seeds. Unless pooled (or `check` is off), seeds that
-    give no seed two models are an error (check_seeds), not a table of nulls."""
+    give no seed two models are an error (check_seeds), not a table of nulls.
+    `convention` "paper": the std of Ψ as in Table 10 (seeds.paper_psi_std)."""
     seeds = np.zeros(len(mu), dtype=np.int64) if pool_seeds else models.seeds
     if check and not pool_seeds:
         check_seeds(seeds)
@@ -340,6 +376,8 @@ def with_seeds(models: Models, mu: np.ndarray, compute, *, ci: float | None = No
         return per_seed(seeds[idx], lambda m: compute(mu[idx][m], models.subset(idx[m])))
     everything = np.arange(len(mu))
     result = at(everything)
+    if convention == "paper" and "seeds" in result and "psi" in result["seeds"]["std"]:
+        result["seeds"]["std"]["Psi"] = paper_psi_std(result["seeds"]["std"]["psi"])
     if ci:
         result["ci"] = jackknife(models.levels, at, level=ci, blocks=blocks, seed=seed,
                                  keys=keys)
@@ -423,13 +461,15 @@ def _seeding(models: Models, sel: Selection, pool_seeds: bool | None) -> dict:
 
 def table5(con, sel: Selection, *, measures: list[str] | None = None,
            eps_list=ORACLE_EPS, seed: int = 0, ci: float | None = None, blocks: int = 20,
-           progress=None, pool_seeds: bool | None = None) -> pl.DataFrame:
+           progress=None, pool_seeds: bool | None = None,
+           convention: str = "spec") -> pl.DataFrame:
     """Table 5's shape: one row per measure (ψ per axis, τ, Ψ), then the oracles,
     the canonical orderings and the random baseline; with several seeds, means
     across seeds and their std (Table 9); with `ci`, jackknife intervals.
-    `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds."""
+    `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds.
+    `convention` "paper": Ψ's std across seeds as in Table 10."""
     models = select_models(con, sel)
-    seeding = _seeding(models, sel, pool_seeds)
+    seeding = {**_seeding(models, sel, pool_seeds), "convention": convention}
     rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat(
         with_seeds(sub, mu, lambda m, s: psi_result(name, m, s), ci=ci, blocks=blocks,
                    seed=seed, **seeding), models.axes))
@@ -445,23 +485,25 @@ def table5(con, sel: Selection, *, measures: list[str] | None = None,
 def table6(con, sel: Selection, *, measures: list[str] | None = None,
            eps_list=ORACLE_EPS, draws: int = 10, seed: int = 0, ci: float | None = None,
            blocks: int = 20, progress=None,
-           pool_seeds: bool | None = None) -> pl.DataFrame:
+           pool_seeds: bool | None = None, convention: str = "spec") -> pl.DataFrame:
     """Table 6's shape: per-axis CMI, |S| = 0, min |S| = 1, min |S| = 2, K, argmin
     (Table 10 with several seeds; jackknife intervals of K with `ci`).
-    `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds."""
+    `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds.
+    `convention` "paper": see _cmi_summary."""
     models = select_models(con, sel)
     seeding = _seeding(models, sel, pool_seeds)
     rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat_cmi(
-        with_seeds(sub, mu, lambda m, s: cmi_result(name, m, s), ci=ci,
+        with_seeds(sub, mu, lambda m, s: cmi_result(name, m, s, convention=convention), ci=ci,
                    blocks=blocks, seed=seed, keys=("K",), **seeding), models.axes))
     zeros = np.zeros(len(models.gap))
     for eps in eps_list:
-        res = with_seeds(models, zeros, lambda _, m, e=eps: oracle_cmi(m, e, draws, seed),
+        res = with_seeds(models, zeros,
+                         lambda _, m, e=eps: oracle_cmi(m, e, draws, seed, convention),
                          **seeding)
         rows.append({"kind": "oracle", **_flat_cmi(res, models.axes),
                      "K_stderr": res["stderr"]["K"], "draws": draws})
-    res = with_seeds(models, zeros, lambda _, m: cmi_result("random", random_measure(m, seed), m),
-                     **seeding)
+    res = with_seeds(models, zeros, lambda _, m: cmi_result(
+        "random", random_measure(m, seed), m, convention=convention), **seeding)
     rows.append({"kind": "random", **_flat_cmi(res, models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "s0", "s1", "s2", "K",
                          "argmin", "K_std", "K_lo", "K_hi", "K_stderr", "draws", "seeds",

@@ -270,18 +270,14 @@ def _mi_and_h(t: np.ndarray, pgdl: bool) -> tuple[np.ndarray, np.ndarray, np.nda
 _PGDL_CONSTANT_H = float(-(np.log2(1.0 + 1e-12) + 0.0 * np.log2(1e-12)))
 
 
-def cmi_by_set(mu: np.ndarray, gap: np.ndarray, cond: Conditioning,
-               pgdl: bool = False, block_entries: int | None = None) -> np.ndarray:
-    """Normalised conditional mutual information Î(S) for every set in `cond`.
-
-    Paper (App. B): Σ_s p(s)·I_s / Σ_s p(s)·H_s, p(s) the share of ordered
-    pairs (a ≠ b) in slice s. PGDL scorer: self-pairs included and slices
-    weighted equally, mean I / mean H (empty slices skipped). Slices are built
-    block by block over occupied cells only (see slice_blocks): memory stays
-    O(block_entries) (default BLOCK_ENTRIES) whatever the number of levels.
-    """
+def _cmi_sums(mu, gap, cond: Conditioning, pgdl: bool, equal_slices: bool,
+              block_entries: int | None):
+    """Per set: Σ w·I, Σ w·H over its slices and Σ w, with w the slice's pairs
+    (SPEC) or 1 for every slice that holds a pair (equal_slices, and the PGDL
+    scorer, which also takes self-pairs and log2)."""
     num = np.zeros(len(cond.sets))
     den = np.zeros(len(cond.sets))
+    weight = np.zeros(len(cond.sets))
     for k, t in slice_blocks(mu, gap, cond, self_pairs=pgdl, block_entries=block_entries):
         t = t.reshape(-1, 2, 2)
         up, down = t[:, 1, :].sum(axis=1), t[:, 0, :].sum(axis=1)
@@ -294,10 +290,48 @@ def cmi_by_set(mu: np.ndarray, gap: np.ndarray, cond: Conditioning,
             constant = np.count_nonzero(~varies & (up + down > 0))
             num[k] += mi.sum()
             den[k] += h.sum() + constant * _PGDL_CONSTANT_H
+            weight[k] += np.count_nonzero(up + down > 0)
+        elif equal_slices:
+            num[k] += mi.sum()
+            den[k] += h.sum()
+            weight[k] += np.count_nonzero(up + down > 0)
         else:
             num[k] += (total * mi).sum()
             den[k] += (total * h).sum()
+            weight[k] += (up + down).sum()
+    return num, den, weight
+
+
+def cmi_by_set(mu: np.ndarray, gap: np.ndarray, cond: Conditioning,
+               pgdl: bool = False, block_entries: int | None = None,
+               equal_slices: bool = False) -> np.ndarray:
+    """Normalised conditional mutual information Î(S) for every set in `cond`.
+
+    SPEC (App. B): Σ_s p(s)·I_s / Σ_s p(s)·H_s, p(s) the share of ordered
+    pairs (a ≠ b) in slice s. `equal_slices`: the paper's own App. B.1, "each
+    configuration occurs with equal probability": p(s) the same for every slice
+    that holds a pair. PGDL scorer: self-pairs included and slices weighted
+    equally, mean I / mean H (empty slices skipped). Slices are built block by
+    block over occupied cells only (see slice_blocks): memory stays
+    O(block_entries) (default BLOCK_ENTRIES) whatever the number of levels.
+    """
+    num, den, _ = _cmi_sums(mu, gap, cond, pgdl, equal_slices, block_entries)
     out = np.full(len(cond.sets), np.nan)
     ok = den > 0
     out[ok] = num[ok] / den[ok]
     return out
+
+
+def information_by_set(mu: np.ndarray, gap: np.ndarray, cond: Conditioning,
+                       equal_slices: bool = False, block_entries: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Per set, in bits: the unnormalised I(V_μ; V_g | U_S) and H(V_g | U_S)
+    (Table 6's "conditional entropy" row), slices weighted as in cmi_by_set.
+    NaN for a set with no pair."""
+    num, den, weight = _cmi_sums(mu, gap, cond, False, equal_slices, block_entries)
+    info = np.full(len(cond.sets), np.nan)
+    entropy = np.full(len(cond.sets), np.nan)
+    ok = weight > 0
+    info[ok] = num[ok] / weight[ok] / np.log(2.0)
+    entropy[ok] = den[ok] / weight[ok] / np.log(2.0)
+    return info, entropy

@@ -17,6 +17,7 @@ import duckdb
 import polars as pl
 
 from . import charts
+from .compare import compare_paper
 from .evaluate import Selection, select_models, table5, table6
 
 TRACE_MODELS = 200   # at most this many training curves, chosen evenly, to keep the page light
@@ -140,6 +141,7 @@ def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | Non
                      charts.heatmap(t6, [*axes, "s0", "s1", "s2", "K"],
                                     "Normalised conditional mutual information",
                                     diverging=False), _table_html(t6)))
+    sections.append(_paper_section(con, sel))
     trace = con.sql("SELECT model_id, step, train_loss FROM traces WHERE train_loss > 0").pl()
     trace = trace.filter(pl.col("model_id").is_in(ids))
     if trace.height:
@@ -158,6 +160,54 @@ def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | Non
                              charts.traces(points, axis, level_order(hp, axis)),
                              f"<p class='note'>{note}</p>" if note else ""))
     return _write(out, sections, outcomes, every, sel)
+
+
+def _paper_section(con: duckdb.DuckDBPyConnection, sel: Selection):
+    """The paper's Ψ (Table 5) and K (Table 6) against this warehouse's, computed with
+    the paper's conventions (fgm-query compare --paper)."""
+    res = compare_paper(con, sel, registered=set())
+    heading = "The paper and this warehouse: Ψ (Table 5) and K (Table 6)"
+    facts = []
+    if res["not_in_paper"]:
+        facts.append("Not in the paper: " + ", ".join(map(html.escape, res["not_in_paper"])) + ".")
+    if res["missing"]:
+        facts.append(f"{len(res['missing'])} of the paper's measures are not in this "
+                     "warehouse (<code>fgm-query compare --paper</code> lists them, with the "
+                     "command that fills each).")
+    if res.get("note"):
+        facts.append(html.escape(res["note"][0].upper() + res["note"][1:]) + ".")
+    rows = res["measures"]
+    if not rows:
+        return ("paper_vs_here", heading, None,
+                "<p class='note'>No panel: this warehouse holds none of the paper's "
+                "measures. " + " ".join(facts) + "</p>")
+    points = pl.DataFrame(
+        [{"measure": r["measure"], "quantity": q, "paper": r[f"paper_{k}"], "here": r[k],
+          "sign": r.get("Psi_sign") or "n/a"}
+         for r in rows for q, k in (("Ψ", "Psi"), ("K", "K"))
+         if r.get(f"paper_{k}") is not None and r.get(k) is not None],
+        schema={"measure": pl.String, "quantity": pl.String, "paper": pl.Float64,
+                "here": pl.Float64, "sign": pl.String})
+    a = res["agreement"]
+    words = [f"The sign of Ψ agrees for {a['Psi_sign_agree']} of {a['Psi_sign_compared']} "
+             "measures"]
+    if res["sign_flips"]:
+        words[0] += " (it flips for " + ", ".join(map(html.escape, res["sign_flips"])) + ")"
+    for key, name in (("Psi", "Ψ"), ("K", "K")):
+        c = res["rank_correlation"].get(key)
+        if c and c["spearman"] is not None:
+            words.append(f"rank correlation of {name} across {c['n']} measures: Spearman "
+                         f"{c['spearman']:.2f}, Kendall {c['kendall']:.2f}")
+    text = ("<p>" + "; ".join(words) + ". Points on the dashed diagonal agree exactly; "
+            "computed with <code>--convention paper</code>. " + " ".join(facts) + "</p>")
+    table = pl.DataFrame([{k: r.get(k) for k in ("measure", "paper_label", "paper_Psi", "Psi",
+                                                 "Psi_sign", "paper_K", "K")} for r in rows],
+                         schema={"measure": pl.String, "paper_label": pl.String,
+                                 "paper_Psi": pl.Float64, "Psi": pl.Float64,
+                                 "Psi_sign": pl.String, "paper_K": pl.Float64,
+                                 "K": pl.Float64})
+    chart = charts.paper_vs_here(points) if points.height else None
+    return ("paper_vs_here", heading, chart, text + _table_html(table))
 
 
 def _write(out: Path, sections, outcomes: pl.DataFrame, every, sel: Selection) -> Path:

@@ -82,6 +82,17 @@ def per_seed(seeds: np.ndarray, compute: Callable[[np.ndarray], dict]) -> dict:
     return mean
 
 
+def paper_psi_std(psi_std: dict[str, float | None]) -> float | None:
+    """Table 10's std of Ψ: sqrt(Σ_i σ_i²) / k, σ_i the std across seeds of ψ_i over
+    the k axes that have one: the std Ψ = mean ψ_i would have if the axes were
+    independent (the paper's caption says so). fgm's own is the std of the per-seed
+    Ψ, which keeps the correlation between axes within a seed."""
+    vals = [v for v in psi_std.values() if v is not None]
+    if not vals:
+        return None
+    return float(np.sqrt(np.sum(np.square(vals))) / len(vals))
+
+
 def jackknife(configs: np.ndarray, compute: Callable[[np.ndarray], dict], *, level: float,
               blocks: int, seed: int, keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:
     """Normal intervals θ̂ ± z·se from a delete-a-block jackknife over configurations.

@@ -95,3 +95,22 @@ def pgdl_ref(prediction: dict, models: dict) -> float:
             hs.append(h)
         best = min(best, (sum(mis) / len(mis)) / (sum(hs) / len(hs)))
     return best
+
+
+def cmi_equal_ref(mu, g, levels, axes_set) -> tuple[float, float, float]:
+    """The paper's App. B.1: every slice (with a pair) weighs the same. Returns
+    (mean I / mean H, mean I in bits, mean H in bits) over ordered pairs a != b."""
+    slices = defaultdict(lambda: defaultdict(int))
+    n = len(mu)
+    for a in range(n):
+        for b in range(n):
+            if a == b:
+                continue
+            key = tuple((levels[a][s], levels[b][s]) for s in axes_set)
+            slices[key][(int(g[a] > g[b]), int(mu[a] > mu[b]))] += 1
+    if not slices:
+        return math.nan, math.nan, math.nan
+    parts = [_mi_h(table)[:2] for table in slices.values()]
+    mi = sum(p[0] for p in parts) / len(parts) / math.log(2)
+    h = sum(p[1] for p in parts) / len(parts) / math.log(2)
+    return (mi / h if h > 0 else math.nan), mi, h

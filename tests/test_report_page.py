@@ -71,3 +71,27 @@ def test_the_report_renders_readably_at_1280_px(db, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     width = int.from_bytes(shot.read_bytes()[16:20], "big")
     assert width == 1280
+
+
+def test_the_paper_section_renders_at_1280_px(db, tmp_path):
+    """The paper-vs-here panels, drawn by the browser beside the rest, within the page."""
+    table = synthetic_table(n_measures=3).sample(300, seed=1).rename(
+        {"complexity.measure_00": "complexity.path_norm",
+         "complexity.measure_01": "complexity.spectral_orig"})
+    build_warehouse(db, table)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(query, ["report", "--out", str(out), "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    text = (out / "index.html").read_text()
+    probed = tmp_path / "probed.html"
+    head, _, tail = text.rpartition("</body>")
+    probed.write_text(head + PROBE + tail)
+    dom = browse(probed, "--dump-dom").stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    probe = {k: int(v) for k, v in re.findall(r'"(\w+)":(\d+)', found.group(1).replace(
+        "&quot;", '"'))}
+    assert probe["scroll"] <= probe["inner"]
+    section = dom.split("The paper and this warehouse")[1].split("</section>")[0]
+    assert 'class="marks"' in section                  # its chart was drawn
+    assert "Ψ in the paper" in section and "K in the paper" in section

@@ -295,3 +295,24 @@ def test_unknown_device_request_is_clear():
     assert out.exit_code == 1 and "no CUDA device" in out.output
 
 
+
+
+def test_cifar10_small_preset_is_the_papers_grid_cut():
+    """Seven axes, two levels each; every value but width and depth one of the
+    paper's (SPEC §3), and levels ordered as the paper's."""
+    small, paper = load_grid("cifar10-small"), load_grid("paper")
+    configs = small.configs()
+    assert len(configs) == 2 ** 7 and small.dataset == "cifar10"
+    for axis in ("width", "depth", "dropout", "batch_size", "optimizer", "learning_rate",
+                 "weight_decay"):
+        assert len({c.levels[axis] for c in configs}) == 2, axis
+    for axis in ("dropout", "batch_size", "optimizer"):
+        assert set(small.axes[axis]) <= set(paper.axes[axis]), axis
+    for axis in ("learning_rate", "weight_decay"):
+        for opt in small.axes["optimizer"]:
+            assert set(small.axes[axis][opt]) <= set(paper.axes[axis][opt]), (axis, opt)
+    sgd_lr = {c.values["learning_rate"]: c.levels["learning_rate"] for c in configs
+              if c.values["optimizer"] == "sgd"}
+    assert sgd_lr == {0.032: 0, 0.1: 1}
+    assert max(small.axes["width"]) < min(paper.axes["width"])
+    assert small.train["stop_cross_entropy"] == 0.01

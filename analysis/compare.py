@@ -1,0 +1,179 @@
+"""fgm-query compare --paper: the paper's published figures beside this warehouse's.
+
+For every measure both hold: the paper's Ψ and τ (Table 5, or Table 7 for SVHN)
+and K (Table 6), and the warehouse's, computed with the paper's own conventions
+(--convention paper), so that like is compared with like. Then: does the sign of
+Ψ agree, measure by measure; how well do the two orders of the measures agree
+(Spearman's ρ and Kendall's τ across measures); which signs flip. A measure the
+warehouse has and the paper lacks is listed as not in the paper; one the paper
+has and the warehouse lacks, as missing, with the command that would fill it.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import duckdb
+import numpy as np
+import polars as pl
+from scipy import stats
+
+from .evaluate import (
+    Selection,
+    _seeding,
+    cmi_result,
+    measure_names,
+    measure_values,
+    psi_result,
+    select_models,
+    with_seeds,
+)
+from .paper import paper_table
+
+PSI_TABLES = {"5": "cifar10", "7": "svhn"}   # τ tables and the dataset behind each
+CMI_TABLES = {"6": "cifar10"}
+DEFAULT_TABLES = ("5", "6")
+
+
+def _paper_rows(tables: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """measure -> (label, Ψ, τ) of the τ table, measure -> (label, K) of Table 6, and
+    measure -> label over both. K as Table 1 and 2's "min ∀|S|": the least of Table
+    6's |S| = 0, 1 and 2 columns."""
+    psi, k = {}, {}
+    for t in tables:
+        frame = paper_table(t)
+        frame = frame.filter((pl.col("kind") == "measure") & pl.col("measure").is_not_null())
+        for r in frame.iter_rows(named=True):
+            if t in PSI_TABLES:
+                psi.setdefault(r["measure"], (r["label"], r["Psi"], r["tau"]))
+            else:
+                values = [r[c] for c in ("s0", "s1", "s2") if r[c] is not None]
+                k.setdefault(r["measure"], (r["label"], min(values) if values else None))
+    labels = {m: v[0] for m, v in k.items()} | {m: v[0] for m, v in psi.items()}
+    return psi, k, labels
+
+
+def _sign(paper: float | None, here: float | None) -> str | None:
+    if paper is None or here is None or paper == 0 or here == 0:
+        return None
+    return "agree" if np.sign(paper) == np.sign(here) else "flip"
+
+
+def _correlation(paper: list, here: list) -> dict:
+    """Spearman's ρ and Kendall's τ (τ_b) across the measures with both figures."""
+    pairs = [(p, h) for p, h in zip(paper, here, strict=True)
+             if p is not None and h is not None and np.isfinite(p) and np.isfinite(h)]
+    out = {"n": len(pairs), "spearman": None, "kendall": None}
+    if len(pairs) < 3:
+        return out
+    p, h = np.array(pairs).T
+    for key, fn in (("spearman", stats.spearmanr), ("kendall", stats.kendalltau)):
+        value = float(fn(p, h)[0])
+        out[key] = value if np.isfinite(value) else None
+    return out
+
+
+def _fill_command(name: str, registered: set[str], db: str | None) -> str | None:
+    if name not in registered:
+        return None
+    words = ["fgm-measure", "--measures", name] + (["--db", db] if db else [])
+    return shlex.join(words)
+
+
+def _registered() -> set[str]:
+    from fgm.measures.registry import list_measures
+    return {m.name for m in list_measures()}
+
+
+def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
+                  tables: tuple[str, ...] = DEFAULT_TABLES, *, pool_seeds: bool | None = None,
+                  db: str | None = None, registered: set[str] | None = None) -> dict:
+    """The comparison as one object: "measures" (rows, one per measure both hold),
+    "agreement", "rank_correlation", "sign_flips", "not_in_paper", "missing"."""
+    paper_psi, paper_k, labels = _paper_rows(tables)
+    known = measure_names(con)
+    models = select_models(con, sel)
+    seeding = _seeding(models, sel, pool_seeds)
+    rows = []
+    for name in sorted(set(known) & set(labels)):
+        mu, sub = measure_values(con, name, models, known)
+        row = {"measure": name, "paper_label": labels[name], "n_models": int(len(mu))}
+        if name in paper_psi:
+            res = with_seeds(sub, mu, lambda m, s, n=name: psi_result(n, m, s),
+                             convention="paper", **seeding)
+            _, p_psi, p_tau = paper_psi[name]
+            row.update(paper_tau=p_tau, tau=res["tau"], paper_Psi=p_psi, Psi=res["Psi"],
+                       Psi_sign=_sign(p_psi, res["Psi"]))
+        if name in paper_k:
+            res = with_seeds(sub, mu, lambda m, s, n=name: cmi_result(n, m, s,
+                                                                      convention="paper"),
+                             keys=("K",), **seeding)
+            row.update(paper_K=paper_k[name][1], K=res["K"])
+        rows.append(row)
+    signs = [r.get("Psi_sign") for r in rows]
+    registered = _registered() if registered is None else registered
+    missing = [{"measure": m, "paper_label": labels[m],
+                "command": _fill_command(m, registered, db)}
+               for m in sorted(set(labels) - set(known))]
+    datasets = sorted(r[0] for r in con.execute(
+        "SELECT DISTINCT dataset FROM models WHERE list_contains(?::VARCHAR[], model_id)",
+        [models.ids.tolist()]).fetchall() if r[0] is not None)
+    paper_sets = sorted({(PSI_TABLES | CMI_TABLES)[t] for t in tables})
+    out = {"tables": list(tables), "convention": "paper", "paper_datasets": paper_sets,
+           "datasets": datasets, "n_models": int(len(models.ids)), "measures": rows,
+           "agreement": {"Psi_sign_agree": signs.count("agree"),
+                         "Psi_sign_flip": signs.count("flip"),
+                         "Psi_sign_compared": signs.count("agree") + signs.count("flip")},
+           "rank_correlation": {}, "sign_flips": [r["measure"] for r in rows
+                                                 if r.get("Psi_sign") == "flip"],
+           "not_in_paper": sorted(set(known) - set(labels)), "missing": missing}
+    for key in ("Psi", "tau", "K"):
+        have = [r for r in rows if f"paper_{key}" in r]
+        if have:
+            out["rank_correlation"][key] = _correlation([r[f"paper_{key}"] for r in have],
+                                                        [r[key] for r in have])
+    if not set(datasets) & set(paper_sets):
+        out["note"] = (f"the paper's figures here are on {', '.join(paper_sets)}; these models "
+                       f"are on {', '.join(datasets) or 'no known dataset'}")
+    return out
+
+
+COLUMNS = ["measure", "paper_label", "n_models", "paper_tau", "tau", "paper_Psi", "Psi",
+           "Psi_sign", "paper_K", "K"]
+
+
+def comparison_frame(result: dict) -> pl.DataFrame:
+    rows = result["measures"]
+    present = [c for c in COLUMNS if any(c in r for r in rows)] or ["measure", "paper_label"]
+    schema = {c: (pl.String if c in ("measure", "paper_label", "Psi_sign") else
+                  pl.Int64 if c == "n_models" else pl.Float64) for c in present}
+    return pl.DataFrame([{c: r.get(c) for c in present} for r in rows], schema=schema)
+
+
+def summary_rows(result: dict) -> list[tuple[str, float | None]]:
+    a = result["agreement"]
+    rows: list[tuple[str, float | None]] = []
+    if a["Psi_sign_compared"]:
+        rows += [("Ψ sign agrees (measures)", a["Psi_sign_agree"]),
+                 ("Ψ sign flips (measures)", a["Psi_sign_flip"])]
+    for key, name in (("Psi", "Ψ"), ("tau", "τ"), ("K", "K")):
+        c = result["rank_correlation"].get(key)
+        if c:
+            rows += [(f"Spearman ρ of {name} across {c['n']} measures", c["spearman"]),
+                     (f"Kendall τ of {name} across {c['n']} measures", c["kendall"])]
+    return rows
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = []
+    if result["sign_flips"]:
+        lines.append("the sign of Ψ flips for: " + ", ".join(result["sign_flips"]))
+    if result["not_in_paper"]:
+        lines.append("not in the paper: " + ", ".join(result["not_in_paper"]))
+    for m in result["missing"]:
+        how = (f"fill with: {m['command']}" if m["command"]
+               else "fgm does not compute this measure")
+        lines.append(f"missing here: {m['measure']} (the paper's {m['paper_label']!r}); {how}")
+    if result.get("note"):
+        lines.append(result["note"])
+    return lines

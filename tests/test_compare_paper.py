@@ -1,0 +1,230 @@
+"""fgm-query compare --paper on fixture warehouses whose measures are built to give
+known signs; references from the pair-loop implementations in reference.py and
+the paper's numbers read by hand."""
+
+import csv
+import io
+import itertools
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from reference import cmi_equal_ref, psi_ref
+from scipy import stats
+from warehouse_fixture import build_warehouse
+
+from fgm.analysis.cli import main as query
+
+AXES = {"depth": [2, 4, 8], "width": [16, 32, 64], "batch_size": [32, 128]}
+# the paper's Ψ (Table 5), read by hand: path-norm 0.280, spectral-orig -0.434,
+# 1/σ sharpness (Eq. 54) 0.406, VC dim -0.154
+PAPER_PSI = {"path_norm": 0.280, "spectral_orig": -0.434, "sharpness_flatness": 0.406,
+             "vc_dim": -0.154}
+
+
+def grid(seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, combo in enumerate(itertools.product(*AXES.values())):
+        gap = 0.05 * AXES["depth"].index(combo[0]) + float(rng.normal(0, 0.05))
+        rows.append({"model_id": f"m{i:02d}",
+                     **{f"hp.{a}": v for a, v in zip(AXES, combo, strict=True)},
+                     "gen.gap": gap,
+                     # agrees with the paper's positive Ψ
+                     "complexity.path_norm": gap + float(rng.normal(0, 0.03)),
+                     # agrees with the paper's negative Ψ
+                     "complexity.spectral_orig": -gap + float(rng.normal(0, 0.06)),
+                     # the paper's Ψ is positive: a flip
+                     "complexity.sharpness_flatness": -gap + float(rng.normal(0, 0.1)),
+                     # the paper's Ψ is negative: agrees, weakly
+                     "complexity.vc_dim": -gap + float(rng.normal(0, 0.2)),
+                     # a measure of this warehouse only
+                     "complexity.my_measure": float(rng.normal())})
+    return pl.DataFrame(rows)
+
+
+def run(*args):
+    out = CliRunner().invoke(query, [str(a) for a in args])
+    assert out.exit_code == 0, out.output
+    return out.output
+
+
+@pytest.fixture
+def warehouse(db):
+    table = grid()
+    build_warehouse(db, table)
+    return db, table.sort("model_id")
+
+
+def _levels(table):
+    return [[AXES[a].index(v) for a, v in zip(AXES, row, strict=True)]
+            for row in table.select([f"hp.{a}" for a in AXES]).rows()]
+
+
+def test_compare_json_against_references(warehouse):
+    db, table = warehouse
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    rows = {r["measure"]: r for r in res["measures"]}
+    assert sorted(rows) == sorted(PAPER_PSI)
+    levels, gap = _levels(table), table["gen.gap"].to_list()
+    here = {}
+    for name, paper in PAPER_PSI.items():
+        psi = psi_ref(table[f"complexity.{name}"].to_list(), gap, levels)
+        here[name] = float(np.mean(psi))
+        assert rows[name]["paper_Psi"] == paper
+        assert rows[name]["Psi"] == pytest.approx(here[name], abs=1e-12)
+    assert rows["path_norm"]["paper_label"] == "path-norm"
+    # signs as built
+    assert {n: r["Psi_sign"] for n, r in rows.items()} == {
+        "path_norm": "agree", "spectral_orig": "agree", "sharpness_flatness": "flip",
+        "vc_dim": "agree"}
+    assert res["sign_flips"] == ["sharpness_flatness"]
+    assert res["agreement"] == {"Psi_sign_agree": 3, "Psi_sign_flip": 1,
+                                "Psi_sign_compared": 4}
+    names = sorted(PAPER_PSI)
+    rho = stats.spearmanr([PAPER_PSI[n] for n in names], [here[n] for n in names])[0]
+    kt = stats.kendalltau([PAPER_PSI[n] for n in names], [here[n] for n in names])[0]
+    assert res["rank_correlation"]["Psi"]["spearman"] == pytest.approx(rho, abs=1e-12)
+    assert res["rank_correlation"]["Psi"]["kendall"] == pytest.approx(kt, abs=1e-12)
+    assert res["rank_correlation"]["Psi"]["n"] == 4
+    # K beside Table 6's: path-norm's least of |S| = 0, 1, 2 is 0.0240 (Table 2: 0.0240)
+    assert rows["path_norm"]["paper_K"] == 0.0240
+    mu = table["complexity.path_norm"].to_list()
+    sets = [()] + [(j,) for j in range(3)] + list(itertools.combinations(range(3), 2))
+    refs = {s: cmi_equal_ref(mu, gap, levels, s) for s in sets}
+    k = min([refs[()][0]] + [refs[s][1] for s in sets if len(s) == 1]
+            + [refs[s][0] for s in sets if len(s) == 2])
+    assert rows["path_norm"]["K"] == pytest.approx(k, abs=1e-12)
+    # VC dim's least in Table 6 is its |S| = 2 column, 0.0000 (Table 1 prints 0.00)
+    assert rows["vc_dim"]["paper_K"] == 0.0
+    assert res["convention"] == "paper"
+
+
+def test_not_in_paper_and_missing(warehouse):
+    db, _ = warehouse
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    assert res["not_in_paper"] == ["my_measure"]
+    missing = {m["measure"]: m for m in res["missing"]}
+    assert "path_norm" not in missing
+    assert missing["sum_of_fro"]["paper_label"] == "sum-of-fro"
+    assert missing["sum_of_fro"]["command"] == f"fgm-measure --measures sum_of_fro --db {db}"
+    # the text output says it in words, and exits 0
+    out = run("compare", "--paper", "--db", db)
+    assert "not in the paper: my_measure" in out
+    assert f"missing here: sum_of_fro (the paper's 'sum-of-fro'); fill with: fgm-measure " \
+           f"--measures sum_of_fro --db {db}" in out
+    assert "the sign of Ψ flips for: sharpness_flatness" in out
+
+
+def test_a_warehouse_without_the_papers_measures(db):
+    table = grid().select("model_id", "hp.depth", "hp.width", "hp.batch_size", "gen.gap",
+                          "complexity.my_measure")
+    build_warehouse(db, table)
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    assert res["measures"] == [] and res["not_in_paper"] == ["my_measure"]
+    assert res["rank_correlation"] == {}
+    assert len(res["missing"]) == len({m["measure"] for m in res["missing"]}) >= 39
+    run("compare", "--paper", "--db", db)          # and the table prints
+
+
+def test_table7_and_csv(warehouse):
+    db, _ = warehouse
+    res = json.loads(run("compare", "--paper", "--table", "7", "--db", db, "--format", "json"))
+    rows = {r["measure"]: r for r in res["measures"]}
+    assert rows["path_norm"]["paper_Psi"] == 0.2936      # Table 7, "path norm"
+    assert rows["spectral_orig"]["paper_label"] == "spectral complexity 0ref"
+    assert "paper_K" not in rows["path_norm"]
+    assert res["paper_datasets"] == ["svhn"]
+    out = CliRunner().invoke(query, ["compare", "--paper", "--table", "6", "--db", str(db),
+                                     "--format", "csv"])
+    assert out.exit_code == 0
+    parsed = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert {r["measure"] for r in parsed} == {"path_norm", "spectral_orig",
+                                              "sharpness_flatness", "vc_dim"}
+    assert "paper_Psi" not in parsed[0] and "paper_K" in parsed[0]
+    assert "Spearman ρ of K" in out.stderr
+
+
+def test_compare_needs_paper(warehouse):
+    db, _ = warehouse
+    out = CliRunner().invoke(query, ["compare", "--db", str(db)])
+    assert out.exit_code != 0 and "--paper" in out.output
+    out = CliRunner().invoke(query, ["compare", "--paper", "--table", "9", "--db", str(db)])
+    assert out.exit_code != 0 and "'9' is not one of" in out.output
+
+
+def test_convention_paper_seed_statistics(db):
+    """psi / table --convention paper: Ψ's std across seeds as Table 10's,
+    sqrt(Σ σ_i²)/k over the k axes; the means are the same as SPEC's."""
+    table = pl.concat([grid(seed=s).with_columns(pl.lit(s).alias("seed"),
+                                                 pl.col("model_id") + f"s{s}")
+                       for s in range(3)])
+    build_warehouse(db, table)
+    spec = json.loads(run("psi", "-m", "path_norm", "--db", db, "--format", "json"))
+    paper = json.loads(run("psi", "-m", "path_norm", "--convention", "paper", "--db", db,
+                           "--format", "json"))
+    sigma = [spec["seeds"]["std"]["psi"][a] for a in AXES]
+    # the per-seed ψ_i, recomputed from scratch: their std matches, then Table 10's formula
+    levels = {}
+    per_seed_psi = []
+    for s in range(3):
+        t = table.filter(pl.col("seed") == s).sort("model_id")
+        levels = _levels(t)
+        per_seed_psi.append(psi_ref(t["complexity.path_norm"].to_list(),
+                                    t["gen.gap"].to_list(), levels))
+    np.testing.assert_allclose(sigma, np.std(per_seed_psi, axis=0, ddof=1), atol=1e-12)
+    expected = float(np.sqrt(np.sum(np.square(sigma))) / len(AXES))
+    assert paper["seeds"]["std"]["Psi"] == pytest.approx(expected, abs=1e-12)
+    per_seed_big = np.mean(per_seed_psi, axis=1)
+    assert spec["seeds"]["std"]["Psi"] == pytest.approx(np.std(per_seed_big, ddof=1), abs=1e-12)
+    assert paper["Psi"] == pytest.approx(spec["Psi"], abs=1e-15)
+    frame = pl.read_csv(io.StringIO(run("table", "--convention", "paper", "--db", db,
+                                        "--format", "csv")))
+    row = frame.filter(pl.col("measure") == "path_norm").row(0, named=True)
+    assert row["Psi_std"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_convention_paper_refuses_pgdl(warehouse):
+    db, _ = warehouse
+    out = CliRunner().invoke(query, ["cmi", "-m", "path_norm", "--pgdl", "--convention",
+                                     "paper", "--db", str(db)])
+    assert out.exit_code != 0 and "--convention" in out.output
+
+
+def test_report_section_paper_vs_here(warehouse, tmp_path):
+    import re
+    db, _ = warehouse
+    out = tmp_path / "rep"
+    run("report", "--out", out, "--draws", "2", "--db", db)
+    page = (out / "index.html").read_text()
+    words = page.split("<script>")[0]
+    assert "The paper and this warehouse: Ψ (Table 5) and K (Table 6)" in words
+    assert "The sign of Ψ agrees for 3 of 4 measures (it flips for sharpness_flatness)" in words
+    assert "Not in the paper: my_measure." in words
+    assert (out / "paper_vs_here.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    specs = json.loads(re.search(r"const specs = (\{.*?\});\n", page, re.S).group(1))
+    chart = next(s for s in specs.values() if "hconcat" in s)
+    psi_panel, k_panel = chart["hconcat"]
+    diagonal, dots = psi_panel["layer"]
+    assert diagonal["mark"]["type"] == "line"
+    assert dots["mark"]["type"] == "circle"
+    assert dots["encoding"]["x"]["field"] == "paper" and dots["encoding"]["y"]["field"] == "here"
+    data = chart["datasets"]
+    line = data[diagonal["data"]["name"]]
+    assert [(p["paper"], p["here"]) for p in line] == [(-1.0, -1.0), (1.0, 1.0)]
+    points = data[dots["data"]["name"]]
+    assert sorted(p["measure"] for p in points) == sorted(PAPER_PSI)
+    assert k_panel["layer"][1]["encoding"]["x"]["title"] == "K in the paper"
+
+
+def test_report_section_without_the_papers_measures(db, tmp_path):
+    table = grid().select("model_id", "hp.depth", "hp.width", "hp.batch_size", "gen.gap",
+                          "complexity.my_measure")
+    build_warehouse(db, table)
+    out = tmp_path / "rep"
+    run("report", "--out", out, "--draws", "2", "--db", db)
+    page = (out / "index.html").read_text().split("<script>")[0]
+    assert "No panel: this warehouse holds none of the paper's measures." in page
+    assert not (out / "paper_vs_here.png").exists()
