@@ -14,7 +14,7 @@ import fgm.train.cli as train_cli_module
 from fgm.measures.context import Context, Settings
 from fgm.measures.registry import MeasureSpec
 from fgm.measures.runner import run_one
-from fgm.measures.search import sigma_search
+from fgm.measures.search import noise_draws, perturbed_accuracies, sigma_search
 from fgm.train.cli import main as train_cli
 from fgm.train.data import Data, _make, load_digits, normalised
 from fgm.train.grid import Config
@@ -180,11 +180,13 @@ def test_a_grid_refuses_an_unknown_precision(grid_file, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_training_bf16_and_batched_measures_match_the_reference():
+def test_cuda_training_bf16_and_batched_measures_match_the_reference(monkeypatch):
     device = torch.device("cuda")
+    # full fp32 convolutions, so that grouped and per-draw forwards differ by rounding only
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     data = load_digits().to(device)
     assert data.x_train.device.type == "cuda"
-    assert torch.equal(data.x_train.cpu(), load_digits().x_train)   # normalised on the device
+    assert torch.allclose(data.x_train.cpu(), load_digits().x_train, rtol=0, atol=1e-6)
     values = {"width": 16, "depth": 2, "dropout": 0.0, "batch_size": 32, "optimizer": "adam",
               "learning_rate": 3e-3, "weight_decay": 0.0}
     train = dict(TRAIN, max_steps=2000, lr_drop_steps=[1500])
@@ -194,7 +196,11 @@ def test_cuda_training_bf16_and_batched_measures_match_the_reference():
     net.load_state_dict(r.final_state)
     ctx = Context.from_models(net, data.x_train, data.y_train, 10,
                               settings=Settings(draws=256, stderr_ratio=0.5))
+    z, examples = noise_draws(ctx, 1, 0, 64)
+    one = perturbed_accuracies(ctx, 0.05 * z, examples, batched=False)
+    grouped = perturbed_accuracies(ctx, 0.05 * z, examples, batched=True)
+    # at most one of a draw's 128 examples on the other side of a near-tie
+    assert max(abs(a - b) for a, b in zip(one, grouped, strict=True)) <= 1 / 128 + 1e-12
     a = sigma_search(ctx, False, batched=True)
-    ctx.settings = Settings(draws=256, stderr_ratio=0.5)
     b = sigma_search(ctx, False, batched=False)
-    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    assert a[0] == pytest.approx(b[0], rel=1e-2)
