@@ -14,11 +14,14 @@ perturbation searches' reproducibility.
 4. --grid DB: the four searches on every model of a warehouse whose models have
    checkpoints (e.g. the demo grid: fgm-train grid --no-measures): how many
    converged, and seconds per model.
-5. the smallest paper configuration (width 192, 2 blocks) on the CIFAR-10 subset
+5. --batched: the σ draws of one probe scored one forward per draw and as
+   grouped forwards (measures/search.py, perturbed_accuracies): seconds each,
+   the speedup, and the largest difference between their accuracies.
+6. the smallest paper configuration (width 192, 2 blocks) on the CIFAR-10 subset
    in ../shared/data/cifar10-subset, on its first --paper-examples training
    images, trained for --paper-steps steps, with the fast budget.
 
-    python bench/measures.py [--threads 1] [--budgets] [--sweep] [--grid DB]
+    python bench/measures.py [--threads 1] [--budgets] [--sweep] [--grid DB] [--batched]
                              [--cifar-root DIR | --no-paper]
 
 Timings depend on the machine's load: --threads 1 gives steadier figures on a
@@ -41,7 +44,7 @@ import torch
 
 from fgm.measures import list_measures
 from fgm.measures.context import BUDGETS, Context, Settings
-from fgm.measures.search import alpha_search, sigma_search
+from fgm.measures.search import alpha_search, noise_draws, perturbed_accuracies, sigma_search
 from fgm.train.data import load_dataset
 from fgm.train.grid import Config
 from fgm.train.loop import train_one
@@ -163,6 +166,22 @@ def sweep(data, nets, outcome) -> None:
     print("  (* a search did not converge)")
 
 
+def batched(data, nets, outcome, draws: int = 512) -> None:
+    """One σ probe's draws, per draw and grouped: seconds, speedup, largest difference."""
+    ctx = context(data, nets, outcome, Settings())
+    z, examples = noise_draws(ctx, 1, 0, draws)
+    u = 0.05 * z
+    seconds, accs = {}, {}
+    for way in (False, True, False, True):   # twice each: the second of each counts
+        t = time.perf_counter()
+        accs[way] = perturbed_accuracies(ctx, u, examples, batched=way)
+        seconds[way] = time.perf_counter() - t
+    diff = max(abs(a - b) for a, b in zip(accs[False], accs[True], strict=True))
+    print(f"\n  {draws} σ draws of {examples.shape[1]} examples on {ctx.net.w.device}: one "
+          f"forward per draw {seconds[False]:.2f} s, grouped {seconds[True]:.2f} s "
+          f"({seconds[False] / seconds[True]:.2f}x); largest accuracy difference {diff:.1e}")
+
+
 def grid(db: Path, settings: Settings, data_root: Path | None) -> None:
     """The four searches on every model of a warehouse (seed 0)."""
     from fgm.measures.runner import build_context, model_inputs
@@ -205,6 +224,7 @@ def main() -> None:
     ap.add_argument("--budgets", action="store_true", help="time the suite with every budget")
     ap.add_argument("--sweep", action="store_true", help="α, α' against the ascent budget")
     ap.add_argument("--grid", type=Path, default=None, help="a warehouse: searches per model")
+    ap.add_argument("--batched", action="store_true", help="σ draws: per draw vs grouped")
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--cifar-root", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -226,6 +246,8 @@ def main() -> None:
                 run_suite(f"demo model, budget {name!r}", *demo, settings=Settings.preset(name))
     if args.sweep:
         sweep(*demo[:3])
+    if args.batched:
+        batched(*demo[:3])
     if args.grid:
         grid(args.grid, Settings(), args.data_root)
     if args.cifar_root.exists() and not args.no_paper:

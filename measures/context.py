@@ -156,6 +156,43 @@ class FlatNet:
         (weight, bias), (_, stride, pad) = params[-1], self.meta[-1]
         return F.conv2d(x, weight, bias, stride, pad).mean(dim=(2, 3))
 
+    def logits_many(self, ws: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The logits of B networks at once, (B, n, classes): ws (B, ω) the weights,
+        x (B, n, C, H, W) each network's own inputs or (n, C, H, W) shared by all.
+        One grouped convolution per layer (group b: network b) in place of B
+        forwards: the same arithmetic, a few large kernels instead of many small
+        ones (what a GPU needs to be busy)."""
+        count = ws.shape[0]
+        x = x.expand(count, *x.shape) if x.dim() == 4 else x
+        n = x.shape[1]
+        h = x.transpose(0, 1).reshape(n, count * x.shape[2], *x.shape[3:])
+        i = 0
+        for j, (shape, stride, pad) in enumerate(self.meta):
+            size = int(np.prod(shape))
+            weight = ws[:, i:i + size].reshape(count * shape[0], *shape[1:])
+            bias = ws[:, i + size:i + size + shape[0]].reshape(-1)
+            i += size + shape[0]
+            h = F.conv2d(h, weight, bias, stride, pad, groups=count)
+            if j < len(self.meta) - 1:
+                h = F.relu(h)
+        return h.mean(dim=(2, 3)).reshape(n, count, -1).transpose(0, 1)
+
+    def activation_floats(self, size: int) -> int:
+        """The largest layer output of one n x n example, in floats (for batch sizes)."""
+        most = 0
+        for shape, stride, pad in self.meta:
+            size = (size + 2 * pad - shape[-1]) // stride + 1
+            most = max(most, shape[0] * size * size)
+        return most
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a batched evaluation may use: a quarter of the free memory of a GPU,
+    256 MiB on a CPU (where larger batches gain nothing)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return 256 * 2 ** 20
+
 
 @dataclass
 class Context:

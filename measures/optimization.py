@@ -39,9 +39,13 @@ def gradient_noise(net: FlatNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -
     = (1/m) Σ_i ‖g_i‖² − ‖ḡ‖².
 
     Per-example gradients come layer by layer, without a loop over examples:
-    one backward pass gives each layer's output gradient δ_i for every example,
-    and a convolution's weight gradient for example i is δ_i times its unfolded
-    input (its bias gradient, δ_i summed over positions)."""
+    one backward pass gives each layer's output gradient δ_i (o × P positions)
+    for every example, and a convolution's weight gradient for example i is
+    G_i = δ_i U_iᵀ, U_i its unfolded input (c·k² × P); its bias gradient, δ_i
+    summed over positions. ‖G_i‖² = ⟨δ_iᵀδ_i, U_iᵀU_i⟩ (two P × P Gram
+    matrices) where P² (o + c·k²) < o·c·k·P, as in the deep layers of a strided
+    net: G_i itself is never formed there. All of it in float64 (the difference
+    of two sums that can be close)."""
     params = net.split(net.w)
     sum_sq = torch.zeros((), dtype=torch.float64, device=net.w.device)
     grad_sum = [(torch.zeros_like(w, dtype=torch.float64), torch.zeros_like(b, dtype=torch.float64))
@@ -60,12 +64,18 @@ def gradient_noise(net: FlatNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -
         deltas = torch.autograd.grad(loss, outputs)
         for j, (shape, stride, pad) in enumerate(net.meta):
             k = shape[-1]
-            unfolded = F.unfold(inputs[j].detach(), k, padding=pad, stride=stride)  # (b, c·k², P)
-            delta = deltas[j].flatten(2)                                             # (b, o, P)
-            g_w = torch.einsum("bop,bkp->bok", delta, unfolded).double()            # (b, o, c·k²)
-            g_b = delta.sum(2).double()                                              # (b, o)
-            sum_sq += g_w.pow(2).sum() + g_b.pow(2).sum()
-            grad_sum[j][0].view(-1).add_(g_w.sum(0).reshape(-1))
+            unfolded = F.unfold(inputs[j].detach(), k, padding=pad, stride=stride).double()
+            delta = deltas[j].flatten(2).double()                        # (b, o, P)
+            o, ck, positions = delta.shape[1], unfolded.shape[1], delta.shape[2]
+            if positions * (o + ck) < o * ck:      # Gram matrices: (b, P, P) each
+                sum_sq += torch.einsum("bpq,bpq->", delta.transpose(1, 2) @ delta,
+                                       unfolded.transpose(1, 2) @ unfolded)
+            else:                                  # the per-example gradients: (b, o, c·k²)
+                sum_sq += (delta @ unfolded.transpose(1, 2)).pow(2).sum()
+            g_b = delta.sum(2)                                           # (b, o)
+            sum_sq += g_b.pow(2).sum()
+            grad_sum[j][0].view(-1).add_(torch.einsum("bop,bkp->ok", delta, unfolded)
+                                         .reshape(-1))
             grad_sum[j][1].add_(g_b.sum(0))
     m = len(x)
     mean_sq = sum(float(gw.pow(2).sum() + gb.pow(2).sum()) for gw, gb in grad_sum) / m ** 2

@@ -143,9 +143,19 @@ def build_context(inputs: ModelInputs, data: Data, settings: Settings,
 
 
 def run_one(spec: MeasureSpec, ctx: Context) -> tuple[float | None, str, str | None, dict]:
-    """(value, status, error, params) for one measure on one model; never raises."""
+    """(value, status, error, params) for one measure on one model; never raises.
+    Out of device memory: once more with a quarter of the evaluation batch (kept for
+    the model's other measures); out of memory again, the measure fails."""
     try:
-        out = spec.fn(ctx)
+        try:
+            out = spec.fn(ctx)
+        except torch.OutOfMemoryError:
+            if ctx.settings.batch <= 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            ctx.settings = dataclasses.replace(ctx.settings, batch=max(1, ctx.settings.batch // 4))
+            out = spec.fn(ctx)
         value, params = out if isinstance(out, tuple) else (out, {})
         value = float(value)
         if not math.isfinite(value):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .context import Context, Settings
+from .context import Context, Settings, memory_budget
 
 Z_CERTAIN = 3.0       # a probe is on one side of the target when this many standard errors away
 MAX_EXPANSIONS = 30   # probes to bracket the target from the first scale
@@ -209,30 +209,70 @@ def noise_draws(ctx: Context, salt: int, first: int,
     return z, idx
 
 
+def draws_at_once(ctx: Context, examples: int) -> int:
+    """How many perturbed networks one batched forward evaluates, each on `examples`
+    inputs: their weights, noise and activations (×3: a layer's input, output and
+    ReLU) within the device's memory budget."""
+    per_draw = 4 * (2 * ctx.net.omega + 3 * examples * ctx.net.activation_floats(ctx.n))
+    return max(1, min(1024, memory_budget(ctx.net.w.device) // per_draw))
+
+
 def perturbed_accuracies(ctx: Context, perturbations: torch.Tensor,
-                         examples: torch.Tensor | None = None) -> list[float]:
+                         examples: torch.Tensor | None = None,
+                         batched: bool | None = None) -> list[float]:
     """Training accuracy of w + u for each row u of a (B, ω) stack: on all examples,
-    or on row b of `examples` (B, k) for perturbation b."""
+    or on row b of `examples` (B, k) for perturbation b. batched: as few grouped
+    forwards as memory allows (FlatNet.logits_many); False: one forward per row,
+    the reference the batched path is tested against; None: batched on a GPU only
+    (on a CPU, grouped convolutions measured no faster, often slower: bench/measures.py)."""
     w = ctx.net.w
-    if examples is None:
-        return [ctx.accuracy(w + u) for u in perturbations]
+    if batched is None:
+        batched = w.device.type != "cpu"
+    if not batched:
+        if examples is None:
+            return [ctx.accuracy(w + u) for u in perturbations]
+        with torch.no_grad():
+            return [(ctx.net.logits(w + u, ctx.x[i]).argmax(1) == ctx.y[i]).double().mean().item()
+                    for u, i in zip(perturbations, examples, strict=True)]
+    out: list[float] = []
     with torch.no_grad():
-        return [(ctx.net.logits(w + u, ctx.x[i]).argmax(1) == ctx.y[i]).double().mean().item()
-                for u, i in zip(perturbations, examples, strict=True)]
+        if examples is not None:
+            step = draws_at_once(ctx, examples.shape[1])
+            for c in range(0, len(perturbations), step):
+                idx = examples[c:c + step]
+                logits = ctx.net.logits_many(w + perturbations[c:c + step], ctx.x[idx])
+                out += (logits.argmax(2) == ctx.y[idx]).double().mean(1).tolist()
+            return out
+        batch = min(ctx.settings.batch, ctx.m)
+        step = draws_at_once(ctx, batch)
+        for c in range(0, len(perturbations), step):
+            ws = w + perturbations[c:c + step]
+            correct = torch.zeros(len(ws), dtype=torch.float64, device=w.device)
+            for i in range(0, ctx.m, batch):
+                logits = ctx.net.logits_many(ws, ctx.x[i:i + batch])
+                correct += (logits.argmax(2) == ctx.y[i:i + batch]).sum(1)
+            out += (correct / ctx.m).tolist()
+    return out
 
 
-def sigma_search(ctx: Context, magnitude: bool) -> tuple[float, dict]:
+def sigma_search(ctx: Context, magnitude: bool,
+                 batched: bool | None = None) -> tuple[float, dict]:
     """Algorithm 2. Noise N(0, σ²) on every weight, or with magnitude=True the
     per-weight std √(σ'² w_i² + ε²). The expected accuracy is a mean over the
     common draws z_1, z_2, ...: at least `draws_min` of them, more until the
     standard error of the mean is ≤ stderr_ratio·tolerance or, outside the band,
     Z_CERTAIN standard errors from the target, at most `draws`. `forward_passes`
-    in params: the draws scored, each on `examples_per_draw` examples."""
+    in params: the draws scored, each on `examples_per_draw` examples. batched:
+    the draws of a probe scored by grouped forwards (perturbed_accuracies); the
+    same values as one forward per draw (batched=False); None: on a GPU only."""
     s = ctx.settings
     w = ctx.net.w
     base = ctx.accuracy()
     salt = 2 if magnitude else 1
-    chunk = max(1, min(16, 2 ** 25 // w.numel()))   # draws held at once: ≤ 128 MiB in float32
+    per_draw = min(s.draw_examples, ctx.m) if s.draw_examples > 0 else min(s.batch, ctx.m)
+    if batched is None:
+        batched = w.device.type != "cpu"
+    chunk = draws_at_once(ctx, per_draw) if batched else max(1, min(16, 2 ** 25 // w.numel()))
     passes = 0
 
     def probe(sigma: float, again: bool = False) -> Probe:
@@ -243,7 +283,7 @@ def sigma_search(ctx: Context, magnitude: bool) -> tuple[float, dict]:
         while True:
             while len(accs) < n:
                 z, examples = noise_draws(ctx, salt, len(accs), min(chunk, n - len(accs)))
-                accs += perturbed_accuracies(ctx, std * z, examples)
+                accs += perturbed_accuracies(ctx, std * z, examples, batched)
             acc = torch.tensor(accs, dtype=torch.float64)
             p = Probe(sigma, base - float(acc.mean()),
                       float(acc.std() / math.sqrt(n)) if n > 1 else math.inf, n)

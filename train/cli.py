@@ -71,6 +71,11 @@ def main() -> None:
               help="Where run bundles go (with --executor ray: storage every node sees).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
               show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
+              help="The training step's arithmetic: bf16 autocast (the default on CUDA) or "
+                   "fp32 (the default on a CPU). Stored accuracies and losses are fp32.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the training step (pays only on long runs on a GPU).")
 @click.option("--no-ingest", is_flag=True, help="Write bundles only; ingest them later.")
 @click.option("--no-measures", is_flag=True,
               help="Do not compute the complexity measures of each finished model.")
@@ -81,7 +86,7 @@ def main() -> None:
 @friendly_errors
 @executor_options
 def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, device,
-         no_ingest, no_measures, yes, db, executor):
+         precision, compile_, no_ingest, no_measures, yes, db, executor):
     """Train every configuration of a grid that is not finished yet."""
     if preset and grid_file:
         raise FgmError("give --preset or --grid, not both")
@@ -111,7 +116,7 @@ def grid(preset, grid_file, settings, dataset, data_root, download, seeds, out, 
             for s in seed_list for c in configs]
     todo = [j for j in jobs if not is_complete(out, j[2])]
     executor_for(executor).grid(GridPlan(g, jobs, todo, out, db, device, data_root, download,
-                                         no_ingest, no_measures, console))
+                                         no_ingest, no_measures, console, precision, compile_))
 
 
 def grid_local(plan: GridPlan) -> None:
@@ -129,7 +134,8 @@ def grid_local(plan: GridPlan) -> None:
     if not todo:
         return
     data = load_dataset(g.dataset, data_root, plan.download).to(dev)
-    _run(g, todo, data, dev, out, db, no_ingest, no_measures, console, data_root)
+    _run(g, todo, data, dev, out, db, no_ingest, no_measures, console, data_root,
+         plan.precision, plan.compile)
 
 
 def _ingest_finished(out: Path, model_ids: list[str], db, console: Console) -> None:
@@ -182,7 +188,7 @@ def _measure_summary(db, model_id: str) -> str:
 
 
 def _run(g, todo, data, dev, out, db, no_ingest, no_measures, console: Console,
-         data_root) -> None:
+         data_root, precision: str | None = None, compile: bool = False) -> None:
     from fgm.ingest.bundles import prepare_bundle, store_bundle
     from fgm.measures.runner import measure_models
     failures = 0
@@ -195,7 +201,13 @@ def _run(g, todo, data, dev, out, db, no_ingest, no_measures, console: Console,
                 if step % 20 == 0:
                     bar.update(task, status=f"{_short(_c)}  step {step}  ce {estimate:.4f}")
             start = time.perf_counter()
-            result = train_one(config, data, g.train, seed, dev, on_step=on_step)
+            try:
+                result = train_one(config, data, g.train, seed, dev, on_step=on_step,
+                                   precision=precision, compile=compile)
+            except torch.OutOfMemoryError as exc:   # after evaluate's retry: this model fails
+                _failed(g, config, seed, mid, data, db, no_ingest, exc, bar, console)
+                bar.advance(task)
+                continue
             manifest = manifest_for(g, config, seed, data, result, dev)
             bundle = write_bundle(out, mid, manifest, {"init": result.init_state,
                                                        "epoch1": result.epoch1_state,
@@ -224,6 +236,26 @@ def _run(g, todo, data, dev, out, db, no_ingest, no_measures, console: Console,
             bar.advance(task)
     click.echo(f"done: {len(todo)} models trained into {out}"
                + (f", {failures} not converged (kept, flagged)" if failures else ""))
+
+
+def _failed(g, config, seed, mid, data, db, no_ingest, exc, bar, console: Console) -> None:
+    """A model the device had no memory for: stored as failed with why; the grid goes on."""
+    why = f"out of device memory: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+    stored = ""
+    if not no_ingest:
+        from fgm.ingest.failed import store_failed_model
+        with briefly(db) as con:
+            store_failed_model(
+                con, model_id=mid, sweep=f"{g.name}/{data.name}", dataset=data.name,
+                sweep_config=g.as_dict(), seed=seed, config_hash=config.hash, error=why,
+                hyperparameters=[{"axis": a, "value": config.values[a],
+                                  "level": config.levels[a]} for a in AXES])
+        stored = " (stored as failed)"
+    line = f"FAILED {_short(config)} seed {seed}: {why}{stored}"
+    if console.is_terminal:
+        bar.console.print(line)
+    else:
+        click.echo(line)
 
 
 if __name__ == "__main__":

@@ -36,23 +36,66 @@ class Data:
     y_test: torch.Tensor
     num_classes: int
     info: dict = field(default_factory=dict)  # split, sizes, source, warnings
+    # image-like data (integer pixels 0..255): the uint8 images (N, C, H, W) of the
+    # training and test sets, and the training set's per-channel mean and std
+    raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device: torch.device) -> Data:
-        return Data(self.name, self.x_train.to(device), self.y_train.to(device),
-                    self.x_test.to(device), self.y_test.to(device), self.num_classes, self.info)
+        """The data on `device`, to stay there while a model trains. Image-like data
+        travel as uint8 (a quarter of the bytes) and are normalised on the device,
+        by the same arithmetic as on the host: the same floats."""
+        device = torch.device(device)
+        if self.raw is None or device.type == "cpu" or not self._raw_matches():
+            return Data(self.name, self.x_train.to(device), self.y_train.to(device),
+                        self.x_test.to(device), self.y_test.to(device), self.num_classes,
+                        self.info, self.raw)
+        raw = tuple(t.to(device) for t in self.raw)
+        train, test = normalised(raw[0], raw[2], raw[3]), normalised(raw[1], raw[2], raw[3])
+        return Data(self.name, train, self.y_train.to(device), test, self.y_test.to(device),
+                    self.num_classes, self.info, raw)
+
+    def _raw_matches(self) -> bool:
+        """Whether `raw` is still these images (not after x_train was cut, say)."""
+        return len(self.raw[0]) == len(self.x_train) and len(self.raw[1]) == len(self.x_test)
+
+
+def normalised(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) images, normalised per channel, float32, where they lie."""
+    return ((images.to(torch.float32) - mean) / std).contiguous()
 
 
 def _normalise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8/float (N, H, W, C) -> float32 (N, C, H, W) with the training set's mean/std."""
+    a, b, mean, std = _channels_first(x_train, x_test)
+    return ((a - mean) / std).contiguous(), ((b - mean) / std).contiguous()
+
+
+def _channels_first(x_train, x_test):
     a = torch.as_tensor(x_train, dtype=torch.float32).permute(0, 3, 1, 2)
     b = torch.as_tensor(x_test, dtype=torch.float32).permute(0, 3, 1, 2)
     mean = a.mean(dim=(0, 2, 3), keepdim=True)
     std = a.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return ((a - mean) / std).contiguous(), ((b - mean) / std).contiguous()
+    return a, b, mean, std
+
+
+def _raw(x_train: np.ndarray, x_test: np.ndarray):
+    """(uint8 train, uint8 test, mean, std) for images of integer pixels 0..255, else None."""
+    def as_uint8(x):
+        if x.dtype == np.uint8:
+            return x
+        if x.size and (x.min() < 0 or x.max() > 255 or not np.array_equal(x, np.round(x))):
+            return None
+        return x.astype(np.uint8)
+    a, b = as_uint8(x_train), as_uint8(x_test)
+    if a is None or b is None:
+        return None
+    _, _, mean, std = _channels_first(x_train, x_test)
+    return (torch.as_tensor(a).permute(0, 3, 1, 2).contiguous(),
+            torch.as_tensor(b).permute(0, 3, 1, 2).contiguous(), mean, std)
 
 
 # --------------------------------------------------------------------------- safe pickles
@@ -321,10 +364,11 @@ def load_digits(test_size: int = 497, seed: int = 0) -> Data:
 
 def _make(name, x_train, y_train, x_test, y_test, *, num_classes, source, split=None) -> Data:
     a, b = _normalise(np.asarray(x_train), np.asarray(x_test))
+    raw = _raw(np.asarray(x_train), np.asarray(x_test))
     info = {"source": source, "train_size": int(len(a)), "test_size": int(len(b)),
             "split": split or "official train / test", "augmentation": "none"}
     return Data(name, a, torch.as_tensor(np.asarray(y_train), dtype=torch.int64), b,
-                torch.as_tensor(np.asarray(y_test), dtype=torch.int64), num_classes, info)
+                torch.as_tensor(np.asarray(y_test), dtype=torch.int64), num_classes, info, raw)
 
 
 def load_dataset(name: str, root: Path | None = None, download: bool = False) -> Data:

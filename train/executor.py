@@ -114,6 +114,8 @@ class GridPlan:
     no_ingest: bool
     no_measures: bool
     console: Console
+    precision: str | None = None  # --precision: bf16 or fp32 (None: the device's default)
+    compile: bool = False         # --compile: torch.compile the training step
 
     @property
     def finished(self) -> list[str]:

@@ -6,10 +6,18 @@ the full training set is evaluated in eval mode, and training stops only if
 that confirmed value is at or below the threshold (it is stored as the final
 train_loss). Dropout makes train-mode losses pessimistic, so the full-set
 check also runs once per epoch while the estimate is within 5x the threshold.
+
+On a device: the data stay resident there (Data.to normalises them there) and
+every batch is drawn by index from them, in the same seeded order as on a CPU.
+The training step may run in bf16 autocast (`precision`, the default on CUDA;
+channels_last there too); the stop rule's confirmation pass and every stored
+accuracy and loss are computed in fp32. An evaluation that runs out of device
+memory is retried once with a quarter of the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
@@ -53,19 +61,47 @@ def lr_at(step: int, base: float, drops: list[int], factor: float) -> float:
     return base * factor ** sum(step >= s for s in drops)
 
 
+PRECISIONS = ("bf16", "fp32")
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 on CUDA (its tensor cores), fp32 elsewhere (a CPU's bf16 is slow and lossy)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def retry_smaller(fn: Callable[[int], object], batch: int):
+    """fn(batch); if the device runs out of memory, once more with a quarter of the
+    batch (the second out-of-memory error is the caller's: that model fails)."""
+    try:
+        return fn(batch)
+    except torch.OutOfMemoryError:
+        if batch <= 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return fn(max(1, batch // 4))
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             batch: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over a whole set, in eval mode."""
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              batch: int) -> tuple[float, float]:
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), batch):
-        logits = model(x[i:i + batch])
-        loss_sum += F.cross_entropy(logits, y[i:i + batch], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i:i + batch]).sum().item()
-    model.train(was_training)
+    try:
+        for i in range(0, len(x), batch):
+            logits = model(x[i:i + batch])
+            loss_sum += F.cross_entropy(logits, y[i:i + batch], reduction="sum").item()
+            correct += (logits.argmax(1) == y[i:i + batch]).sum().item()
+    finally:
+        model.train(was_training)
     return loss_sum / len(x), correct / len(x)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             batch: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over a whole set, in eval mode and fp32."""
+    return retry_smaller(lambda b: _evaluate(model, x, y, b), batch)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,12 +109,22 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.device,
-              on_step: Callable[[int, float], None] | None = None) -> Result:
+              on_step: Callable[[int, float], None] | None = None,
+              precision: str | None = None, compile: bool = False) -> Result:
     # ------------------------------------------------------------------ setup
+    precision = precision or default_precision(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     torch.manual_seed(seed)
     v = config.values
     model = NiN(data.shape[0], data.num_classes, int(v["width"]), int(v["depth"]),
                 float(v["dropout"])).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    # the training step's forward: in bf16 autocast if asked, compiled if asked
+    forward = torch.compile(model) if compile else model
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+        if precision == "bf16" else contextlib.nullcontext
     optimizer = make_optimizer(model, config)
     base_lr = float(v["learning_rate"])
     threshold = float(train["stop_cross_entropy"])
@@ -104,7 +150,8 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = order[i:i + batch]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            with autocast():
+                loss = F.cross_entropy(forward(data.x_train[idx]), data.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -154,6 +201,6 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
         "stop_checks": checks,
     }
     timing = {"seconds": seconds, "stop_check_seconds": check_seconds,
-              "steps_per_epoch": steps_per_epoch}
+              "steps_per_epoch": steps_per_epoch, "precision": precision, "compiled": compile}
     return Result(model, init_state, epoch1_state or snapshot(model), snapshot(model), trace,
                   outcome, timing)

@@ -483,7 +483,7 @@ class _GridRun:
         if job.kind == "train":
             return self.train_remote.remote(p.grid, job.config, job.seed, job.model_id,
                                             self.data_ref, str(p.out), self.use_gpu,
-                                            self.threads)
+                                            self.threads, p.precision, p.compile)
         from fgm.measures.context import Settings
         from fgm.measures.runner import model_inputs
         with briefly(p.db) as con:

@@ -40,7 +40,8 @@ def _device(use_gpu: bool, threads: int) -> torch.device:
 
 
 def train_task(grid: Grid, config: Config, seed: int, model_id: str, data: Data, out: str,
-               use_gpu: bool, threads: int) -> dict:
+               use_gpu: bool, threads: int, precision: str | None = None,
+               compile: bool = False) -> dict:
     """Train one model into its run bundle under `out`; return where it is and how
     it went (the driver checks and ingests the bundle itself)."""
     from .bundle import is_complete
@@ -54,7 +55,8 @@ def train_task(grid: Grid, config: Config, seed: int, model_id: str, data: Data,
         torch.cuda.reset_peak_memory_stats(device)
     data = data.to(device)
     start = time.perf_counter()
-    result = train_one(config, data, grid.train, seed, device)
+    result = train_one(config, data, grid.train, seed, device, precision=precision,
+                       compile=compile)
     manifest = manifest_for(grid, config, seed, data, result, device)
     try:
         bundle = write_bundle(Path(out), model_id, manifest,

@@ -1,0 +1,206 @@
+"""The device data path and mixed precision (issue #12): CPU training bytes as before,
+uint8 data normalised where they lie, out-of-memory retries, and the CUDA path
+(skipped without a GPU)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import fgm.train.cli as train_cli_module
+from fgm.measures.context import Context, Settings
+from fgm.measures.registry import MeasureSpec
+from fgm.measures.runner import run_one
+from fgm.measures.search import noise_draws, perturbed_accuracies, sigma_search
+from fgm.train.cli import main as train_cli
+from fgm.train.data import Data, _make, load_digits, normalised
+from fgm.train.grid import Config
+from fgm.train.loop import evaluate, train_one
+from fgm.train.nin import NiN
+from fgm.warehouse import connect
+
+TRAIN = {"stop_cross_entropy": 0.01, "max_steps": 120, "lr_drop_steps": [60],
+         "lr_drop_factor": 0.1, "estimate_batches": 10, "trace_every": 50}
+
+# sha256 of the final state (keys sorted, each key then its tensor's bytes) that the
+# code before issue #12 (commit 00d865f) gave for these configurations on one thread
+BEFORE = {0.0: "7e19a52081caadf8a71c90a2b278bf1fb8aa90e36de601078e38419e868f4121",
+          0.25: "de133e0486bccbf8ae1473a0a8f70df75dd2dee9f5ef7c5f94a11300a42e7ced"}
+
+
+def small_data() -> Data:
+    d = load_digits()
+    return Data("digits", d.x_train[:300], d.y_train[:300], d.x_test[:100], d.y_test[:100],
+                10, d.info)
+
+
+def config(dropout: float) -> Config:
+    values = {"width": 16, "depth": 2, "dropout": dropout, "batch_size": 32,
+              "optimizer": "sgd", "learning_rate": 0.05, "weight_decay": 0.0}
+    return Config(values, {a: 0 for a in values})
+
+
+def state_hash(state: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("dropout", sorted(BEFORE))
+def test_cpu_training_gives_the_same_bytes_as_before_the_device_path(dropout):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = train_one(config(dropout), small_data(), TRAIN, 3, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert r.timing["precision"] == "fp32"
+    assert state_hash(r.final_state) == BEFORE[dropout]
+
+
+def test_image_data_are_kept_as_uint8_and_normalise_to_the_same_floats():
+    d = load_digits()
+    x_u8, xt_u8, mean, std = d.raw
+    assert x_u8.dtype == torch.uint8 and x_u8.shape == d.x_train.shape
+    assert torch.equal(normalised(x_u8, mean, std), d.x_train)
+    assert torch.equal(normalised(xt_u8, mean, std), d.x_test)
+    # pixels that are not integers 0..255: no uint8 copy
+    rng = np.random.default_rng(0)
+    floats = _make("f", rng.random((4, 2, 2, 1)), np.zeros(4), rng.random((2, 2, 2, 1)),
+                   np.zeros(2), num_classes=2, source="test")
+    assert floats.raw is None
+    # a cut training set no longer matches its uint8 images: those are not used
+    cut = Data(d.name, d.x_train[:10], d.y_train[:10], d.x_test, d.y_test, 10, d.info, d.raw)
+    assert not cut._raw_matches()
+
+
+class OutOfMemoryAbove(nn.Module):
+    """A model that runs out of memory on batches larger than `limit`, `times` times."""
+
+    def __init__(self, inner: nn.Module, limit: int, times: int):
+        super().__init__()
+        self.inner, self.limit, self.times, self.sizes = inner, limit, times, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        if len(x) > self.limit and self.times > 0:
+            self.times -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return self.inner(x)
+
+
+def test_evaluation_out_of_memory_retries_once_with_a_quarter_of_the_batch():
+    data = small_data()
+    net = NiN(1, 10, 8, 1)
+    expected = evaluate(net, data.x_train, data.y_train, batch=50)
+    flaky = OutOfMemoryAbove(net, limit=100, times=1)
+    got = evaluate(flaky, data.x_train, data.y_train, batch=256)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert flaky.sizes[0] == 256 and max(flaky.sizes[1:]) == 64
+    stubborn = OutOfMemoryAbove(net, limit=10, times=2)
+    with pytest.raises(torch.OutOfMemoryError):
+        evaluate(stubborn, data.x_train, data.y_train, batch=256)
+    assert stubborn.sizes == [256, 64] and stubborn.training
+
+
+def test_a_measure_out_of_memory_retries_with_a_smaller_batch_then_fails_alone():
+    d = small_data()
+    ctx = Context.from_models(NiN(1, 10, 8, 1), d.x_train, d.y_train, 10,
+                              settings=Settings(batch=256))
+    calls = []
+
+    def needs_small_batches(ctx):
+        calls.append(ctx.settings.batch)
+        if ctx.settings.batch > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return ctx.accuracy()
+
+    spec = MeasureSpec("probe", "-", "test", ("final",), needs_small_batches, "")
+    value, status, error, _ = run_one(spec, ctx)
+    assert status == "ok" and calls == [256, 64]
+    assert value == pytest.approx(float((ctx.train_logits().argmax(1) == d.y_train)
+                                        .double().mean()))
+
+    def always(ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    value, status, error, _ = run_one(MeasureSpec("oom", "-", "test", ("final",), always, ""),
+                                      ctx)
+    assert value is None and status == "failed" and "OutOfMemoryError" in error
+
+
+def test_a_model_out_of_memory_is_stored_as_failed_and_the_grid_goes_on(
+        tmp_path, grid_file, monkeypatch):
+    real = train_cli_module.train_one
+    seen = []
+
+    def first_runs_out(config, *args, **kwargs):
+        seen.append(config.hash)
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(train_cli_module, "train_one", first_runs_out)
+    db = tmp_path / "w.duckdb"
+    out = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid_file), "--set", "width=16,12",
+                                         "--set", "depth=1", "--out", str(tmp_path / "runs"),
+                                         "--db", str(db), "--device", "cpu", "--no-measures"])
+    assert out.exit_code == 0, out.output
+    assert "FAILED" in out.output and "out of device memory" in out.output
+    con = connect(db, read_only=True)
+    try:
+        rows = con.sql("SELECT status, count(*) FROM models GROUP BY status").fetchall()
+    finally:
+        con.close()
+    assert dict(rows) == {"failed": 1, "done": len(seen) - 1} and len(seen) >= 2
+
+
+def test_bf16_training_on_cpu_stores_fp32_losses_and_a_bad_precision_is_refused():
+    data = small_data()
+    r = train_one(config(0.0), data, TRAIN, 3, torch.device("cpu"), precision="bf16")
+    assert r.timing["precision"] == "bf16"
+    net = NiN(1, 10, 16, 2)
+    net.load_state_dict(r.final_state)
+    loss, acc = evaluate(net, data.x_train, data.y_train)   # fp32, from the stored weights
+    assert r.outcome["train_loss"] == pytest.approx(loss, rel=1e-6)
+    assert r.outcome["train_acc"] == acc
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        train_one(config(0.0), data, TRAIN, 3, torch.device("cpu"), precision="fp16")
+
+
+def test_a_grid_refuses_an_unknown_precision(grid_file, tmp_path):
+    out = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid_file), "--precision",
+                                         "fp8", "--out", str(tmp_path)])
+    assert out.exit_code == 2 and "--precision" in out.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_bf16_and_batched_measures_match_the_reference(monkeypatch):
+    device = torch.device("cuda")
+    # full fp32 convolutions, so that grouped and per-draw forwards differ by rounding only
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    data = load_digits().to(device)
+    assert data.x_train.device.type == "cuda"
+    assert torch.allclose(data.x_train.cpu(), load_digits().x_train, rtol=0, atol=1e-6)
+    values = {"width": 16, "depth": 2, "dropout": 0.0, "batch_size": 32, "optimizer": "adam",
+              "learning_rate": 3e-3, "weight_decay": 0.0}
+    train = dict(TRAIN, max_steps=2000, lr_drop_steps=[1500])
+    r = train_one(Config(values, {a: 0 for a in values}), data, train, 0, device)
+    assert r.timing["precision"] == "bf16" and r.outcome["converged"]
+    net = NiN(1, 10, 16, 2).to(device)
+    net.load_state_dict(r.final_state)
+    ctx = Context.from_models(net, data.x_train, data.y_train, 10,
+                              settings=Settings(draws=256, stderr_ratio=0.5))
+    z, examples = noise_draws(ctx, 1, 0, 64)
+    one = perturbed_accuracies(ctx, 0.05 * z, examples, batched=False)
+    grouped = perturbed_accuracies(ctx, 0.05 * z, examples, batched=True)
+    # at most one of a draw's 128 examples on the other side of a near-tie
+    assert max(abs(a - b) for a, b in zip(one, grouped, strict=True)) <= 1 / 128 + 1e-12
+    a = sigma_search(ctx, False, batched=True)
+    b = sigma_search(ctx, False, batched=False)
+    assert a[0] == pytest.approx(b[0], rel=1e-2)
