@@ -217,3 +217,31 @@ def test_storing_changes_no_other_table(wh):
     run("table", "--kind", "cmi", "--draws", "2", "--db", wh)
     assert dump(wh) == before
     assert rows(wh, "SELECT options FROM evaluations") == [('{"draws": 2}',)]
+
+
+def test_evaluation_vs_paper_puts_the_papers_figure_beside_the_stored_one(db):
+    """The view joins each stored figure with the paper's (read here from the shipped
+    CSV on its own): a warehouse whose measure is named like one of the paper's."""
+    import csv
+    from importlib.resources import files
+    frame = results().rename({"complexity.good": "complexity.path_norm"})
+    build_warehouse(db, frame)
+    out = json.loads(run("psi", "-m", "path_norm", "--db", db, "--format", "json"))
+    paper = [r for r in csv.DictReader(files("fgm.analysis").joinpath(
+        "paper_figures.csv").read_text().splitlines())
+        if r["measure"] == "path_norm" and r["table"] == "5"]
+    assert len(paper) == 1
+    got = rows(db, "SELECT axis, quantity, paper_value, value, same_sign FROM "
+                   "evaluation_vs_paper WHERE paper_table = 5 ORDER BY axis, quantity")
+    expected = sorted([("all", "Psi", float(paper[0]["Psi"]), out["Psi"]),
+                       ("all", "tau", float(paper[0]["tau"]), out["tau"]),
+                       *((a, "psi", float(paper[0][a]), out["psi"][a]) for a in ("depth", "width"))])
+    assert [g[:2] for g in got] == [e[:2] for e in expected]
+    assert [g[2:4] for g in got] == [pytest.approx(e[2:4]) for e in expected]
+    assert all(g[4] == ((g[2] > 0) == (g[3] > 0)) for g in got if g[2] and g[3])
+    # every paper table that reports path_norm's τ shows up beside the one evaluation
+    tables = {r[0] for r in rows(db, "SELECT DISTINCT paper_table FROM evaluation_vs_paper "
+                                     "WHERE quantity = 'tau'")}
+    assert tables == {int(r["table"]) for r in csv.DictReader(files("fgm.analysis").joinpath(
+        "paper_figures.csv").read_text().splitlines())
+        if r["measure"] == "path_norm" and r["tau"] and r["statistic"] != "std"}

@@ -47,13 +47,50 @@ MIGRATIONS: dict[int, str] = {
 
 
 def view_files() -> dict[str, str]:
-    """{view name: SELECT body} from warehouse/views/*.sql, in file-name order."""
+    """{view name: SELECT body} from warehouse/views/*.sql, in file-name order, and
+    `paper_figures`, the paper's published figures as a view of constants."""
     views = _PKG.joinpath("views")
     return {
-        Path(f.name).stem: f.read_text()
-        for f in sorted(views.iterdir(), key=lambda f: f.name)
-        if f.name.endswith(".sql")
+        **{Path(f.name).stem: f.read_text()
+           for f in sorted(views.iterdir(), key=lambda f: f.name)
+           if f.name.endswith(".sql")},
+        "paper_figures": paper_figures_view(),
     }
+
+
+PAPER_AXES = ("batch_size", "dropout", "learning_rate", "depth", "optimizer",
+              "weight_decay", "width")
+PAPER_OVERALL = {"tau": "tau", "Psi": "Psi", "s0": "cmi_s0", "s1": "cmi_s1",
+                 "s2": "cmi_s2", "K": "K"}
+
+
+def paper_figures_view() -> str:
+    """analysis/paper_figures.csv (shipped with fgm), one figure a row, named as
+    evaluation_values names its figures (axis 'all' for overall ones; a std across
+    seeds, Table 10, as <quantity>_std). A VALUES list: the view holds the data,
+    so no file path enters a warehouse's catalog and any reader has it."""
+    import csv
+    import io
+    text = files("fgm.analysis").joinpath("paper_figures.csv").read_text()
+
+    def lit(v: str | None) -> str:
+        return "NULL" if v is None or v == "" else "'" + v.replace("'", "''") + "'"
+
+    rows = []
+    for r in csv.DictReader(io.StringIO(text)):
+        suffix = "_std" if r["statistic"] == "std" else ""
+        figures = [(a, r["quantity"], r[a]) for a in PAPER_AXES]
+        figures += [("all", q, r[c]) for c, q in PAPER_OVERALL.items()]
+        for axis, quantity, value in figures:
+            if value not in ("", None):
+                rows.append(f"({int(r['table'])}, {int(r['row'])}, {lit(r['statistic'])}, "
+                            f"{lit(r['kind'])}, {lit(r['label'])}, {lit(r['measure'])}, "
+                            f"'{axis}', '{quantity}{suffix}', {float(value)!r})")
+    return ("-- The paper's published figures (analysis/paper_figures.csv), one a row\n"
+            "SELECT paper_table, paper_row, statistic, kind, paper_label, measure, axis, "
+            "quantity, CAST(paper_value AS DOUBLE) AS paper_value FROM (VALUES\n"
+            + ",\n".join(rows) + "\n) AS t(paper_table, paper_row, statistic, kind, "
+            "paper_label, measure, axis, quantity, paper_value)")
 
 
 def resolve_db(db: str | os.PathLike | None = None) -> Path:
