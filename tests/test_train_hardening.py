@@ -243,8 +243,8 @@ def test_a_run_that_finishes_second_keeps_the_first_runs_bundle(tmp_path, monkey
     real = train_cli_module.train_one
     rivals = {}
 
-    def train_then_lose_the_race(config, data, train, seed, dev, on_step=None):
-        result = real(config, data, train, seed, dev, on_step=on_step)
+    def train_then_lose_the_race(config, data, train, seed, dev, on_step=None, **options):
+        result = real(config, data, train, seed, dev, on_step=on_step, **options)
         from fgm.warehouse.ids import model_id_for, training_hash
         mid = model_id_for(config.hash, data.name, seed, training_hash(train))
         rival = {role: {k: v + 1 if v.is_floating_point() else v for k, v in s.items()}
