@@ -64,6 +64,7 @@ def free_port() -> int:
 class Head:
     proc: subprocess.Popen
     address: str
+    client_port: int       # its Ray Client server (ray://)
 
     def task_pids(self, name: str) -> list[int]:
         """Workers of this cluster now running task `name`: Ray titles a worker
@@ -93,10 +94,10 @@ def head():
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     temp = tempfile.mkdtemp(prefix="fgmray", dir="/tmp")   # Unix socket paths stay short
-    port = free_port()
+    port, client_port = free_port(), free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port),
            "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
-           "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()),
+           "--ray-client-server-port", str(client_port), "--dashboard-port", str(free_port()),
            "--dashboard-agent-listen-port", str(free_port()), "--include-dashboard", "false",
            "--object-store-memory", str(200 * 2**20), "--temp-dir", temp,
            "--disable-usage-stats"]
@@ -111,7 +112,7 @@ def head():
         else:
             pytest.fail("ray start exited:\n" + "".join(seen[-30:]))
         threading.Thread(target=proc.stdout.read, daemon=True).start()
-        yield Head(proc, f"127.0.0.1:{port}")
+        yield Head(proc, f"127.0.0.1:{port}", client_port)
     finally:
         proc.terminate()                  # ray start --block stops what it started
         try:
@@ -357,6 +358,23 @@ def test_an_unreachable_address_is_named_in_seconds(grid_file, tmp_path):
     assert time.monotonic() - start < 15
     out = invoke(["--grid", grid_file, "--executor", "ray", "--address", "nowhere"])
     assert "--address 'nowhere': expected auto, host:port or ray://host:port" in out.output
+
+
+def test_an_address_of_the_wrong_kind_of_port_says_which_it_is(head, grid_file, tmp_path):
+    """The client server's port without ray://, or ray:// on the cluster's own port:
+    Ray would retry either for half a minute; the probe's one call names the mistake."""
+    client = f"127.0.0.1:{head.client_port}"
+    out = invoke(["--grid", grid_file, "--out", tmp_path / "runs", "--no-ingest",
+                  "--executor", "ray", "--address", client])
+    assert out.exit_code == 1
+    assert out.output.startswith(f"Error: --address {client}: this is not a Ray cluster's "
+                                 f"port (a Ray Client server? then write ray://{client})")
+    gcs = f"ray://{head.address}"
+    out = invoke(["--grid", grid_file, "--out", tmp_path / "runs", "--no-ingest",
+                  "--executor", "ray", "--address", gcs])
+    assert out.exit_code == 1
+    assert out.output.startswith(f"Error: --address {gcs}: this is not a Ray Client server")
+    assert not (tmp_path / "runs").exists()     # refused before any task
 
 
 def test_gpus_on_a_cluster_without_one_and_an_out_no_worker_can_write(head, grid_file,

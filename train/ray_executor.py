@@ -72,12 +72,24 @@ def probe_address(address: str) -> None:
             return
         if found is None:
             raise FgmError(NO_AUTO)
-        _probe(found, f"auto ({found}, the Ray cluster last started here)")
+        _probe(found.removeprefix("ray://"), f"auto ({found}, the Ray cluster last started "
+               f"here)", client=found.startswith("ray://"))
         return
-    _probe(address.removeprefix("ray://"), address)
+    _probe(address.removeprefix("ray://"), address, client=address.startswith("ray://"))
 
 
-def _probe(hostport: str, label: str) -> None:
+# One cheap call that only the expected service answers: the cluster's own (GCS)
+# port for host:port, the Ray Client server's for ray://host:port. The other
+# answers it with UNIMPLEMENTED, which Ray itself would retry for half a minute.
+PROBE_METHOD = {False: "/ray.rpc.NodeInfoGcsService/GetClusterId",
+                True: "/ray.rpc.RayletDriver/ClusterInfo"}
+WRONG_PORT = {False: "this is not a Ray cluster's port (a Ray Client server? then write "
+                     "ray://{hostport})",
+              True: "this is not a Ray Client server (a cluster's own port? then leave out "
+                    "ray://, or give the client server's port, 10001 unless changed)"}
+
+
+def _probe(hostport: str, label: str, client: bool = False) -> None:
     host, sep, port = hostport.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise FgmError(f"--address {label!r}: expected auto, host:port or ray://host:port")
@@ -92,9 +104,20 @@ def _probe(hostport: str, label: str) -> None:
         import grpc  # Ray speaks gRPC; something else on the port would never answer it
     except ImportError:
         return
+    hostport = hostport.removeprefix("ray://")
     channel = grpc.insecure_channel(f"{host}:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=PROBE_SECONDS)
+        call = channel.unary_unary(PROBE_METHOD[client], request_serializer=None,
+                                   response_deserializer=None)
+        try:
+            call(b"", timeout=PROBE_SECONDS)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise FgmError(f"--address {label}: "
+                               + WRONG_PORT[client].format(hostport=hostport)) from None
+            # anything else (a token asked for, a refusal of the empty request) is
+            # Ray answering: ray.init says the rest
     except grpc.FutureTimeoutError:
         raise FgmError(f"--address {label}: something listens there, but it is not a "
                        f"Ray cluster (no answer to Ray's protocol within "
