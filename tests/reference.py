@@ -42,8 +42,9 @@ def _mi_h(table):
     return mi, h, total
 
 
-def cmi_ref(mu, g, levels, axes_set) -> float:
-    """Paper weighting: Σ p(slice) I / Σ p(slice) H over ordered pairs a != b."""
+def _slices(mu, g, levels, axes_set) -> dict:
+    """{the pair's levels on axes_set: {(gap up, measure up): count}} over ordered
+    pairs a != b."""
     slices = defaultdict(lambda: defaultdict(int))
     n = len(mu)
     for a in range(n):
@@ -52,6 +53,12 @@ def cmi_ref(mu, g, levels, axes_set) -> float:
                 continue
             key = tuple((levels[a][s], levels[b][s]) for s in axes_set)
             slices[key][(int(g[a] > g[b]), int(mu[a] > mu[b]))] += 1
+    return slices
+
+
+def cmi_ref(mu, g, levels, axes_set) -> float:
+    """Paper weighting: Σ p(slice) I / Σ p(slice) H over ordered pairs a != b."""
+    slices = _slices(mu, g, levels, axes_set)
     num = den = 0.0
     for table in slices.values():
         mi, h, total = _mi_h(table)
@@ -100,14 +107,7 @@ def pgdl_ref(prediction: dict, models: dict) -> float:
 def cmi_equal_ref(mu, g, levels, axes_set) -> tuple[float, float, float]:
     """The paper's App. B.1: every slice (with a pair) weighs the same. Returns
     (mean I / mean H, mean I in bits, mean H in bits) over ordered pairs a != b."""
-    slices = defaultdict(lambda: defaultdict(int))
-    n = len(mu)
-    for a in range(n):
-        for b in range(n):
-            if a == b:
-                continue
-            key = tuple((levels[a][s], levels[b][s]) for s in axes_set)
-            slices[key][(int(g[a] > g[b]), int(mu[a] > mu[b]))] += 1
+    slices = _slices(mu, g, levels, axes_set)
     if not slices:
         return math.nan, math.nan, math.nan
     parts = [_mi_h(table)[:2] for table in slices.values()]

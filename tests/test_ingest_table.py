@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from warehouse_fixture import build_warehouse, dump, ingest_file, write_lock_held
+from warehouse_fixture import build_warehouse, dump, ingest_file, lock_held
 
 from fgm.analysis.cli import main as query
 from fgm.ingest.cli import main as ingest_cli
@@ -176,7 +176,7 @@ def test_fixture_helper_builds_a_queryable_warehouse(db):
 def test_a_second_writer_is_told_which_file_is_busy(db, tmp_path):
     path = write(tmp_path, GOOD)
     ingest(db, path)
-    with write_lock_held(db):
+    with lock_held(db):
         out = CliRunner().invoke(ingest_cli, [str(path), "--db", str(db)])
         assert out.exit_code == 1
         assert f"{db}: the warehouse is in use by another process" in out.output

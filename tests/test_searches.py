@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from reference import tau_ref
+from tiny_model import make_ctx, train_tiny
 from warehouse_fixture import build_warehouse
 
 from fgm.analysis.cli import main as query
@@ -23,34 +24,13 @@ from fgm.measures.search import (
     noise_draws,
     sigma_search,
 )
-from fgm.train.data import Data, load_digits
-from fgm.train.grid import Config
-from fgm.train.loop import train_one
-from fgm.train.nin import NiN
 
-TRAIN = {"stop_cross_entropy": 0.01, "max_steps": 2000, "lr_drop_steps": [1500],
-         "lr_drop_factor": 0.1, "estimate_batches": 10, "trace_every": 50}
 SEEDS = range(4)
 
 
 @pytest.fixture(scope="module")
 def model():
-    """A seeded tiny NiN (width 16, 2 blocks) trained to the stop on 600 digits."""
-    d = load_digits()
-    data = Data("digits", d.x_train[:600], d.y_train[:600], d.x_test[:100], d.y_test[:100],
-                10, d.info)
-    values = {"width": 16, "depth": 2, "dropout": 0.0, "batch_size": 32, "optimizer": "adam",
-              "learning_rate": 3e-3, "weight_decay": 0.0}
-    r = train_one(Config(values, {a: 0 for a in values}), data, TRAIN, 0, torch.device("cpu"))
-    net = NiN(1, 10, 16, 2)
-    net.load_state_dict(r.final_state)
-    assert r.outcome["converged"]
-    return net, data.x_train, data.y_train
-
-
-def make_ctx(model, **settings) -> Context:
-    net, x, y = model
-    return Context.from_models(net, x, y, 10, settings=Settings(**settings))
+    return train_tiny(600)
 
 
 @pytest.fixture(scope="module")

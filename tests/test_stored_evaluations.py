@@ -6,9 +6,6 @@ import hashlib
 import itertools
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 from reference import psi_ref, tau_ref
-from warehouse_fixture import build_warehouse, dump, ingest_file
+from warehouse_fixture import build_warehouse, dump, ingest_file, lock_held
 
 from fgm.analysis import stored
 from fgm.analysis.cli import main as query
@@ -179,18 +176,8 @@ def test_no_store_writes_nothing(wh):
 
 def test_a_warehouse_another_process_reads_is_answered_and_not_stored(wh, monkeypatch):
     monkeypatch.setattr(stored, "LOCK_WAIT", 0.0)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        con = duckdb.connect({str(wh)!r}, read_only=True)
-        print("reading", flush=True)
-        time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "reading"
+    with lock_held(wh, read_only=True):
         out = CliRunner().invoke(query, ["psi", "-m", "good", "--db", str(wh)])
-    finally:
-        holder.kill()
-        holder.wait()
     assert out.exit_code == 0, out.output
     assert "Psi" in out.output
     notes = [line for line in out.output.splitlines() if line.startswith("note:")]

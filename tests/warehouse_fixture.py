@@ -49,17 +49,19 @@ def dump(path: Path) -> dict[str, list[tuple]]:
 
 
 @contextmanager
-def write_lock_held(path: Path) -> Iterator[None]:
-    """Another process holds the warehouse open for writing while the block runs."""
+def lock_held(path: Path, read_only: bool = False) -> Iterator[None]:
+    """Another process holds the warehouse open (for writing, or read-only) while the
+    block runs: until its stdin closes, not for a time a loaded machine may outlast."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        con = duckdb.connect({str(path)!r})
-        print("locked", flush=True)
-        time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+        import duckdb, sys
+        con = duckdb.connect({str(path)!r}, read_only={read_only!r})
+        print("holding", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert holder.stdout.readline().strip() == "holding"
         yield
     finally:
-        holder.kill()
+        holder.stdin.close()
         holder.wait()
+

@@ -7,6 +7,7 @@ views come from warehouse/views/*.sql, one view per file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -64,6 +65,7 @@ PAPER_OVERALL = {"tau": "tau", "Psi": "Psi", "s0": "cmi_s0", "s1": "cmi_s1",
                  "s2": "cmi_s2", "K": "K"}
 
 
+@functools.cache   # view_files() runs on every connect; the CSV never changes under it
 def paper_figures_view() -> str:
     """analysis/paper_figures.csv (shipped with fgm), one figure a row, named as
     evaluation_values names its figures (axis 'all' for overall ones; a std across
