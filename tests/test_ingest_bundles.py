@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
-from warehouse_fixture import dump, write_lock_held
+from warehouse_fixture import dump, lock_held
 
 import fgm.ingest.bundles as bundles
 from fgm.ingest.bundles import ingest_tree
@@ -416,7 +416,7 @@ def test_bundles_are_checked_before_the_warehouse_is_opened(db, tmp_path):
     good, bad = make_bundle(runs, seed=0), make_bundle(runs, seed=1)
     edit(bad, lambda m: m["outcome"].update(gap=math.nan))
     connect(db).close()
-    with write_lock_held(db):
+    with lock_held(db):
         report = ingest_tree(db, runs, lock_wait=0)
     why = reasons(report)
     assert "outcome.gap" in why[bad]  # its own problem, found without the warehouse
@@ -427,7 +427,7 @@ def test_a_table_is_checked_before_the_warehouse_is_opened(db, tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("model_id,hp.lr,train_acc,test_acc\nm1,0.1,1.0,x\n")
     connect(db).close()
-    with write_lock_held(db):
+    with lock_held(db):
         out = CliRunner().invoke(ingest_cli, [str(table), "--db", str(db)])
     assert out.exit_code == 1
     assert "expected a number, found 'x'" in out.output and "in use" not in out.output

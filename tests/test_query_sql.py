@@ -2,7 +2,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from warehouse_fixture import build_warehouse, write_lock_held
+from warehouse_fixture import build_warehouse, lock_held
 
 from fgm.analysis.cli import main as query
 
@@ -81,7 +81,7 @@ def test_missing_warehouse_is_a_clear_error(tmp_path):
 
 
 def test_a_writer_holding_the_file_gives_a_clear_message(wh):
-    with write_lock_held(wh):
+    with lock_held(wh):
         out = run("models", "--db", wh)
         assert out.exit_code == 1
         assert f"{wh}: the warehouse is in use by another process" in out.output
