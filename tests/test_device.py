@@ -18,7 +18,7 @@ from fgm.measures.search import noise_draws, perturbed_accuracies, sigma_search
 from fgm.train.cli import main as train_cli
 from fgm.train.data import Data, _make, load_digits, normalised
 from fgm.train.grid import Config
-from fgm.train.loop import evaluate, train_one
+from fgm.train.loop import evaluate, safe_steps, train_one
 from fgm.train.nin import NiN
 from fgm.warehouse import connect
 
@@ -61,6 +61,67 @@ def test_cpu_training_gives_the_same_bytes_as_before_the_device_path(dropout):
         torch.set_num_threads(threads)
     assert r.timing["precision"] == "fp32"
     assert state_hash(r.final_state) == BEFORE[dropout]
+
+
+# converges (the stop rule's check falls due and passes) well inside the budget
+CONVERGING = {"stop_cross_entropy": 0.05, "max_steps": 600, "lr_drop_steps": [10 ** 6],
+              "lr_drop_factor": 0.1, "estimate_batches": 10, "trace_every": 7}
+
+
+def converging_config() -> Config:
+    values = {"width": 16, "depth": 2, "dropout": 0.0, "batch_size": 16,
+              "optimizer": "adam", "learning_rate": 3e-3, "weight_decay": 0.0}
+    return Config(values, {a: 0 for a in values})
+
+
+@pytest.mark.parametrize("sync_every", [3, 16, 64])
+def test_reading_losses_back_in_batches_gives_the_same_training(sync_every):
+    """A GPU reads the minibatch losses back every few steps, not every step; the
+    trace, the stop rule's checks and the weights must not change."""
+    data = Data("digits", *[t for t in (lambda d: (d.x_train[:80], d.y_train[:80],
+                                                   d.x_test[:40], d.y_test[:40]))(load_digits())],
+                10, {})
+    seen = {}
+    for every in (1, sync_every):
+        steps = []
+        r = train_one(converging_config(), data, CONVERGING, 0, torch.device("cpu"),
+                      on_step=lambda step, est: steps.append((step, est)), sync_every=every)
+        seen[every] = (r, steps)
+    (ref, ref_steps), (got, got_steps) = seen[1], seen[sync_every]
+    assert ref.outcome["converged"] and ref.outcome["stop_checks"] >= 1   # the case that matters
+    assert got.outcome == ref.outcome
+    assert [{k: v for k, v in t.items() if k != "seconds"} for t in got.trace] == \
+        [{k: v for k, v in t.items() if k != "seconds"} for t in ref.trace]
+    assert got_steps == ref_steps and [s for s, _ in got_steps] == list(
+        range(1, ref.outcome["steps"] + 1))
+    assert state_hash(got.final_state) == state_hash(ref.final_state)
+    assert state_hash(got.epoch1_state) == state_hash(ref.epoch1_state)
+    assert ref.timing["loss_reads"] == ref.outcome["steps"]
+    assert got.timing["loss_reads"] < ref.timing["loss_reads"] / 2   # and fewer reads
+
+
+def test_safe_steps_never_skips_a_step_whose_check_could_fall_due():
+    # random histories and bounds: a step it calls safe has a running mean above its
+    # bound whatever the losses that follow (the worst case: all of them 0), and the
+    # first step it does not call safe can be due
+    gen = np.random.default_rng(0)
+    for _ in range(300):
+        window = int(gen.integers(2, 8))
+        bounds = list(gen.choice([0.2, 1.0], size=10))
+        recent = list(gen.uniform(0, 3, size=int(gen.integers(0, window + 1))))
+        h = safe_steps(recent, window, bounds)
+        assert 0 <= h <= 10
+        for j in range(1, h + 1):
+            after = (recent + [0.0] * j)[-window:]
+            assert len(after) < window or sum(after) / window > bounds[j - 1]
+        if h < 10:
+            after = (recent + [0.0] * (h + 1))[-window:]
+            assert len(after) == window and sum(after) / window <= bounds[h]
+    assert safe_steps([5.0] * 4, 4, [1.0] * 8) == 3     # 3 of 4 old losses keep it above 1
+    assert safe_steps([], 10, [1.0] * 8) == 8           # no full window for 8 steps yet
+    with pytest.raises(ValueError, match="sync_every"):
+        train_one(converging_config(), small_data(), CONVERGING, 0, torch.device("cpu"),
+                  sync_every=0)
 
 
 def test_image_data_are_kept_as_uint8_and_normalise_to_the_same_floats():

@@ -12,7 +12,10 @@ every batch is drawn by index from them, in the same seeded order as on a CPU.
 The training step may run in bf16 autocast (`precision`, the default on CUDA;
 channels_last there too); the stop rule's confirmation pass and every stored
 accuracy and loss are computed in fp32. An evaluation that runs out of device
-memory is retried once with a quarter of the batch.
+memory is retried once with a quarter of the batch. The minibatch losses are read
+back every SYNC_EVERY steps, not every step (a read waits for the GPU), and early
+whenever the stop rule's check could fall due sooner: the same steps, trace and
+checks as reading every step.
 """
 
 from __future__ import annotations
@@ -59,6 +62,24 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
 def lr_at(step: int, base: float, drops: list[int], factor: float) -> float:
     """Learning rate for `step` (0-based): base x factor^(number of drop steps passed)."""
     return base * factor ** sum(step >= s for s in drops)
+
+
+SYNC_EVERY = 16   # on a GPU: steps between reads of the minibatch losses
+
+
+def safe_steps(recent: list[float], window: int, bounds: list[float]) -> int:
+    """How many of the next steps certainly leave the running mean of the last
+    `window` losses above that step's bound (bounds[j - 1] for the j-th step ahead),
+    whatever their losses (≥ 0): the mean after j more steps is at least the sum of
+    the newest window − j known losses over window. A window not yet full has no
+    estimate, so no check. At most len(bounds)."""
+    for j, bound in enumerate(bounds, 1):
+        if len(recent) + j >= window:   # the window is full after j more steps
+            kept = window - j           # known losses still in it then
+            lower = sum(recent[len(recent) - kept:]) if kept > 0 else 0.0
+            if lower / window <= bound:
+                return j - 1
+    return len(bounds)
 
 
 PRECISIONS = ("bf16", "fp32")
@@ -110,9 +131,19 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.device,
               on_step: Callable[[int, float], None] | None = None,
-              precision: str | None = None, compile: bool = False) -> Result:
+              precision: str | None = None, compile: bool = False,
+              sync_every: int | None = None) -> Result:
+    """sync_every: read the minibatch losses back from the device at most every this
+    many steps (default: 1 on a CPU, SYNC_EVERY on a GPU), which lets a GPU run
+    ahead of Python. The result is the same as reading them every step: a batch of
+    losses is read back early whenever the stop rule's check could fall due before
+    the next read (`safe_steps`), so every check happens at the step it would."""
     # ------------------------------------------------------------------ setup
     precision = precision or default_precision(device)
+    if sync_every is None:
+        sync_every = SYNC_EVERY if device.type == "cuda" else 1
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be at least 1, got {sync_every}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     torch.manual_seed(seed)
@@ -141,8 +172,44 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
     trace: list[dict] = []
     step, steps_to_01, confirmed, converged = 0, None, math.nan, False
     checks, check_seconds, last_check_epoch = 0, 0.0, -1
+    pending: list[tuple[int, torch.Tensor, float, float]] = []   # step, loss, lr, time
+    safe, syncs = 0, 0   # steps ahead on which no stop check can fall due; reads
     start = time.perf_counter()
     model.train()
+
+    def settle() -> bool:
+        """Read the pending losses back (one sync) and run the per-step bookkeeping
+        for each: the estimate, the trace, on_step and, at the newest step, the stop
+        rule's check. True when training has converged."""
+        nonlocal steps_to_01, confirmed, checks, check_seconds, last_check_epoch, syncs
+        losses = torch.stack([p[1] for p in pending]).tolist()
+        syncs += 1
+        for (at, _, lr, now), value in zip(pending, losses, strict=True):
+            recent.append(value)
+            estimate = sum(recent) / len(recent)
+            if steps_to_01 is None and len(recent) == window and estimate <= 0.1:
+                steps_to_01 = at
+            if at % int(train["trace_every"]) == 0 or at == 1:
+                trace.append({"step": at, "epoch": at / steps_per_epoch,
+                              "train_loss": estimate, "lr": lr, "seconds": now - start})
+            if on_step is not None:
+                on_step(at, estimate)
+            epoch = at // steps_per_epoch
+            due = len(recent) == window and (
+                estimate <= threshold
+                or (estimate <= 5 * threshold and epoch > last_check_epoch))
+            if due:
+                # safe_steps kept every earlier pending step clear of a check
+                assert at == step, f"a stop check fell due at step {at}, read at {step}"
+                t = time.perf_counter()
+                confirmed, _ = evaluate(model, data.x_train, data.y_train)
+                check_seconds += time.perf_counter() - t
+                checks, last_check_epoch = checks + 1, epoch
+                if confirmed <= threshold:
+                    return True
+        pending.clear()
+        return False
+
     while step < max_steps and not converged:
         order = torch.randperm(m, generator=gen).to(device)
         for i in range(0, m, batch):
@@ -156,30 +223,18 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
             loss.backward()
             optimizer.step()
             step += 1
-            recent.append(loss.item())
-            estimate = sum(recent) / len(recent)
-            if steps_to_01 is None and len(recent) == window and estimate <= 0.1:
-                steps_to_01 = step
-            if step % int(train["trace_every"]) == 0 or step == 1:
-                trace.append({"step": step, "epoch": step / steps_per_epoch,
-                              "train_loss": estimate, "lr": lr,
-                              "seconds": time.perf_counter() - start})
-            if on_step is not None:
-                on_step(step, estimate)
+            pending.append((step, loss.detach(), lr, time.perf_counter()))
             if step == steps_per_epoch:
                 epoch1_state = snapshot(model)
-            epoch = step // steps_per_epoch
-            due = len(recent) == window and (
-                estimate <= threshold
-                or (estimate <= 5 * threshold and epoch > last_check_epoch))
-            if due:
-                t = time.perf_counter()
-                confirmed, _ = evaluate(model, data.x_train, data.y_train)
-                check_seconds += time.perf_counter() - t
-                checks, last_check_epoch = checks + 1, epoch
-                if confirmed <= threshold:
+            safe -= 1
+            if safe < 0 or len(pending) >= sync_every or step >= max_steps:
+                if settle():
                     converged = True
                     break
+                # the check falls due at the threshold, or at 5x it once an epoch
+                safe = safe_steps(list(recent), window, [
+                    threshold if (step + j) // steps_per_epoch <= last_check_epoch
+                    else 5 * threshold for j in range(1, sync_every + 1)])
             if step >= max_steps:
                 break
 
@@ -200,7 +255,7 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
         "steps_0.1_to_0.01": (step - steps_to_01) if converged and steps_to_01 else None,
         "stop_checks": checks,
     }
-    timing = {"seconds": seconds, "stop_check_seconds": check_seconds,
+    timing = {"seconds": seconds, "stop_check_seconds": check_seconds, "loss_reads": syncs,
               "steps_per_epoch": steps_per_epoch, "precision": precision, "compiled": compile}
     return Result(model, init_state, epoch1_state or snapshot(model), snapshot(model), trace,
                   outcome, timing)
