@@ -338,13 +338,17 @@ class Ascent:
     Remembers the worst perturbation found, as a fraction of its set, to start the
     next radius from it."""
 
-    def __init__(self, ctx: Context, magnitude: bool, gen: torch.Generator):
+    def __init__(self, ctx: Context, magnitude: bool, gen: torch.Generator,
+                 batched: bool | None = None):
         self.ctx, self.magnitude, self.gen = ctx, magnitude, gen
         s = ctx.settings
         self.batch = ctx.m if s.ascent_batch <= 0 else min(s.ascent_batch, ctx.m)
         self.full = self.batch == ctx.m
         self.best: torch.Tensor | None = None   # worst u found so far, divided by its set's size
         self.gradients = self.passes = 0
+        # restarts run side by side (one grouped forward and backward per step) on a
+        # GPU; on a CPU grouped convolutions are no faster than one after another
+        self.batched = ctx.net.w.device.type != "cpu" if batched is None else batched
 
     def _size(self, alpha: float) -> torch.Tensor | float:
         w = self.ctx.net.w
@@ -366,6 +370,9 @@ class Ascent:
         `restarts` ascents (the first from the worst perturbation so far, if `warm`).
         Stops as soon as one is below `stop_below` (that alone decides the probe)."""
         s, w = self.ctx.settings, self.ctx.net.w
+        restarts = s.restarts if restarts is None else restarts
+        if self.batched and restarts > 1:
+            return self._worst_side_by_side(alpha, stop_below, restarts, warm)
         size = self._size(alpha)
         worst, worst_u = float("inf"), None
 
@@ -375,13 +382,8 @@ class Ascent:
                 worst, worst_u = acc, u.detach().clone()
             return worst < stop_below
 
-        for restart in range(s.restarts if restarts is None else restarts):
-            if restart == 0 and warm and self.best is not None:   # the worst found so far
-                u = (project_box(self.best * size, size) if self.magnitude
-                     else project_ball(self.best * alpha, alpha))
-            else:   # off the flat minimum with uniform noise inside the set (App. E)
-                r = torch.rand(w.shape, generator=self.gen, device=w.device, dtype=w.dtype) * 2 - 1
-                u = r * size if self.magnitude else r * alpha / w.numel() ** 0.5
+        for restart in range(restarts):
+            u = self._start(restart, warm, alpha, size)
             done = False
             for step in range(s.ascent_steps):
                 u = u.detach().requires_grad_(True)
@@ -406,6 +408,109 @@ class Ascent:
             self.best = worst_u / size
         return worst
 
+    def _start(self, restart: int, warm: bool, alpha: float,
+               size: torch.Tensor | float) -> torch.Tensor:
+        """Where a restart begins: the worst perturbation so far (the first, if warm),
+        else uniform noise inside the set, off the flat minimum (App. E)."""
+        w = self.ctx.net.w
+        if restart == 0 and warm and self.best is not None:
+            return (project_box(self.best * size, size) if self.magnitude
+                    else project_ball(self.best * alpha, alpha))
+        r = torch.rand(w.shape, generator=self.gen, device=w.device, dtype=w.dtype) * 2 - 1
+        return r * size if self.magnitude else r * alpha / w.numel() ** 0.5
+
+    def _worst_side_by_side(self, alpha: float, stop_below: float, restarts: int,
+                            warm: bool) -> float:
+        """worst_accuracy with the restarts run side by side: each step one grouped
+        forward and backward (FlatNet.logits_many) for all of them. The same value,
+        perturbation kept, counts and generator state as running them one after
+        another, which stops at the first restart that finds an accuracy below
+        `stop_below`: restart r's outcome is used only if restarts 0..r−1 found none,
+        so the side-by-side run stops early only when restart 0 finds one, and a
+        restart beyond the first that found one is dropped."""
+        ctx, s = self.ctx, self.ctx.settings
+        w, size, steps = ctx.net.w, self._size(alpha), s.ascent_steps
+        # every restart's random numbers, in the order one after another draws them,
+        # and the generator's state after each restart's (restored at the end)
+        starts, picks, after = [], [], []
+        for r in range(restarts):
+            starts.append(self._start(r, warm, alpha, size))
+            picks.append(None if self.full else [
+                torch.randint(0, ctx.m, (self.batch,), generator=self.gen, device=w.device)
+                for _ in range(steps)])
+            after.append(self.gen.get_state())
+        u = torch.stack(starts)
+        lowest = [math.inf] * restarts           # each restart's lowest accuracy, up to
+        lowest_u: list[torch.Tensor | None] = [None] * restarts   # its first witness
+        witness = [False] * restarts
+        grads = [steps] * restarts               # gradient steps each would take
+
+        def seen(r: int, acc: float, row: torch.Tensor) -> None:
+            if not witness[r] and acc < lowest[r]:
+                lowest[r], lowest_u[r] = acc, row.detach().clone()
+            witness[r] = witness[r] or acc < stop_below
+
+        live = restarts                          # restarts 0..live−1 still matter
+        for step in range(steps):
+            v = u[:live].detach().requires_grad_(True)
+            ws = w + v
+            if self.full:
+                logits = torch.cat([ctx.net.logits_many(ws, ctx.x[i:i + s.batch])
+                                    for i in range(0, ctx.m, s.batch)], dim=1)
+                target = ctx.y
+            else:
+                idx = torch.stack([picks[r][step] for r in range(live)])
+                logits, target = ctx.net.logits_many(ws, ctx.x[idx]), ctx.y[idx]
+            loss = F.cross_entropy(logits.transpose(1, 2), target.expand(live, -1),
+                                   reduction="none").mean(1)
+            if self.full:   # every iterate checked, as one after another does
+                for r, acc in enumerate((logits.argmax(2) == ctx.y).double().mean(1).tolist()):
+                    if not witness[r]:
+                        seen(r, acc, v[r])
+                        if witness[r]:
+                            grads[r] = step
+                first = next((r for r in range(live) if witness[r]), None)
+                if first == 0:
+                    break
+                if first is not None:
+                    live = first + 1
+            (g,) = torch.autograd.grad(loss.sum(), v)
+            with torch.no_grad():
+                eta = ascent_rate(s, step)
+                v, g = v.detach()[:live], g[:live]   # (live may have shrunk this step)
+                if self.magnitude:
+                    v = project_box(v + eta * size * g.sign(), size)
+                else:
+                    norms = g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                    v = project_rows(v + eta * alpha * g / norms, alpha)
+                # a restart that found its witness keeps the perturbation it found it at
+                done = torch.tensor(witness[:live], device=w.device)[:, None]
+                u = torch.where(done, u[:live], v)
+        else:
+            # the last iterate of each restart that found no witness in the loop
+            rest = [r for r in range(live) if not witness[r]]
+            accs = perturbed_accuracies(ctx, u[rest], None, batched=True) if rest else []
+            for r, acc in zip(rest, accs, strict=True):
+                seen(r, acc, u[r])
+        # what one restart after another would have run: up to the first witness
+        last = next((r for r in range(restarts) if witness[r]), restarts - 1)
+        self.gen.set_state(after[last])
+        self.gradients += sum(grads[:last + 1])
+        self.passes += sum(grads[r] == steps for r in range(last + 1))
+        worst, worst_u = math.inf, None
+        for r in range(last + 1):
+            if lowest[r] < worst:
+                worst, worst_u = lowest[r], lowest_u[r]
+        if worst_u is not None and (warm or worst < stop_below):
+            self.best = worst_u / size
+        return worst
+
+
+def project_rows(u: torch.Tensor, radius: float) -> torch.Tensor:
+    """project_ball on each row of a (B, ω) stack."""
+    norms = u.norm(dim=1, keepdim=True)
+    return torch.where(norms > radius, u * (radius / norms), u)
+
 
 def worst_accuracy(ctx: Context, alpha: float, magnitude: bool, gen: torch.Generator) -> float:
     """The lowest training accuracy gradient ascent finds inside the set of radius α
@@ -413,11 +518,14 @@ def worst_accuracy(ctx: Context, alpha: float, magnitude: bool, gen: torch.Gener
     return Ascent(ctx, magnitude, gen).worst_accuracy(alpha)
 
 
-def alpha_search(ctx: Context, magnitude: bool) -> tuple[float, dict]:
-    """Algorithm 3, with gradient ascent on the cross-entropy as the surrogate."""
+def alpha_search(ctx: Context, magnitude: bool,
+                 batched: bool | None = None) -> tuple[float, dict]:
+    """Algorithm 3, with gradient ascent on the cross-entropy as the surrogate.
+    batched: a probe's restarts run side by side (Ascent); the same value and params
+    as one after another (batched=False); None: on a GPU only."""
     s = ctx.settings
     base = ctx.accuracy()
-    ascent = Ascent(ctx, magnitude, ctx.generator(4 if magnitude else 3))
+    ascent = Ascent(ctx, magnitude, ctx.generator(4 if magnitude else 3), batched)
     # an accuracy below this is a perturbation beyond the band: it decides the probe
     above = base - s.target_deviation - s.tolerance
 

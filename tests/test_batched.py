@@ -59,6 +59,54 @@ def test_batched_sigma_search_returns_the_unbatched_value_and_params(model, magn
     assert a[1]["reached_deviation"] == pytest.approx(b[1]["reached_deviation"], abs=1e-6)
 
 
+def _ascent_outcome(ctx, magnitude, batched, alpha, stop_below, restarts, warm_from):
+    """One Ascent.worst_accuracy call and everything it leaves behind."""
+    ascent = search.Ascent(ctx, magnitude, ctx.generator(7), batched=batched)
+    if warm_from is not None:    # a worst perturbation from an earlier radius
+        ascent.worst_accuracy(warm_from, restarts=1)
+    worst = ascent.worst_accuracy(alpha, stop_below=stop_below, restarts=restarts)
+    after = torch.rand(3, generator=ascent.gen)      # the generator's state, as drawn next
+    return worst, ascent.best, ascent.gradients, ascent.passes, after
+
+
+@pytest.mark.parametrize("magnitude,alpha", [(False, 1.5), (True, 0.02)])
+@pytest.mark.parametrize("ascent_batch", [0, 64])    # the full set; minibatches of 64
+def test_restarts_side_by_side_equal_restarts_one_after_another(model, magnitude, alpha,
+                                                                ascent_batch):
+    """Every way a call can end: no witness, restart 0 finds one at once, a later
+    restart finds one (the side-by-side run drops the rest), with and without a
+    warm start. Same worst accuracy, kept perturbation, counts and generator."""
+    ctx = make_ctx(model, ascent_steps=6, ascent_batch=ascent_batch)
+    base = ctx.accuracy()
+    ref = _ascent_outcome(ctx, magnitude, False, alpha, -1.0, 4, None)
+    assert ref[0] < base - 0.02                      # the ascent does lower the accuracy
+    stops = [-1.0, 2.0, ref[0] + 1e-9, (ref[0] + base) / 2]
+    witnessed_late = 0
+    for stop_below in stops:
+        for warm_from in (None, alpha / 2):
+            one = _ascent_outcome(ctx, magnitude, False, alpha, stop_below, 4, warm_from)
+            side = _ascent_outcome(ctx, magnitude, True, alpha, stop_below, 4, warm_from)
+            assert side[0] == pytest.approx(one[0], abs=1e-6)
+            # the box's steps follow sign(gradient): a coordinate whose gradient is 0 up
+            # to rounding may step the other way, so a few coordinates may differ
+            off = ~torch.isclose(side[1], one[1], atol=1e-5, rtol=1e-4)
+            assert off.sum() <= (one[1].numel() // 1000 if magnitude else 0)
+            assert side[2:4] == one[2:4]
+            assert torch.equal(side[4], one[4])
+            steps_per_restart = 6 + (ascent_batch == 0)   # iterates checked, and the last
+            witnessed_late += one[2] > steps_per_restart  # a restart after the first ran
+    assert witnessed_late > 0
+
+
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_batched_alpha_search_returns_the_unbatched_value_and_params(model, magnitude):
+    budget = {"seed": 1, "restarts": 2, "confirm_restarts": 3, "ascent_steps": 5}
+    a = search.alpha_search(make_ctx(model, **budget), magnitude, batched=True)
+    b = search.alpha_search(make_ctx(model, **budget), magnitude, batched=False)
+    assert a[0] == pytest.approx(b[0], rel=1e-6, abs=0)
+    assert a[1] == pytest.approx(b[1], abs=1e-6)
+
+
 def test_gradient_noise_matches_autograd_per_example_gradients_at_random_weights(model):
     """Both of gradient_noise's ways (Gram matrices, explicit per-example gradients)
     against a loop of autograd calls, far from a minimum (a large mean gradient: the
