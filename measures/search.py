@@ -354,15 +354,50 @@ class Ascent:
         w = self.ctx.net.w
         return alpha * w.abs() + self.ctx.settings.eps if self.magnitude else alpha
 
-    def _loss_and_accuracy(self, u: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    def _gradient(self, u: torch.Tensor, step: int = 0,
+                  picks: list | None = None) -> tuple[torch.Tensor, list[float] | None]:
+        """The gradient of the training cross-entropy at w + u, for u one perturbation
+        (ω,) or a stack of them (B, ω) (each row's own loss: logits_many), and each
+        one's accuracy on the full training set when the ascent is full-batch (None:
+        a minibatch, `picks[row][step]` its examples for a stack, drawn here for one).
+        Full-batch, the set goes through in evaluation batches, each one's gradient
+        added up, so memory stays that of one batch however large the set."""
         ctx = self.ctx
-        if self.full:
-            logits = torch.cat([ctx.net.logits(ctx.net.w + u, ctx.x[i:i + ctx.settings.batch])
-                                for i in range(0, ctx.m, ctx.settings.batch)])
-            acc = (logits.argmax(1) == ctx.y).double().mean().item()
-            return F.cross_entropy(logits, ctx.y), acc
-        idx = torch.randint(0, ctx.m, (self.batch,), generator=self.gen, device=ctx.x.device)
-        return F.cross_entropy(ctx.net.logits(ctx.net.w + u, ctx.x[idx]), ctx.y[idx]), None
+        u = u.detach().requires_grad_(True)
+        many = u.dim() == 2
+        if not self.full:
+            if many:
+                idx = torch.stack([p[step] for p in picks[:len(u)]])
+            else:
+                idx = torch.randint(0, ctx.m, (self.batch,), generator=self.gen,
+                                    device=ctx.x.device)
+            (g,) = torch.autograd.grad(self._loss(u, ctx.x[idx], ctx.y[idx]), u)
+            return g, None
+        rows = len(u) if many else 1
+        chunk = max(1, ctx.settings.batch // rows)
+        g, correct = torch.zeros_like(u), torch.zeros(rows, dtype=torch.float64,
+                                                        device=u.device)
+        for i in range(0, ctx.m, chunk):
+            x, y = ctx.x[i:i + chunk], ctx.y[i:i + chunk]
+            loss, logits = self._loss(u, x, y, with_logits=True)
+            (part,) = torch.autograd.grad(loss * (len(y) / ctx.m) if chunk < ctx.m else loss, u)
+            g += part
+            correct += (logits.argmax(-1) == y).sum(-1).reshape(rows)
+        return g, (correct / ctx.m).tolist()
+
+    def _loss(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+              with_logits: bool = False):
+        """The mean cross-entropy at w + u on (x, y); a stack u (B, ω): the sum over
+        rows of each row's mean (x, y one set for all rows, or (B, n, ...) one per row)."""
+        net, w = self.ctx.net, self.ctx.net.w
+        if u.dim() == 1:
+            logits = net.logits(w + u, x)
+            loss = F.cross_entropy(logits, y)
+        else:
+            logits = net.logits_many(w + u, x)
+            target = y.expand(len(u), *y.shape[-1:])
+            loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(1).sum()
+        return (loss, logits.detach()) if with_logits else loss
 
     def worst_accuracy(self, alpha: float, stop_below: float = -1.0,
                        restarts: int | None = None, warm: bool = True) -> float:
@@ -386,12 +421,10 @@ class Ascent:
             u = self._start(restart, warm, alpha, size)
             done = False
             for step in range(s.ascent_steps):
-                u = u.detach().requires_grad_(True)
-                loss, acc = self._loss_and_accuracy(u)
-                if acc is not None and seen(acc, u):     # full batch: every iterate checked
+                g, acc = self._gradient(u)
+                if acc is not None and seen(acc[0], u):  # full batch: every iterate checked
                     done = True
                     break
-                (g,) = torch.autograd.grad(loss, u)
                 self.gradients += 1
                 with torch.no_grad():   # ASCENT: up the loss, then back into the set
                     eta = ascent_rate(s, step)
@@ -452,19 +485,10 @@ class Ascent:
 
         live = restarts                          # restarts 0..live−1 still matter
         for step in range(steps):
-            v = u[:live].detach().requires_grad_(True)
-            ws = w + v
-            if self.full:
-                logits = torch.cat([ctx.net.logits_many(ws, ctx.x[i:i + s.batch])
-                                    for i in range(0, ctx.m, s.batch)], dim=1)
-                target = ctx.y
-            else:
-                idx = torch.stack([picks[r][step] for r in range(live)])
-                logits, target = ctx.net.logits_many(ws, ctx.x[idx]), ctx.y[idx]
-            loss = F.cross_entropy(logits.transpose(1, 2), target.expand(live, -1),
-                                   reduction="none").mean(1)
-            if self.full:   # every iterate checked, as one after another does
-                for r, acc in enumerate((logits.argmax(2) == ctx.y).double().mean(1).tolist()):
+            v = u[:live]
+            g, accs = self._gradient(v, step, picks)
+            if accs is not None:   # every iterate checked, as one after another does
+                for r, acc in enumerate(accs):
                     if not witness[r]:
                         seen(r, acc, v[r])
                         if witness[r]:
@@ -474,7 +498,6 @@ class Ascent:
                     break
                 if first is not None:
                     live = first + 1
-            (g,) = torch.autograd.grad(loss.sum(), v)
             with torch.no_grad():
                 eta = ascent_rate(s, step)
                 v, g = v.detach()[:live], g[:live]   # (live may have shrunk this step)

@@ -98,6 +98,29 @@ def test_restarts_side_by_side_equal_restarts_one_after_another(model, magnitude
     assert witnessed_late > 0
 
 
+def test_a_full_batch_ascent_step_goes_through_the_set_in_batches(model):
+    """--set ascent_batch=0 on a large set: the gradient is added up over evaluation
+    batches (memory of one batch), equal to the gradient of the whole set at once."""
+    gen = torch.Generator().manual_seed(3)
+    whole = make_ctx(model, ascent_batch=0, batch=100_000)
+    u = 0.05 * torch.randn(whole.net.omega, generator=gen)
+    rows = 0.05 * torch.randn(3, whole.net.omega, generator=gen)
+    x = u.clone().requires_grad_(True)
+    loss = F.cross_entropy(whole.net.logits(whole.net.w + x, whole.x), whole.y)
+    (ref,) = torch.autograd.grad(loss, x)
+    ref_acc = whole.accuracy(whole.net.w + u)
+    for batch in (100_000, 37):
+        ctx = make_ctx(model, ascent_batch=0, batch=batch)
+        ascent = search.Ascent(ctx, False, ctx.generator(3))
+        g, acc = ascent._gradient(u)
+        assert torch.allclose(g, ref, rtol=1e-4, atol=1e-7) and acc == [ref_acc]
+        gs, accs = ascent._gradient(rows)          # a stack: each row its own
+        for r in range(3):
+            one, one_acc = ascent._gradient(rows[r])
+            assert torch.allclose(gs[r], one, rtol=1e-4, atol=1e-7)
+            assert accs[r] == pytest.approx(one_acc[0], abs=1e-12)
+
+
 @pytest.mark.parametrize("magnitude", [False, True])
 def test_batched_alpha_search_returns_the_unbatched_value_and_params(model, magnitude):
     budget = {"seed": 1, "restarts": 2, "confirm_restarts": 3, "ascent_steps": 5}
