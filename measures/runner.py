@@ -28,7 +28,7 @@ from fgm.warehouse import FgmError, code_version, transaction
 from fgm.warehouse.store import Warehouse, briefly
 from fgm.warehouse.upsert import upsert
 
-from .context import Context, Settings
+from .context import Context, Settings, measure_layout
 from .registry import MeasureSpec, list_measures, mirror_definitions
 
 
@@ -286,7 +286,9 @@ def measure_models(db: Warehouse, *, pattern: str = "*",
             with briefly(db) as con:
                 inputs = model_inputs(con, mid)
             if row["dataset"] not in datasets:
-                datasets[row["dataset"]] = load_dataset(row["dataset"], data_root).to(device)
+                data = load_dataset(row["dataset"], data_root).to(device)
+                data.x_train = measure_layout(data.x_train)   # once, not once per model
+                datasets[row["dataset"]] = data
             rows = compute_model_measures(mid, inputs, datasets[row["dataset"]],
                                           row["measure"], settings, device, by_name)
         except SKIP_ERRORS as exc:
