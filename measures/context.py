@@ -177,13 +177,15 @@ class FlatNet:
                 h = F.relu(h)
         return h.mean(dim=(2, 3)).reshape(n, count, -1).transpose(0, 1)
 
-    def activation_floats(self, size: int) -> int:
-        """The largest layer output of one n x n example, in floats (for batch sizes)."""
-        most = 0
+    def activation_floats(self, size: int, total: bool = False) -> int:
+        """The largest layer output of one n x n example, in floats (for batch sizes);
+        total: all layers' outputs together (what an autograd graph keeps)."""
+        most = added = 0
         for shape, stride, pad in self.meta:
             size = (size + 2 * pad - shape[-1]) // stride + 1
             most = max(most, shape[0] * size * size)
-        return most
+            added += shape[0] * size * size
+        return added if total else most
 
 
 def measure_layout(x: torch.Tensor) -> torch.Tensor:

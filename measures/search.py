@@ -354,14 +354,26 @@ class Ascent:
         w = self.ctx.net.w
         return alpha * w.abs() + self.ctx.settings.eps if self.magnitude else alpha
 
-    def _gradient(self, u: torch.Tensor, step: int = 0,
-                  picks: list | None = None) -> tuple[torch.Tensor, list[float] | None]:
+    def _gradient(self, u: torch.Tensor, step: int = 0, picks: list | None = None
+                  ) -> tuple[Callable[[], torch.Tensor], list[float] | None]:
         """The gradient of the training cross-entropy at w + u, for u one perturbation
-        (ω,) or a stack of them (B, ω) (each row's own loss: logits_many), and each
-        one's accuracy on the full training set when the ascent is full-batch (None:
-        a minibatch, `picks[row][step]` its examples for a stack, drawn here for one).
-        Full-batch, the set goes through in evaluation batches, each one's gradient
-        added up, so memory stays that of one batch however large the set."""
+        (ω,) or a stack of them (B, ω) (each row's own loss: logits_many), as a call
+        (made only when the step is taken), and each one's accuracy on the full
+        training set when the ascent is full-batch (None: a minibatch, `picks[row]
+        [step]` its examples for a stack, drawn here for one). Full-batch, the set
+        goes through in evaluation batches, each one's gradient added up, so memory
+        stays that of one batch however large the set. A stack goes through in
+        groups of rows that fit the device's memory budget."""
+        group = self.rows_at_once()
+        if u.dim() == 2 and len(u) > group:
+            # each group's gradient at once (its graph freed before the next group's)
+            grads, accs = [], []
+            for r in range(0, len(u), group):
+                gradient, part = self._gradient(u[r:r + group], step,
+                                                picks[r:r + group] if picks else None)
+                grads.append(gradient())
+                accs += part or []
+            return (lambda: torch.cat(grads)), (accs if self.full else None)
         ctx = self.ctx
         u = u.detach().requires_grad_(True)
         many = u.dim() == 2
@@ -371,19 +383,31 @@ class Ascent:
             else:
                 idx = torch.randint(0, ctx.m, (self.batch,), generator=self.gen,
                                     device=ctx.x.device)
-            (g,) = torch.autograd.grad(self._loss(u, ctx.x[idx], ctx.y[idx]), u)
-            return g, None
+            loss = self._loss(u, ctx.x[idx], ctx.y[idx])
+            return (lambda: torch.autograd.grad(loss, u)[0]), None
         rows = len(u) if many else 1
         chunk = max(1, ctx.settings.batch // rows)
+        if chunk >= ctx.m:   # one piece: the backward only if the step is taken
+            loss, logits = self._loss(u, ctx.x, ctx.y, with_logits=True)
+            correct = (logits.argmax(-1) == ctx.y).sum(-1).reshape(rows).double()
+            return (lambda: torch.autograd.grad(loss, u)[0]), (correct / ctx.m).tolist()
         g, correct = torch.zeros_like(u), torch.zeros(rows, dtype=torch.float64,
                                                         device=u.device)
         for i in range(0, ctx.m, chunk):
             x, y = ctx.x[i:i + chunk], ctx.y[i:i + chunk]
             loss, logits = self._loss(u, x, y, with_logits=True)
-            (part,) = torch.autograd.grad(loss * (len(y) / ctx.m) if chunk < ctx.m else loss, u)
-            g += part
+            g += torch.autograd.grad(loss * (len(y) / ctx.m), u)[0]
             correct += (logits.argmax(-1) == y).sum(-1).reshape(rows)
-        return g, (correct / ctx.m).tolist()
+        return (lambda: g), (correct / ctx.m).tolist()
+
+    def rows_at_once(self) -> int:
+        """Perturbations one grouped forward and backward takes: what the autograd
+        graph of each (a layer's input, output and ReLU mask per example) leaves room
+        for in the device's memory budget, at least 1."""
+        ctx = self.ctx
+        examples = min(ctx.settings.batch, ctx.m) if self.full else self.batch
+        per_row = 4 * 3 * examples * ctx.net.activation_floats(ctx.n, total=True)
+        return max(1, memory_budget(ctx.net.w.device) // per_row)
 
     def _loss(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
               with_logits: bool = False):
@@ -407,7 +431,15 @@ class Ascent:
         s, w = self.ctx.settings, self.ctx.net.w
         restarts = s.restarts if restarts is None else restarts
         if self.batched and restarts > 1:
-            return self._worst_side_by_side(alpha, stop_below, restarts, warm)
+            state = self.gen.get_state()
+            try:
+                return self._worst_side_by_side(alpha, stop_below, restarts, warm)
+            except torch.OutOfMemoryError:
+                # one after another needs a restart's memory only (and gives the same)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.gen.set_state(state)
+                self.batched = False
         size = self._size(alpha)
         worst, worst_u = float("inf"), None
 
@@ -421,10 +453,11 @@ class Ascent:
             u = self._start(restart, warm, alpha, size)
             done = False
             for step in range(s.ascent_steps):
-                g, acc = self._gradient(u)
+                gradient, acc = self._gradient(u)
                 if acc is not None and seen(acc[0], u):  # full batch: every iterate checked
                     done = True
                     break
+                g = gradient()
                 self.gradients += 1
                 with torch.no_grad():   # ASCENT: up the loss, then back into the set
                     eta = ascent_rate(s, step)
@@ -486,7 +519,7 @@ class Ascent:
         live = restarts                          # restarts 0..live−1 still matter
         for step in range(steps):
             v = u[:live]
-            g, accs = self._gradient(v, step, picks)
+            gradient, accs = self._gradient(v, step, picks)
             if accs is not None:   # every iterate checked, as one after another does
                 for r, acc in enumerate(accs):
                     if not witness[r]:
@@ -496,8 +529,9 @@ class Ascent:
                 first = next((r for r in range(live) if witness[r]), None)
                 if first == 0:
                     break
-                if first is not None:
-                    live = first + 1
+                if first is not None:   # it and those after it take no more steps
+                    live = first
+            g = gradient()
             with torch.no_grad():
                 eta = ascent_rate(s, step)
                 v, g = v.detach()[:live], g[:live]   # (live may have shrunk this step)
@@ -506,9 +540,7 @@ class Ascent:
                 else:
                     norms = g.norm(dim=1, keepdim=True).clamp_min(1e-30)
                     v = project_rows(v + eta * alpha * g / norms, alpha)
-                # a restart that found its witness keeps the perturbation it found it at
-                done = torch.tensor(witness[:live], device=w.device)[:, None]
-                u = torch.where(done, u[:live], v)
+                u = v
         else:
             # the last iterate of each restart that found no witness in the loop
             rest = [r for r in range(live) if not witness[r]]

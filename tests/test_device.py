@@ -14,7 +14,7 @@ import fgm.train.cli as train_cli_module
 from fgm.measures.context import Context, Settings
 from fgm.measures.registry import MeasureSpec
 from fgm.measures.runner import run_one
-from fgm.measures.search import noise_draws, perturbed_accuracies, sigma_search
+from fgm.measures.search import alpha_search, noise_draws, perturbed_accuracies, sigma_search
 from fgm.train.cli import main as train_cli
 from fgm.train.data import Data, _make, load_digits, normalised
 from fgm.train.grid import Config
@@ -78,14 +78,14 @@ def converging_config() -> Config:
 def test_reading_losses_back_in_batches_gives_the_same_training(sync_every):
     """A GPU reads the minibatch losses back every few steps, not every step; the
     trace, the stop rule's checks and the weights must not change."""
-    data = Data("digits", *[t for t in (lambda d: (d.x_train[:80], d.y_train[:80],
-                                                   d.x_test[:40], d.y_test[:40]))(load_digits())],
-                10, {})
+    d = load_digits()
+    data = Data("digits", d.x_train[:80], d.y_train[:80], d.x_test[:40], d.y_test[:40], 10, {})
     seen = {}
     for every in (1, sync_every):
-        steps = []
+        steps: list = []
         r = train_one(converging_config(), data, CONVERGING, 0, torch.device("cpu"),
-                      on_step=lambda step, est: steps.append((step, est)), sync_every=every)
+                      on_step=lambda step, est, into=steps: into.append((step, est)),
+                      sync_every=every)
         seen[every] = (r, steps)
     (ref, ref_steps), (got, got_steps) = seen[1], seen[sync_every]
     assert ref.outcome["converged"] and ref.outcome["stop_checks"] >= 1   # the case that matters
@@ -296,3 +296,10 @@ def test_cuda_training_bf16_and_batched_measures_match_the_reference(monkeypatch
     a = sigma_search(ctx, False, batched=True)
     b = sigma_search(ctx, False, batched=False)
     assert a[0] == pytest.approx(b[0], rel=1e-2)
+    # α, α' with restarts side by side (on a GPU by default) and one after another
+    for magnitude in (False, True):
+        runs = [alpha_search(Context.from_models(net, data.x_train, data.y_train, 10,
+                                                 settings=Settings(restarts=2)),
+                             magnitude, batched=way) for way in (None, False)]
+        assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-2)
+        assert runs[0][1]["converged"] and runs[1][1]["converged"]

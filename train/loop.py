@@ -172,7 +172,7 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
     trace: list[dict] = []
     step, steps_to_01, confirmed, converged = 0, None, math.nan, False
     checks, check_seconds, last_check_epoch = 0, 0.0, -1
-    pending: list[tuple[int, torch.Tensor, float, float]] = []   # step, loss, lr, time
+    pending: list[tuple[int, torch.Tensor, float]] = []   # step, loss, lr
     safe, syncs = 0, 0   # steps ahead on which no stop check can fall due; reads
     start = time.perf_counter()
     model.train()
@@ -183,8 +183,9 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
         rule's check. True when training has converged."""
         nonlocal steps_to_01, confirmed, checks, check_seconds, last_check_epoch, syncs
         losses = torch.stack([p[1] for p in pending]).tolist()
+        now = time.perf_counter()   # the steps are done by now (on a GPU, not before)
         syncs += 1
-        for (at, _, lr, now), value in zip(pending, losses, strict=True):
+        for (at, _, lr), value in zip(pending, losses, strict=True):
             recent.append(value)
             estimate = sum(recent) / len(recent)
             if steps_to_01 is None and len(recent) == window and estimate <= 0.1:
@@ -223,7 +224,7 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
             loss.backward()
             optimizer.step()
             step += 1
-            pending.append((step, loss.detach(), lr, time.perf_counter()))
+            pending.append((step, loss.detach(), lr))
             if step == steps_per_epoch:
                 epoch1_state = snapshot(model)
             safe -= 1
