@@ -11,12 +11,15 @@ has and the warehouse lacks, as missing, with the command that would fill it.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 
 import duckdb
 import numpy as np
 import polars as pl
 from scipy import stats
+
+from fgm.warehouse import FgmError
 
 from .evaluate import (
     Selection,
@@ -28,11 +31,20 @@ from .evaluate import (
     select_models,
     with_seeds,
 )
-from .paper import paper_table
+from .paper import paper_figures, paper_table
 
 PSI_TABLES = {"5": "cifar10", "7": "svhn"}   # τ tables and the dataset behind each
 CMI_TABLES = {"6": "cifar10"}
 DEFAULT_TABLES = ("5", "6")
+
+# Where the paper contradicts itself about a measure it reports: said beside the
+# comparison, so that a sign "flip" there is read with the paper's own doubt.
+PAPER_CAVEATS = {
+    "inverse_margin": "Table 1 prints 1/γ with the opposite signs of Table 5's 1/margin "
+                      "(Ψ +0.121 against −0.121), and the paper's text has a larger margin "
+                      "generalise better (a positive Ψ for 1/γ): the paper's own sign is in "
+                      "doubt",
+}
 
 
 def _paper_rows(tables: tuple[str, ...]) -> tuple[dict, dict, dict]:
@@ -85,18 +97,52 @@ def _registered() -> set[str]:
     return {m.name for m in list_measures()}
 
 
+def _datasets(con: duckdb.DuckDBPyConnection, ids) -> list[str]:
+    return sorted(r[0] for r in con.execute(
+        "SELECT DISTINCT dataset FROM models WHERE list_contains(?::VARCHAR[], model_id)",
+        [ids.tolist()]).fetchall() if r[0] is not None)
+
+
+def _on_paper_dataset(con: duckdb.DuckDBPyConnection, sel: Selection,
+                      paper_sets: list[str]) -> tuple[Selection, str | None]:
+    """The selection to compare: without --dataset, the paper's table's dataset where
+    the warehouse has models on it (never CIFAR-10 and SVHN models pooled into one
+    ranking), else the one dataset the models are on; several others: an error."""
+    if sel.dataset is not None:
+        return sel, None
+    datasets = _datasets(con, select_models(con, sel).ids)
+    if len(datasets) <= 1:
+        return sel, None
+    on_paper = [d for d in paper_sets if d in datasets]
+    if len(on_paper) == 1:
+        others = ", ".join(d for d in datasets if d != on_paper[0])
+        return (dataclasses.replace(sel, dataset=on_paper[0]),
+                f"compared on the {on_paper[0]} models, the paper's dataset for these "
+                f"tables; the warehouse also has {others} (--dataset to choose)")
+    raise FgmError(f"the selected models are on {len(datasets)} datasets "
+                   f"({', '.join(datasets)}), none of them the paper's "
+                   f"({', '.join(paper_sets)}) for these tables; one ranking over all of "
+                   f"them would mix datasets: choose one with --dataset")
+
+
 def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
                   tables: tuple[str, ...] = DEFAULT_TABLES, *, pool_seeds: bool | None = None,
                   db: str | None = None, registered: set[str] | None = None) -> dict:
     """The comparison as one object: "measures" (rows, one per measure both hold),
-    "agreement", "rank_correlation", "sign_flips", "not_in_paper", "missing"."""
+    "agreement", "rank_correlation", "sign_flips", "not_in_paper", "not_in_tables"
+    (in the paper, not in these tables), "missing" (with no values here), "caveats"."""
     paper_psi, paper_k, labels = _paper_rows(tables)
+    paper_sets = sorted({(PSI_TABLES | CMI_TABLES)[t] for t in tables})
+    sel, dataset_note = _on_paper_dataset(con, sel, paper_sets)
     known = measure_names(con)
     models = select_models(con, sel)
     seeding = _seeding(models, sel, pool_seeds)
-    rows = []
+    rows, empty = [], []
     for name in sorted(set(known) & set(labels)):
         mu, sub = measure_values(con, name, models, known)
+        if len(mu) == 0:    # stored, but no value on these models: as good as missing
+            empty.append(name)
+            continue
         row = {"measure": name, "paper_label": labels[name], "n_models": int(len(mu))}
         if name in paper_psi:
             res = with_seeds(sub, mu, lambda m, s, n=name: psi_result(n, m, s),
@@ -113,12 +159,11 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
     signs = [r.get("Psi_sign") for r in rows]
     registered = _registered() if registered is None else registered
     missing = [{"measure": m, "paper_label": labels[m],
-                "command": _fill_command(m, registered, db)}
-               for m in sorted(set(labels) - set(known))]
-    datasets = sorted(r[0] for r in con.execute(
-        "SELECT DISTINCT dataset FROM models WHERE list_contains(?::VARCHAR[], model_id)",
-        [models.ids.tolist()]).fetchall() if r[0] is not None)
-    paper_sets = sorted({(PSI_TABLES | CMI_TABLES)[t] for t in tables})
+                "command": _fill_command(m, registered, db),
+                "reason": "no value on the selected models" if m in empty else "not stored"}
+               for m in sorted((set(labels) - set(known)) | set(empty))]
+    datasets = _datasets(con, models.ids)
+    everywhere = set(paper_figures()["measure"].drop_nulls().to_list())
     out = {"tables": list(tables), "convention": "paper", "paper_datasets": paper_sets,
            "datasets": datasets, "n_models": int(len(models.ids)), "measures": rows,
            "agreement": {"Psi_sign_agree": signs.count("agree"),
@@ -126,13 +171,19 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
                          "Psi_sign_compared": signs.count("agree") + signs.count("flip")},
            "rank_correlation": {}, "sign_flips": [r["measure"] for r in rows
                                                  if r.get("Psi_sign") == "flip"],
-           "not_in_paper": sorted(set(known) - set(labels)), "missing": missing}
+           "not_in_paper": sorted(set(known) - everywhere),
+           "not_in_tables": sorted((set(known) & everywhere) - set(labels)),
+           "missing": missing,
+           "caveats": {r["measure"]: PAPER_CAVEATS[r["measure"]] for r in rows
+                       if r["measure"] in PAPER_CAVEATS}}
     for key in ("Psi", "tau", "K"):
         have = [r for r in rows if f"paper_{key}" in r]
         if have:
             out["rank_correlation"][key] = _correlation([r[f"paper_{key}"] for r in have],
                                                         [r[key] for r in have])
-    if not set(datasets) & set(paper_sets):
+    if dataset_note:
+        out["note"] = dataset_note
+    elif not set(datasets) & set(paper_sets):
         out["note"] = (f"the paper's figures here are on {', '.join(paper_sets)}; these models "
                        f"are on {', '.join(datasets) or 'no known dataset'}")
     return out
@@ -158,7 +209,7 @@ def summary_rows(result: dict) -> list[tuple[str, float | None]]:
                  ("Ψ sign flips (measures)", a["Psi_sign_flip"])]
     for key, name in (("Psi", "Ψ"), ("tau", "τ"), ("K", "K")):
         c = result["rank_correlation"].get(key)
-        if c:
+        if c and c["spearman"] is not None:
             rows += [(f"Spearman ρ of {name} across {c['n']} measures", c["spearman"]),
                      (f"Kendall τ of {name} across {c['n']} measures", c["kendall"])]
     return rows
@@ -168,12 +219,24 @@ def summary_lines(result: dict) -> list[str]:
     lines = []
     if result["sign_flips"]:
         lines.append("the sign of Ψ flips for: " + ", ".join(result["sign_flips"]))
+    for measure, text in result.get("caveats", {}).items():
+        lines.append(f"caveat on {measure}: {text}")
+    for key, name in (("Psi", "Ψ"), ("tau", "τ"), ("K", "K")):
+        c = result["rank_correlation"].get(key)
+        if c and c["spearman"] is None:
+            lines.append(f"no rank correlation of {name}: "
+                         + (f"{c['n']} measure{'s' * (c['n'] != 1)} with both figures, "
+                            "it takes 3" if c["n"] < 3 else "one side is constant"))
     if result["not_in_paper"]:
         lines.append("not in the paper: " + ", ".join(result["not_in_paper"]))
+    if result.get("not_in_tables"):
+        lines.append(f"in the paper, not in Table {' or '.join(result['tables'])}: "
+                     + ", ".join(result["not_in_tables"]))
     for m in result["missing"]:
         how = (f"fill with: {m['command']}" if m["command"]
                else "fgm does not compute this measure")
-        lines.append(f"missing here: {m['measure']} (the paper's {m['paper_label']!r}); {how}")
+        why = m["reason"] if m["reason"].startswith("no value") else "missing here"
+        lines.append(f"{why}: {m['measure']} (the paper's {m['paper_label']!r}); {how}")
     if result.get("note"):
         lines.append(result["note"])
     return lines

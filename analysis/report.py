@@ -16,6 +16,8 @@ import altair as alt
 import duckdb
 import polars as pl
 
+from fgm.warehouse import FgmError
+
 from . import charts
 from .compare import compare_paper
 from .evaluate import Selection, select_models, table5, table6
@@ -165,8 +167,12 @@ def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | Non
 def _paper_section(con: duckdb.DuckDBPyConnection, sel: Selection):
     """The paper's Ψ (Table 5) and K (Table 6) against this warehouse's, computed with
     the paper's conventions (fgm-query compare --paper)."""
-    res = compare_paper(con, sel, registered=set())
     heading = "The paper and this warehouse: Ψ (Table 5) and K (Table 6)"
+    try:
+        res = compare_paper(con, sel, registered=set())
+    except FgmError as exc:   # e.g. models on several datasets, none the paper's
+        return ("paper_vs_here", heading, None,
+                f"<p class='note'>No panel: {html.escape(str(exc))}.</p>")
     facts = []
     if res["not_in_paper"]:
         facts.append("Not in the paper: " + ", ".join(map(html.escape, res["not_in_paper"])) + ".")
@@ -176,6 +182,8 @@ def _paper_section(con: duckdb.DuckDBPyConnection, sel: Selection):
                      "command that fills each).")
     if res.get("note"):
         facts.append(html.escape(res["note"][0].upper() + res["note"][1:]) + ".")
+    for measure, text in res.get("caveats", {}).items():
+        facts.append(f"On {html.escape(measure)}: {html.escape(text)}.")
     rows = res["measures"]
     if not rows:
         return ("paper_vs_here", heading, None,
@@ -259,7 +267,6 @@ for (const [id, s] of Object.entries(specs)) {{
 
 
 def unknown_axis(name: str, axes: list[str]):
-    from fgm.warehouse import FgmError
     close = difflib.get_close_matches(name, axes, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return FgmError(f"unknown axis {name!r}.{hint} The axes that vary in this selection: "

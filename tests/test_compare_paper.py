@@ -6,6 +6,7 @@ import csv
 import io
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -13,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from reference import cmi_equal_ref, psi_ref
 from scipy import stats
-from warehouse_fixture import build_warehouse
+from warehouse_fixture import build_warehouse, ingest_file
 
 from fgm.analysis.cli import main as query
 
@@ -228,3 +229,88 @@ def test_report_section_without_the_papers_measures(db, tmp_path):
     page = (out / "index.html").read_text().split("<script>")[0]
     assert "No panel: this warehouse holds none of the paper's measures." in page
     assert not (out / "paper_vs_here.png").exists()
+
+
+def _two_datasets(db, second="svhn", first="cifar10"):
+    """One grid on `first` (the paper's measures as built by grid()) and another on
+    `second` whose gaps rank the measures the other way, plus sum_of_fro there only."""
+    a = grid(0).with_columns(("a" + pl.col("model_id")).alias("model_id"))
+    b = grid(1).with_columns(("b" + pl.col("model_id")).alias("model_id"),
+                             (-pl.col("gen.gap")).alias("gen.gap"),
+                             pl.col("complexity.vc_dim").alias("complexity.sum_of_fro"))
+    build_warehouse(db, a, sweep="first", dataset=first)
+    ingest_file(db, Path("second.csv"), frame=b, sweep="second", dataset=second)
+    return a.sort("model_id"), b.sort("model_id")
+
+
+def test_compare_ranks_the_papers_dataset_alone(db, tmp_path):
+    """Models on CIFAR-10 and SVHN: Tables 5 and 6 are compared with the CIFAR-10
+    models only, Table 7 with the SVHN ones; never one ranking over both."""
+    a, b = _two_datasets(db)
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    rows = {r["measure"]: r for r in res["measures"]}
+    assert res["n_models"] == a.height and res["datasets"] == ["cifar10"]
+    assert "svhn" in res["note"] and "--dataset" in res["note"]
+    for name in PAPER_PSI:
+        ref = float(np.mean(psi_ref(a[f"complexity.{name}"].to_list(), a["gen.gap"].to_list(),
+                                    _levels(a))))
+        assert rows[name]["Psi"] == pytest.approx(ref, abs=1e-12)
+    # sum_of_fro has values on the SVHN models only: missing for this comparison
+    missing = {m["measure"]: m for m in res["missing"]}
+    assert missing["sum_of_fro"]["reason"] == "no value on the selected models"
+    assert "sum_of_fro" not in rows
+    out = run("compare", "--paper", "--db", db)
+    assert "no value on the selected models: sum_of_fro (the paper's 'sum-of-fro')" in out
+
+    svhn = json.loads(run("compare", "--paper", "--table", "7", "--db", db, "--format", "json"))
+    assert svhn["n_models"] == b.height and svhn["datasets"] == ["svhn"]
+    ref = float(np.mean(psi_ref(b["complexity.path_norm"].to_list(), b["gen.gap"].to_list(),
+                                _levels(b))))
+    assert {r["measure"]: r for r in svhn["measures"]}["path_norm"]["Psi"] == \
+        pytest.approx(ref, abs=1e-12)
+    # --dataset still chooses
+    chosen = json.loads(run("compare", "--paper", "--dataset", "svhn", "--db", db,
+                            "--format", "json"))
+    assert chosen["n_models"] == b.height and "note" in chosen    # not the paper's dataset
+
+
+def test_compare_refuses_to_pool_datasets_none_the_papers(db, tmp_path):
+    _two_datasets(db, first="digits", second="fashion_mnist")
+    out = CliRunner().invoke(query, ["compare", "--paper", "--db", str(db)])
+    assert out.exit_code != 0
+    assert "digits, fashion_mnist" in out.output and "--dataset" in out.output
+    one = json.loads(run("compare", "--paper", "--dataset", "digits", "--db", db,
+                         "--format", "json"))
+    assert one["datasets"] == ["digits"]
+    # the report says so in its paper section and renders the rest
+    rep = tmp_path / "rep"
+    run("report", "--out", rep, "--draws", "2", "--db", db)
+    page = (rep / "index.html").read_text().split("<script>")[0]
+    assert "No panel: the selected models are on 2 datasets" in page
+
+
+def test_paper_measures_outside_the_table_and_the_papers_own_doubt(db):
+    """Table 7 lacks 1/margin, which Tables 1, 5 and 6 have: "not in Table 7", not "not
+    in the paper". Tables 1 and 5 print its sign both ways: said beside the result."""
+    table = grid().with_columns(pl.col("complexity.path_norm").alias("complexity.inverse_margin"))
+    build_warehouse(db, table)
+    res = json.loads(run("compare", "--paper", "--table", "7", "--db", db, "--format", "json"))
+    assert "inverse_margin" in res["not_in_tables"]
+    assert "inverse_margin" not in res["not_in_paper"] and "my_measure" in res["not_in_paper"]
+    out = run("compare", "--paper", "--table", "7", "--db", db)
+    assert "in the paper, not in Table 7: inverse_margin" in out
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    assert "Table 1" in res["caveats"]["inverse_margin"]
+    assert "caveat on inverse_margin: Table 1 prints 1/γ" in run("compare", "--paper",
+                                                                 "--db", db)
+
+
+def test_too_few_measures_for_a_rank_correlation_says_why(db):
+    table = grid().select("model_id", "hp.depth", "hp.width", "hp.batch_size", "gen.gap",
+                          "complexity.path_norm", "complexity.vc_dim")
+    build_warehouse(db, table)
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    assert res["rank_correlation"]["Psi"] == {"n": 2, "spearman": None, "kendall": None}
+    out = run("compare", "--paper", "--db", db)
+    assert "no rank correlation of Ψ: 2 measures with both figures, it takes 3" in out
+    assert "Spearman ρ of Ψ" not in out
