@@ -107,7 +107,7 @@ CREATE TABLE IF NOT EXISTS measure_definitions (
 -- same data by the same code is the same row: evaluation_id hashes the three.
 CREATE TABLE IF NOT EXISTS evaluations (
     evaluation_id  VARCHAR PRIMARY KEY,   -- sha256 prefix of question_key, inputs_md5, code_version
-    created_at     TIMESTAMP NOT NULL,    -- when it was first computed (UTC)
+    created_at     TIMESTAMP NOT NULL,    -- when it was last computed (UTC)
     command        VARCHAR NOT NULL,      -- psi | cmi | oracle | robust | table psi | table cmi
     question_key   VARCHAR NOT NULL,      -- sha256 prefix of the command, options and selection
     options        JSON,                  -- the command's own: measure, eps, draws, weighting, ...

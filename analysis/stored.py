@@ -194,8 +194,10 @@ def store_evaluation(db, snap: Snapshot | None, command: str, sel: Selection, op
     values = values.with_columns(pl.lit(evaluation_id).alias("evaluation_id"))
     with briefly(lambda: connect(db, create=False), lock_wait=LOCK_WAIT) as con, \
             transaction(con):
-        # asked again of the same data by the same code: the same row, first time kept
-        upsert(con, "evaluations", head, ["evaluation_id"], ignore=("created_at",))
+        # asked again of the same data by the same code: the same row, its time the
+        # latest asking's (so that latest_evaluation follows the code run last, never
+        # an older checkout's answer that happened to be stored first)
+        upsert(con, "evaluations", head, ["evaluation_id"])
         con.execute("DELETE FROM evaluation_values WHERE evaluation_id = ?", [evaluation_id])
         upsert(con, "evaluation_values", values,
                ["evaluation_id", "measure", "axis", "quantity"])

@@ -67,6 +67,9 @@ def evaluated(db):
     for _ in ("first round", "second round"):
         run("table", "--db", db)
         run("table", "--where", "depth >= 4", "--db", db)
+        # other questions about the same models, which the queries must not mix in
+        run("table", "--convention", "paper", "--db", db)
+        run("psi", "-m", "path_norm", "--db", db)
         ingest_file(db, Path("fixture.csv"), frame=full, sweep="fixture", replace=True)
     return db, first, full
 

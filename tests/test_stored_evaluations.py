@@ -115,9 +115,10 @@ def test_every_command_stores_what_it_printed(wh):
 
 def test_the_same_question_of_the_same_data_is_one_row(wh):
     run("psi", "-m", "good", "--db", wh)
-    first = rows(wh, "SELECT evaluation_id, created_at FROM evaluations")
+    ((first, at),) = rows(wh, "SELECT evaluation_id, created_at FROM evaluations")
     run("psi", "-m", "good", "--db", wh)
-    assert rows(wh, "SELECT evaluation_id, created_at FROM evaluations") == first
+    ((again, at_again),) = rows(wh, "SELECT evaluation_id, created_at FROM evaluations")
+    assert again == first and at_again >= at     # one row, dated by the latest asking
     run("psi", "-m", "good", "--where", "depth >= 4", "--db", wh)
     assert rows(wh, "SELECT where_sql, n_models FROM evaluations ORDER BY created_at") == [
         (None, 6), ("depth >= 4", 4)]
@@ -232,3 +233,36 @@ def test_evaluation_vs_paper_puts_the_papers_figure_beside_the_stored_one(db):
     assert tables == {int(r["table"]) for r in csv.DictReader(files("fgm.analysis").joinpath(
         "paper_figures.csv").read_text().splitlines())
         if r["measure"] == "path_norm" and r["tau"] and r["statistic"] != "std"}
+
+
+def test_evaluation_vs_paper_tells_the_questions_apart(db):
+    """The same measure's K (SPEC's, the PGDL scorer's) and Ψ (all models, a --where):
+    each row of the view carries the question it answers, so rows that look alike
+    beside the paper's figure can be told apart and filtered."""
+    build_warehouse(db, results().rename({"complexity.good": "complexity.path_norm"}))
+    spec_k = json.loads(run("cmi", "-m", "path_norm", "--db", db, "--format", "json"))["K"]
+    pgdl_k = json.loads(run("cmi", "-m", "path_norm", "--pgdl", "--db", db,
+                            "--format", "json"))["K"]
+    every = json.loads(run("psi", "-m", "path_norm", "--db", db, "--format", "json"))["Psi"]
+    deep = json.loads(run("psi", "-m", "path_norm", "--where", "depth >= 4", "--db", db,
+                          "--format", "json"))["Psi"]
+    k = rows(db, "SELECT pgdl, value FROM evaluation_vs_paper WHERE paper_table = 2 "
+                 "AND quantity = 'K' ORDER BY pgdl")
+    assert pgdl_k is None     # six models are too few for the PGDL scorer's slices
+    assert k == [(False, pytest.approx(spec_k)), (True, None)]
+    psi = rows(db, "SELECT where_sql, all_models, pool_seeds, ci_level, value "
+                   "FROM evaluation_vs_paper WHERE paper_table = 5 AND quantity = 'Psi' "
+                   "ORDER BY where_sql NULLS FIRST")
+    assert psi == [(None, False, False, None, pytest.approx(every)),
+                   ("depth >= 4", False, False, None, pytest.approx(deep))]
+
+
+def test_latest_evaluation_follows_the_code_run_last(wh, monkeypatch):
+    """The same question of the same data by code NEW, then an older checkout OLD,
+    then NEW again: the latest evaluation is NEW's, not the OLD answer stored after
+    NEW's first row."""
+    for version in ("2.0+gNEW", "1.0+gOLD", "2.0+gNEW"):
+        monkeypatch.setattr(stored, "code_version", lambda v=version: v)
+        run("psi", "-m", "good", "--db", wh)
+    assert rows(wh, "SELECT count(*) FROM evaluations") == [(2,)]
+    assert rows(wh, "SELECT DISTINCT code_version FROM latest_evaluation") == [("2.0+gNEW",)]

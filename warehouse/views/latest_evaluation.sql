@@ -3,7 +3,8 @@
 -- one however old, so a stale value shows only where nothing fresh answers the
 -- question, and then with stale = true: never silently reused.
 SELECT e.question_key, e.command, e.where_sql, e.dataset, e.sweep, e.all_models,
-       e.relevel, e.pool_seeds, e.converged_searches_only, e.pgdl, e.options,
+       e.relevel, e.pool_seeds, e.converged_searches_only, e.pgdl, e.ci_level,
+       e.options,
        v.measure, v.kind, v.axis, v.quantity, v.value, v.detail,
        e.evaluation_id, e.created_at, e.code_version, e.n_models, e.stale
 FROM evaluation_values AS v
