@@ -11,6 +11,7 @@ import polars as pl
 
 from fgm.warehouse import FgmError, connect
 from fgm.warehouse.cli import db_option, emit_frame, format_option, friendly_errors, to_json
+from fgm.warehouse.store import writer
 
 from .evaluate import (
     Selection,
@@ -39,6 +40,13 @@ def _a_number(value: float, param) -> float:
     return value
 
 
+# How long a query waits for a process that holds the warehouse for writing (DuckDB
+# lets no reader in meanwhile): fgm's writers hold it for one short transaction at a
+# time (fgm-query storing an evaluation, a grid storing a model); a holder that keeps
+# it longer is named in the error.
+READ_WAIT = 5.0
+
+
 class _readonly:
     """The warehouse opened read-only, with the per-axis view hp_wide, and locked
     down: no file access beyond the warehouse, no setting changed after this."""
@@ -47,7 +55,8 @@ class _readonly:
         self.db, self.memory_limit = db, memory_limit
 
     def __enter__(self):
-        self.con = connect(self.db, read_only=True)
+        open_, _ = writer(lambda: connect(self.db, read_only=True), READ_WAIT)
+        self.con = open_()
         try:
             create_hp_wide(self.con)
             lock_down(self.con, memory_limit=self.memory_limit)

@@ -80,12 +80,43 @@ def test_missing_warehouse_is_a_clear_error(tmp_path):
     assert out.exit_code == 1 and "none.duckdb: no warehouse here" in out.output
 
 
-def test_a_writer_holding_the_file_gives_a_clear_message(wh):
+def test_a_writer_holding_the_file_gives_a_clear_message(wh, monkeypatch):
+    from fgm.analysis import cli
+    monkeypatch.setattr(cli, "READ_WAIT", 0.2)    # the holder keeps it past any wait
     with lock_held(wh):
         out = run("models", "--db", wh)
         assert out.exit_code == 1
         assert f"{wh}: the warehouse is in use by another process" in out.output
         assert "Traceback" not in out.output
+
+
+def test_a_query_waits_for_a_brief_writer(wh, monkeypatch):
+    """fgm-query itself writes now (each evaluation it stores): a query that finds
+    the file held for a short write waits for it, instead of failing at once."""
+    import threading
+
+    from fgm.analysis import cli
+    from fgm.warehouse import WarehouseLocked
+    monkeypatch.setattr(cli, "READ_WAIT", 120.0)   # longer than any loaded machine needs
+    refused, answers, real = threading.Event(), [], cli.connect
+
+    def connect(*args, **kw):
+        try:
+            return real(*args, **kw)
+        except WarehouseLocked:
+            refused.set()
+            raise
+    monkeypatch.setattr(cli, "connect", connect)
+
+    def query():
+        with cli._readonly(str(wh)) as con:
+            answers.append(con.sql("SELECT count(*) FROM models").fetchall()[0][0])
+    reader = threading.Thread(target=query)
+    with lock_held(wh):
+        reader.start()
+        assert refused.wait(120)          # it found the writer there...
+    reader.join(120)                      # ...and, the writer gone, answered
+    assert answers == [len(TABLE["model_id"])]
 
 
 # --------------------------------------------------------------------------- hardening
