@@ -106,7 +106,7 @@ def grad_noise_final(ctx: Context) -> float:
 def input_grad_norm(ctx: Context) -> float:
     """Mean over training examples of ‖∇_x ℓ(f_w(x), y)‖₂, the loss's input gradient.
 
-    The paper reports "input grad norm" in its appendix tables (5-8) but gives it no
+    The paper reports "input grad norm" in its appendix Tables 6, 7, 9 and 10 but gives it no
     equation and no definition (App. D lists 40 measures without it), and SPEC §4 does
     not define it either. Read here, beside the gradient-noise measures (Eqs. 65, 66,
     also cross-entropy gradients at the final weights): the Euclidean norm of the
