@@ -16,9 +16,13 @@ configurations (width 192 and 384 x depth 2 and 8, batch 128, CIFAR-10 shaped
   (width, depth) interpolated in log-seconds, bilinear in log(width) and depth
   from the measured corners (width 768: extrapolated) (target: ≤ 24 h).
 
+--compile adds, per configuration, training with torch.compile: the seconds the
+first model of a shape spends compiling and the images/s after (the option
+pays only where a model trains for longer than that costs).
+
 JSON to --json (or stdout), one summary line to stderr.
 
-    python bench/gpu.py [--device cuda] [--json out.json] [--epochs 40]
+    python bench/gpu.py [--device cuda] [--json out.json] [--epochs 40] [--compile]
     python bench/gpu.py --small        # tiny sizes (the default on a CPU): CI keeps it alive
 """
 
@@ -71,17 +75,36 @@ def sync(device: torch.device) -> None:
 
 
 def fgm_training(data: Data, width: int, depth: int, batch: int, steps: int,
-                 device: torch.device) -> float:
-    """Images/s of train_one over `steps` steps (a stop threshold never reached)."""
+                 device: torch.device, compile: bool = False) -> float:
+    """Images/s of train_one over `steps` steps (a stop threshold never reached), after
+    a warm-up run (with compile: the one that compiles; later models of the same shape
+    reuse its code, as a grid's do)."""
     values = {"width": width, "depth": depth, "dropout": 0.0, "batch_size": batch,
               "optimizer": "sgd", "learning_rate": 0.01, "weight_decay": 0.0}
     train = {"stop_cross_entropy": 1e-12, "max_steps": steps, "lr_drop_steps": [10 ** 9],
              "lr_drop_factor": 0.1, "estimate_batches": 100, "trace_every": 500}
     config = Config(values, {a: 0 for a in values})
-    train_one(config, data, dict(train, max_steps=min(steps, 5)), 0, device)   # warm-up
+    train_one(config, data, dict(train, max_steps=min(steps, 5)), 0, device,
+              compile=compile)   # warm-up
     sync(device)
-    r = train_one(config, data, train, 0, device)
+    r = train_one(config, data, train, 0, device, compile=compile)
     return steps * batch / r.timing["seconds"]
+
+
+def compiled_training(data: Data, width: int, depth: int, batch: int, steps: int,
+                      device: torch.device) -> dict:
+    """--compile measured: the seconds its first model of a shape takes to compile
+    (the warm-up's wall time less an eager warm-up's), then images/s."""
+    t = time.perf_counter()
+    fgm_training(data, width, depth, batch, 1, device)
+    eager = time.perf_counter() - t
+    torch._dynamo.reset()      # every shape compiles afresh: what a new process pays
+    t = time.perf_counter()
+    fgm_training(data, width, depth, batch, 1, device, compile=True)
+    first = time.perf_counter() - t
+    return {"compiled_train_images_per_s": fgm_training(data, width, depth, batch, steps,
+                                                        device, compile=True),
+            "compile_seconds": max(first - eager, 0.0)}
 
 
 def bare_training(data: Data, width: int, depth: int, batch: int, steps: int,
@@ -196,6 +219,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=40.0,
                     help="epochs to convergence assumed for the projection (default 40)")
     ap.add_argument("--json", default=None, help="write the JSON here (default: stdout)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time training with --compile (torch.compile): compile seconds "
+                         "per shape and images/s after")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -217,6 +243,10 @@ def main() -> None:
                      "eval_images_per_s": ev,
                      "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
                      if device.type == "cuda" else None})
+        if args.compile:
+            rows[-1].update(compiled_training(data, width, depth, sizes["batch"],
+                                              sizes["train_steps"], device))
+            rows[-1]["compiled_speedup"] = rows[-1]["compiled_train_images_per_s"] / fgm
     suites = []
     for width, depth in sizes["suite"]:
         seconds, failed, families = suite(data, width, depth, sizes["budget"],
@@ -245,7 +275,11 @@ def main() -> None:
           f"training {min(train_ips.values()):,.0f}-{max(train_ips.values()):,.0f} images/s "
           f"(≥ {worst:.0%} of bare torch), suite {suites[0]['seconds']:.1f} s at "
           f"{suites[0]['width']}x{suites[0]['depth']}, paper grid "
-          f"{out['projection']['gpu_hours']:,.1f} GPU-hours at {args.epochs:g} epochs",
+          f"{out['projection']['gpu_hours']:,.1f} GPU-hours at {args.epochs:g} epochs"
+          + (f"; --compile {min(r['compiled_speedup'] for r in rows):.2f}-"
+             f"{max(r['compiled_speedup'] for r in rows):.2f}x after "
+             f"{max(r['compile_seconds'] for r in rows):.0f} s of compiling per shape"
+             if args.compile else ""),
           file=sys.stderr)
 
 
