@@ -1,4 +1,5 @@
--- One row: a stored evaluation, with `stale` true when the data it read has changed
+-- One row: a stored evaluation, with `default_selection` true when it was asked of
+-- the default selection (but for --where), and `stale` true when the data it read has changed
 -- since: the fingerprint of its selection's rows now (models of its dataset and
 -- sweep: outcomes, hyperparameters, and the values of the measures it read) differs
 -- from the one stored with it. A model added, dropped or re-trained, a gap, a level
@@ -17,7 +18,13 @@ WITH pools AS (
     GROUP BY ALL
 )
 SELECT e.*, n.inputs_md5_now,
-       n.inputs_md5_now IS DISTINCT FROM e.inputs_md5 AS stale
+       n.inputs_md5_now IS DISTINCT FROM e.inputs_md5 AS stale,
+       -- every option of the selection but --where at its default: no --dataset,
+       -- --sweep, --all-models, --relevel, --pool-seeds, --converged-searches-only,
+       -- --pgdl or --ci
+       (e.dataset IS NULL AND e.sweep IS NULL AND NOT e.all_models AND NOT e.relevel
+        AND NOT e.pool_seeds AND NOT e.converged_searches_only AND NOT e.pgdl
+        AND e.ci_level IS NULL) AS default_selection
 FROM evaluations AS e
 LEFT JOIN now AS n
   ON e.dataset IS NOT DISTINCT FROM n.dataset

@@ -9,7 +9,8 @@ SELECT p.paper_table, p.paper_label, p.measure, p.axis, p.quantity, p.statistic,
        l.value - p.paper_value AS difference,
        sign(l.value) = sign(p.paper_value) AS same_sign,
        l.command, l.options, l.where_sql, l.dataset, l.sweep, l.all_models, l.relevel,
-       l.pool_seeds, l.converged_searches_only, l.pgdl, l.ci_level,
+       l.pool_seeds, l.converged_searches_only, l.pgdl, l.ci_level, l.ci_blocks, l.seed,
+       l.default_selection,
        l.question_key, l.evaluation_id,
        l.created_at, l.n_models, l.stale
 FROM paper_figures AS p

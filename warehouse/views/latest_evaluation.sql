@@ -4,7 +4,7 @@
 -- question, and then with stale = true: never silently reused.
 SELECT e.question_key, e.command, e.where_sql, e.dataset, e.sweep, e.all_models,
        e.relevel, e.pool_seeds, e.converged_searches_only, e.pgdl, e.ci_level,
-       e.options,
+       e.ci_blocks, e.seed, e.default_selection, e.options,
        v.measure, v.kind, v.axis, v.quantity, v.value, v.detail,
        e.evaluation_id, e.created_at, e.code_version, e.n_models, e.stale
 FROM evaluation_values AS v
