@@ -83,6 +83,7 @@ def safe_steps(recent: list[float], window: int, bounds: list[float]) -> int:
 
 
 PRECISIONS = ("bf16", "fp32")
+COMPILE_LIMIT = 1024  # --compile: graphs one process may compile per code path
 
 
 def default_precision(device: torch.device) -> str:
@@ -153,6 +154,12 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # the training step's forward: in bf16 autocast if asked, compiled if asked
+    if compile:
+        # a grid compiles one graph per (width, depth, dropout) and batch size in one
+        # process: past dynamo's recompile limit (8) it would fall back to eager
+        # without a word, while the manifest still said compiled
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   COMPILE_LIMIT)
     forward = torch.compile(model) if compile else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
         if precision == "bf16" else contextlib.nullcontext
