@@ -29,6 +29,7 @@ from .evaluate import (
     measure_values,
     psi_result,
     select_models,
+    selected_datasets,
     with_seeds,
 )
 from .paper import paper_figures, paper_table
@@ -85,10 +86,14 @@ def _correlation(paper: list, here: list) -> dict:
     return out
 
 
-def _fill_command(name: str, registered: set[str], db: str | None) -> str | None:
+def _fill_command(name: str, registered: set[str], db: str | None,
+                  again: bool = False) -> str | None:
+    """The fgm-measure command that computes `name`; again: its stored values failed
+    (fgm-measure counts a failure as done), so --recompute."""
     if name not in registered:
         return None
-    words = ["fgm-measure", "--measures", name] + (["--db", db] if db else [])
+    words = ["fgm-measure", "--measures", name] + (["--recompute"] if again else []) \
+        + (["--db", db] if db else [])
     return shlex.join(words)
 
 
@@ -110,8 +115,8 @@ def _on_paper_dataset(con: duckdb.DuckDBPyConnection, sel: Selection,
     ranking), else the one dataset the models are on; several others: an error."""
     if sel.dataset is not None:
         return sel, None
-    datasets = _datasets(con, select_models(con, sel).ids)
-    if len(datasets) <= 1:
+    datasets = selected_datasets(con, sel)   # not select_models: its check of the levels
+    if len(datasets) <= 1:                    # spans the datasets this may set apart
         return sel, None
     on_paper = [d for d in paper_sets if d in datasets]
     if len(on_paper) == 1:
@@ -158,9 +163,14 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
         rows.append(row)
     signs = [r.get("Psi_sign") for r in rows]
     registered = _registered() if registered is None else registered
+    failed = dict(con.execute(
+        "SELECT measure, count(*) FROM measures WHERE status = 'failed' "
+        "AND list_contains(?::VARCHAR[], measure) AND list_contains(?::VARCHAR[], model_id) "
+        "GROUP BY measure", [empty, models.ids.tolist()]).fetchall()) if empty else {}
     missing = [{"measure": m, "paper_label": labels[m],
-                "command": _fill_command(m, registered, db),
-                "reason": "no value on the selected models" if m in empty else "not stored"}
+                "command": _fill_command(m, registered, db, again=m in failed),
+                "reason": "no value on the selected models" if m in empty else "not stored",
+                "failed": failed.get(m, 0)}
                for m in sorted((set(labels) - set(known)) | set(empty))]
     datasets = _datasets(con, models.ids)
     everywhere = set(paper_figures()["measure"].drop_nulls().to_list())
@@ -236,6 +246,9 @@ def summary_lines(result: dict) -> list[str]:
         how = (f"fill with: {m['command']}" if m["command"]
                else "fgm does not compute this measure")
         why = m["reason"] if m["reason"].startswith("no value") else "missing here"
+        if m.get("failed"):
+            how = (f"its {m['failed']} value{'s' * (m['failed'] != 1)} failed (fgm-query "
+                   f"measures says why); {how}")
         lines.append(f"{why}: {m['measure']} (the paper's {m['paper_label']!r}); {how}")
     if result.get("note"):
         lines.append(result["note"])

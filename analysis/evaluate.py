@@ -81,7 +81,17 @@ def _names(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
     return [r[0] for r in con.sql(sql).fetchall()]
 
 
-def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) -> Models:
+def selected_datasets(con: duckdb.DuckDBPyConnection, sel: Selection) -> list[str]:
+    """The datasets of the models a selection picks (none of select_models' checks)."""
+    conditions, params = _conditions(con, sel)
+    sql = "SELECT DISTINCT dataset FROM model_outcomes"
+    if conditions:
+        sql += " WHERE " + " AND ".join(conditions)
+    return sorted(r[0] for r in con.execute(sql, params).fetchall() if r[0] is not None)
+
+
+def _conditions(con: duckdb.DuckDBPyConnection, sel: Selection) -> tuple[list[str], list]:
+    """The selection as conditions on model_outcomes, every value bound."""
     conditions, params = [], []
     if not sel.all_models:
         conditions.append("included")
@@ -96,6 +106,11 @@ def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) 
         # its result (model ids) reaches this query, as a bound parameter
         conditions.append("list_contains(?::VARCHAR[], model_id)")
         params.append(model_ids_where(con, sel.where))
+    return conditions, params
+
+
+def select_models(con: duckdb.DuckDBPyConnection, sel: Selection = Selection()) -> Models:
+    conditions, params = _conditions(con, sel)
     sql = "SELECT model_id, gap, seed, test_size FROM model_outcomes"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)

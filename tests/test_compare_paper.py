@@ -314,3 +314,34 @@ def test_too_few_measures_for_a_rank_correlation_says_why(db):
     out = run("compare", "--paper", "--db", db)
     assert "no rank correlation of Ψ: 2 measures with both figures, it takes 3" in out
     assert "Spearman ρ of Ψ" not in out
+
+
+def test_the_dataset_default_does_not_trip_on_the_other_datasets_levels(db):
+    """A CIFAR-10 grid at depths 2, 4, 8 beside an SVHN grid at depths 16, 32, 64 (each
+    numbers its levels its own way): compared on CIFAR-10 without a word about levels."""
+    a, _ = _two_datasets(db)
+    deeper = grid(2).with_columns(("c" + pl.col("model_id")).alias("model_id"),
+                                  (pl.col("hp.depth") * 8).alias("hp.depth"))
+    ingest_file(db, Path("third.csv"), frame=deeper, sweep="third", dataset="svhn")
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    assert res["datasets"] == ["cifar10"] and res["n_models"] == a.height
+
+
+def test_a_measure_whose_values_failed_is_filled_with_recompute(db):
+    """fgm-measure counts a failed value as done: the command to fill it recomputes."""
+    from fgm.warehouse import connect
+    a, _ = _two_datasets(db)
+    con = connect(db)
+    con.execute("UPDATE measures SET value = NULL, status = 'failed', error = 'diverged' "
+                "WHERE measure = 'vc_dim' AND model_id LIKE 'a%'")
+    con.close()
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    missing = {m["measure"]: m for m in res["missing"]}
+    assert missing["vc_dim"]["failed"] == a.height
+    assert missing["vc_dim"]["command"] == f"fgm-measure --measures vc_dim --recompute --db {db}"
+    assert missing["sum_of_fro"]["failed"] == 0 and "--recompute" not in \
+        missing["sum_of_fro"]["command"]
+    out = run("compare", "--paper", "--db", db)
+    assert f"no value on the selected models: vc_dim (the paper's 'VC dim'); its {a.height} " \
+           "values failed (fgm-query measures says why); fill with: fgm-measure --measures " \
+           f"vc_dim --recompute --db {db}" in out
