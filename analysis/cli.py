@@ -11,7 +11,7 @@ import polars as pl
 
 from fgm.warehouse import FgmError, connect
 from fgm.warehouse.cli import db_option, emit_frame, format_option, friendly_errors, to_json
-from fgm.warehouse.store import writer
+from fgm.warehouse.store import when_free
 
 from .evaluate import (
     Selection,
@@ -55,8 +55,7 @@ class _readonly:
         self.db, self.memory_limit = db, memory_limit
 
     def __enter__(self):
-        open_, _ = writer(lambda: connect(self.db, read_only=True), READ_WAIT)
-        self.con = open_()
+        self.con = when_free(lambda: connect(self.db, read_only=True), READ_WAIT)
         try:
             create_hp_wide(self.con)
             lock_down(self.con, memory_limit=self.memory_limit)

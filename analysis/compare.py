@@ -102,12 +102,6 @@ def _registered() -> set[str]:
     return {m.name for m in list_measures()}
 
 
-def _datasets(con: duckdb.DuckDBPyConnection, ids) -> list[str]:
-    return sorted(r[0] for r in con.execute(
-        "SELECT DISTINCT dataset FROM models WHERE list_contains(?::VARCHAR[], model_id)",
-        [ids.tolist()]).fetchall() if r[0] is not None)
-
-
 def _on_paper_dataset(con: duckdb.DuckDBPyConnection, sel: Selection,
                       paper_sets: list[str]) -> tuple[Selection, str | None]:
     """The selection to compare: without --dataset, the paper's table's dataset where
@@ -172,7 +166,7 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
                 "reason": "no value on the selected models" if m in empty else "not stored",
                 "failed": failed.get(m, 0)}
                for m in sorted((set(labels) - set(known)) | set(empty))]
-    datasets = _datasets(con, models.ids)
+    datasets = selected_datasets(con, sel)
     everywhere = set(paper_figures()["measure"].drop_nulls().to_list())
     out = {"tables": list(tables), "convention": "paper", "paper_datasets": paper_sets,
            "datasets": datasets, "n_models": int(len(models.ids)), "measures": rows,
@@ -245,7 +239,7 @@ def summary_lines(result: dict) -> list[str]:
     for m in result["missing"]:
         how = (f"fill with: {m['command']}" if m["command"]
                else "fgm does not compute this measure")
-        why = m["reason"] if m["reason"].startswith("no value") else "missing here"
+        why = "missing here" if m["reason"] == "not stored" else m["reason"]
         if m.get("failed"):
             how = (f"its {m['failed']} value{'s' * (m['failed'] != 1)} failed (fgm-query "
                    f"measures says why); {how}")

@@ -286,17 +286,21 @@ def writer(db: Warehouse, lock_wait: float = 10.0):
     if isinstance(db, duckdb.DuckDBPyConnection):
         return (lambda: db), (lambda con: None)
     factory = db if callable(db) else (lambda: connect(db))
+    return (lambda: when_free(factory, lock_wait)), (lambda con: con.close())
 
-    def open_() -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + lock_wait
-        while True:
-            try:
-                return factory()
-            except WarehouseLocked:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.1)
-    return open_, (lambda con: con.close())
+
+def when_free(open_: Callable[[], duckdb.DuckDBPyConnection],
+              lock_wait: float) -> duckdb.DuckDBPyConnection:
+    """open_(), tried again every 0.1 s for up to `lock_wait` seconds while another
+    process holds the file (WarehouseLocked); then that error, naming the holder."""
+    deadline = time.monotonic() + lock_wait
+    while True:
+        try:
+            return open_()
+        except WarehouseLocked:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 @contextmanager
