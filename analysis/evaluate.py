@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 
 from fgm.warehouse import FgmError
+from fgm.warehouse.levels import level_conflicts
 from fgm.warehouse.names import axis_name_problem
 
 from .predicate import model_ids_where
@@ -179,15 +180,10 @@ def _consistent_levels(con: duckdb.DuckDBPyConnection, hp: pl.DataFrame,
              .filter(pl.col("value_text").list.set_intersection("value_text_b").list.len() == 0)
              .sort("axis", "level", "sweep", "sweep_b"))
     if clash.height == 0 and apart.height == 0:
-        return hp
+        return _one_level_one_value(hp, sel)
     if sel.relevel:
-        axes = sorted(set(clash["axis"].to_list()) | set(apart["axis"].to_list()))
-        fresh = (hp.filter(pl.col("axis").is_in(axes))
-                 .with_columns(pl.when(pl.col("value_num").is_not_null())
-                               .then(pl.col("value_num").rank("dense").over("axis"))
-                               .otherwise(pl.col("value_text").rank("dense").over("axis"))
-                               .sub(1).cast(hp.schema["level"]).alias("level")))
-        return pl.concat([hp.filter(~pl.col("axis").is_in(axes)), fresh.select(hp.columns)])
+        axes = set(clash["axis"].to_list()) | set(apart["axis"].to_list())
+        return _one_level_one_value(_relevel(hp, axes), sel)
     if clash.height == 0:
         r = apart.row(0, named=True)
         raise FgmError(
@@ -211,6 +207,52 @@ def _consistent_levels(con: duckdb.DuckDBPyConnection, hp: pl.DataFrame,
         f"{r['axis']} = {r['value_text']} has levels {return_levels} in sweeps "
         f"{', '.join(map(repr, sweeps))}. Evaluate one sweep at a time (--sweep NAME), or "
         "pass --relevel to rank each such axis afresh by value across the selection")
+
+
+def _relevel(hp: pl.DataFrame, axes: set[str]) -> pl.DataFrame:
+    """Each of `axes` ranked afresh by value across `hp` (numbers ascending, names in
+    order): --relevel."""
+    # numbers ascending, then names in order: one rank over both (an axis whose values
+    # are numbers in one table and names in another gets no level twice)
+    named = pl.col("value_num").is_null()
+    fresh = hp.filter(pl.col("axis").is_in(axes)).with_columns(
+        named.alias("_named"),
+        pl.when(named).then(None).otherwise(pl.col("value_num")).alias("_num"),
+        pl.when(named).then(pl.col("value_text")).otherwise(None).alias("_text"))
+    keys = ["axis", "_named", "_num", "_text"]
+    order = (fresh.select(keys).unique().sort(keys)
+             .with_columns(pl.int_range(pl.len()).over("axis")
+                           .cast(hp.schema["level"]).alias("level")))
+    fresh = fresh.drop("level").join(order, on=keys, how="left", nulls_equal=True)
+    return pl.concat([hp.filter(~pl.col("axis").is_in(axes)), fresh.select(hp.columns)])
+
+
+def _one_level_one_value(hp: pl.DataFrame, sel: Selection) -> pl.DataFrame:
+    """Models that agree on the level of every axis must agree on every value
+    (warehouse/levels.py): width 16 and width 24 both level 0 beside the same levels
+    of every other axis (a narrowed grid in its parent's sweep) would be ranked as one
+    configuration. An error naming the two models and their sweeps, unless
+    sel.relevel: then each such axis is ranked afresh by value, until none is left."""
+    relevelled: set[str] = set()
+    while conflicts := level_conflicts(hp, limit=None):
+        if not sel.relevel:
+            c = conflicts[0]
+            sweeps = sorted(set(hp.filter(pl.col("model_id").is_in([c.model, c.other_model]))
+                                ["sweep"].to_list()))
+            where = (f"in sweep {sweeps[0]!r}" if len(sweeps) == 1 else
+                     f"in sweeps {', '.join(map(repr, sweeps))}")
+            fix = ("Evaluate models of one levelling at a time (--where)" if len(sweeps) == 1
+                   else "Evaluate one sweep at a time (--sweep NAME)")
+            raise FgmError(
+                f"the selected models disagree on what the levels of {c.axis!r} mean: "
+                f"{c.describe()} ({where}). {fix}, or pass --relevel to rank each such "
+                "axis afresh by value across the selection")
+        axes = {c.axis for c in conflicts} - relevelled
+        if not axes:   # pragma: no cover - relevelled axes map values to levels 1:1
+            raise RuntimeError(f"levels still disagree after --relevel: {conflicts[0]}")
+        hp = _relevel(hp, axes)
+        relevelled |= axes
+    return hp
 
 
 def _empty_selection(con: duckdb.DuckDBPyConnection, sel: Selection) -> FgmError:

@@ -32,11 +32,11 @@ from safetensors import safe_open
 
 from fgm.train.bundle import FORMAT, FORMAT_VERSION, ROLES, sha256_file
 from fgm.warehouse import FgmError, InputError, code_version, transaction
-from fgm.warehouse.ids import config_hash, model_id_for, training_hash
-from fgm.warehouse.store import Warehouse, writer
+from fgm.warehouse.ids import config_hash, model_id_for, sweep_id_for, training_hash
+from fgm.warehouse.levels import sweep_conflict
+from fgm.warehouse.store import LOCK_WAIT, Warehouse, writer
 from fgm.warehouse.upsert import upsert
 
-from .table import sweep_id_for
 from .validate import (
     INT32_MAX,
     axis_name_problem,
@@ -514,6 +514,7 @@ def store_bundle(con: duckdb.DuckDBPyConnection, prepared: PreparedBundle, *,
                 con.execute(f"DELETE FROM {table} WHERE model_id = ?", [mid])
         if not conflicts.height:
             _check_same_run(con, prepared, replace)
+        _check_levels_in_sweep(con, prepared)
         # the bundle is the whole trace of its model: steps it does not have are stale
         stale = con.execute("DELETE FROM traces WHERE model_id = ? AND NOT list_contains(?, "
                             "step)", [mid, frames["traces"][0]["step"].to_list()]).fetchall()
@@ -526,6 +527,21 @@ def store_bundle(con: duckdb.DuckDBPyConnection, prepared: PreparedBundle, *,
     changed = stale[0][0] or any(r.added.height or r.updated.height
                                  for t, r in results.items() if t != "sweeps")
     return "updated" if changed else "unchanged"
+
+
+def _check_levels_in_sweep(con: duckdb.DuckDBPyConnection, prepared: PreparedBundle) -> None:
+    """Within a sweep one level means one value (warehouse/levels.py): a bundle of a
+    grid levelled otherwise than the models its sweep holds (a grid narrowed with
+    --set, say, trained elsewhere) is refused, so evaluation never mixes them."""
+    manifest = prepared.frames["sweeps"][0].row(0, named=True)
+    conflict = sweep_conflict(con, manifest["sweep_id"],
+                              prepared.frames["hyperparameters"][0])
+    if conflict is not None:
+        grid = manifest["name"].rsplit("/", 1)[0]
+        raise InputError(prepared.manifest_path, f"{conflict.describe()}: within sweep "
+                         f"{manifest['name']!r} a level must mean one value. Train a grid "
+                         f"levelled otherwise under a name of its own (fgm-train grid "
+                         f"--name NAME, not {grid!r})")
 
 
 def _check_same_run(con: duckdb.DuckDBPyConnection, prepared: PreparedBundle,
@@ -574,9 +590,46 @@ def ingest_bundle(con: duckdb.DuckDBPyConnection, bundle: Path, *,
 # --------------------------------------------------------------------------- a tree
 
 def find_bundles(root: Path) -> list[Path]:
-    """Directories holding a manifest.json (temp directories of killed runs are skipped)."""
+    """Directories holding a manifest.json (temp directories of killed runs are skipped).
+    Symbolic links to directories are not followed (see symlinked_bundles)."""
     return sorted(p.parent for p in root.rglob("manifest.json")
                   if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+SYMLINKED = ("a symbolic link to a directory holding run bundles ({target}); bundles are "
+             "read only from real directories inside the tree: move or copy them in, or "
+             "give fgm-ingest that directory")
+_SEARCH_LIMIT = 10_000   # directories looked into below one symbolic link
+
+
+def _holds_a_manifest(top: Path) -> bool:
+    """Whether a manifest.json lies in `top` or below (links not followed, hidden
+    directories skipped, at most _SEARCH_LIMIT directories looked into)."""
+    for n, (_, dirs, files) in enumerate(os.walk(top)):
+        if "manifest.json" in files:
+            return True
+        if n >= _SEARCH_LIMIT:
+            return False
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return False
+
+
+def symlinked_bundles(root: Path) -> list[tuple[Path, str]]:
+    """Symbolic links inside the tree to directories that hold bundles, each with why
+    it is not read. find_bundles does not follow them: a link may lead out of the
+    tree, or back into it (a loop). A link whose target lies inside the tree is left
+    out here: the bundles there are read, or refused, at their own paths."""
+    refused, top = [], root.resolve()
+    for here, dirs, _ in os.walk(root):   # links to directories are in dirs, not entered
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in dirs:
+            link = Path(here) / name
+            if not link.is_symlink():
+                continue
+            target = link.resolve()
+            if target != top and top not in target.parents and _holds_a_manifest(target):
+                refused.append((link, SYMLINKED.format(target=target)))
+    return sorted(refused, key=lambda f: str(f[0]))
 
 
 def _reason(exc: BaseException) -> str:
@@ -587,7 +640,7 @@ def _reason(exc: BaseException) -> str:
 
 def ingest_tree(db: Warehouse, root: Path, *, replace: bool = False,
                 progress: Callable[[Path], None] | None = None,
-                lock_wait: float = 10.0) -> TreeReport:
+                lock_wait: float = LOCK_WAIT) -> TreeReport:
     """Ingest every bundle under `root`; a bad bundle costs that bundle only.
 
     First every bundle is checked whole (prepare_bundle) with the warehouse closed.
@@ -609,6 +662,10 @@ def ingest_tree(db: Warehouse, root: Path, *, replace: bool = False,
     root = Path(root)
     report = TreeReport(root)
     bundles = find_bundles(root)
+    for link, why in symlinked_bundles(root):   # refused, not skipped without a word
+        report.failed.append((link, why))
+        if progress:
+            progress(link)
     prepared: list[PreparedBundle] = []
     for bundle in bundles:
         try:

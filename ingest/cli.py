@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from fgm.warehouse import FgmError, connect
+from fgm.warehouse import FgmError
 from fgm.warehouse.cli import db_option, friendly_errors
+from fgm.warehouse.store import briefly
 
 from .table import prepare_table, write_table
 
@@ -49,9 +50,6 @@ def main(path: Path, db: str | None, sweep: str | None, dataset: str | None,
             raise SystemExit(1)
         return
     prepared = prepare_table(path, sweep=sweep, dataset=dataset)
-    con = connect(db)
-    try:
+    with briefly(db) as con:    # waits for another writer as a bundle tree's ingest does
         summary = write_table(con, prepared, replace=replace)
-    finally:
-        con.close()
     click.echo(str(summary))

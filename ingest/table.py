@@ -13,7 +13,6 @@ transaction, so a bad table leaves the warehouse exactly as it was.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +22,8 @@ import duckdb
 import polars as pl
 
 from fgm.warehouse import InputError, code_version, transaction
-from fgm.warehouse.ids import config_hash, model_id_for
+from fgm.warehouse.ids import config_hash, model_id_for, sweep_id_for
+from fgm.warehouse.levels import sweep_conflict
 from fgm.warehouse.upsert import unregister_quietly, upsert
 
 from .validate import (
@@ -388,10 +388,6 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
 
 # --------------------------------------------------------------------------- writing
 
-def sweep_id_for(name: str) -> str:
-    return hashlib.sha256(f"sweep:{name}".encode()).hexdigest()[:16]
-
-
 def _check_levels_against_warehouse(con: duckdb.DuckDBPyConnection,
                                     parsed: ParsedTable) -> None:
     con.register("_incoming_levels", parsed.hyperparameters)
@@ -411,6 +407,22 @@ def _check_levels_against_warehouse(con: duckdb.DuckDBPyConnection,
                          f"warehouse already stores level {stored} for that value (model "
                          f"{other}). Give level.{axis} explicitly so the levels agree.",
                          row=row, column=f"hp.{axis}")
+
+
+def _check_levels_in_sweep(con: duckdb.DuckDBPyConnection, prepared: PreparedTable) -> None:
+    """Within a sweep one level means one value (warehouse/levels.py): a table whose
+    levels would mix with the sweep's stored ones is refused, naming the row."""
+    parsed = prepared.parsed
+    name = prepared.sweeps["name"][0]
+    conflict = sweep_conflict(con, prepared.sweeps["sweep_id"][0], parsed.hyperparameters)
+    if conflict is None:
+        return
+    ids = parsed.models["model_id"].to_list()
+    mine = conflict.model if conflict.model in ids else conflict.other_model
+    raise InputError(parsed.path, f"{conflict.describe()}: within sweep {name!r} a level "
+                     "must mean one value. Ingest this table as a sweep of its own "
+                     f"(--sweep NAME), or give level.{conflict.axis} so that the levels "
+                     "agree", row=ids.index(mine) + 1, column=f"hp.{conflict.axis}")
 
 
 @dataclass
@@ -521,6 +533,7 @@ def write_table(con: duckdb.DuckDBPyConnection, prepared: PreparedTable, *,
                 con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
                             [replaced])
         _check_levels_against_warehouse(con, parsed)
+        _check_levels_in_sweep(con, prepared)
         measures = _check_same_results(con, prepared, replace)
         upsert(con, "sweeps", prepared.sweeps, ["sweep_id"], ignore=("code_version", "config"))
         touched = [upsert(con, "models", parsed.models, ["model_id"]),

@@ -42,3 +42,8 @@ def model_id_for(config: str, dataset: str, seed: int, training: str | None = No
     fgm the hash of its training settings (results tables carry none)."""
     key = f"{config}|{dataset}|{int(seed)}" + (f"|{training}" if training else "")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def sweep_id_for(name: str) -> str:
+    """A sweep's id: a hash of its name (`<grid>/<dataset>`, or a results table's)."""
+    return hashlib.sha256(f"sweep:{name}".encode()).hexdigest()[:16]

@@ -37,6 +37,9 @@ def _declared_version(sql: str) -> int:
 
 
 SCHEMA_VERSION = _declared_version(schema_sql())
+# How long a writer waits for another process that holds the file (every writer:
+# a results table, a bundle tree, a grid's models, fgm-measure's values).
+LOCK_WAIT = 10.0
 
 # What brings a warehouse of each older version to the next one, run after schema.sql
 # by the first writer that opens it. Every change so far only added tables, which
@@ -116,6 +119,52 @@ def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         raise FgmError(f"{path}: not a DuckDB warehouse ({exc})") from None
 
 
+def _secure(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Run first on every connection, before any SQL of fgm's own: a warehouse is a
+    file someone may have handed you, and its author chose its catalog. So no file
+    access beyond the open database (a view of the file's author that calls
+    read_text() fails instead of reading), fgm's tables must be tables (not views
+    standing in for them), and the file may define no SQL functions of its own (a
+    macro in it would shadow a built-in such as list_contains and change what fgm's
+    queries mean)."""
+    con.execute("SET enable_external_access = false")
+    # DuckDB finds names whatever their case: a view "Outcomes" answers for outcomes
+    kinds = dict(con.execute(
+        "SELECT lower(table_name), table_type FROM information_schema.tables "
+        "WHERE table_schema = 'main' AND table_catalog = current_database()").fetchall())
+    fake = sorted(t for t in FGM_TABLES if kinds.get(t, "BASE TABLE") != "BASE TABLE")
+    if fake:
+        raise FgmError(
+            f"{path}: {', '.join(fake)} should be a table but is a {kinds[fake[0]].lower()} "
+            "in this file: it was not written by fgm, or was altered. fgm does not read it.")
+    macros = [name for (name,) in con.execute(
+        "SELECT DISTINCT function_name FROM duckdb_functions() WHERE NOT internal "
+        "AND database_name = current_database() ORDER BY 1").fetchall()]
+    if macros:
+        raise FgmError(
+            f"{path}: the file defines SQL functions of its own ({', '.join(macros[:5])}), "
+            "which would change what fgm's queries mean; an fgm warehouse has none. "
+            "fgm does not read it.")
+
+
+class NotAWarehouse(FgmError):
+    """A DuckDB file without fgm_meta; `foreign`: the tables it holds (none: empty)."""
+
+    def __init__(self, message: str, foreign: list[str]):
+        super().__init__(message)
+        self.foreign = foreign
+
+
+def _foreign(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The tables and views of a DuckDB file that holds no fgm_meta, in any of its
+    schemas: someone else's, whatever their names (a table `models` of the user's
+    own is not fgm's)."""
+    return [name if schema == "main" else f"{schema}.{name}"
+            for schema, name in con.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables "
+                "WHERE table_catalog = current_database() ORDER BY 1, 2").fetchall()]
+
+
 def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None):
     """The first column of the first row, or None. Fetches the whole result:
     DuckDB refuses further work on a connection while a result is half read."""
@@ -129,7 +178,14 @@ def stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
     if not has_meta:
         return None
     value = scalar(con, "SELECT value FROM fgm_meta WHERE key = 'schema_version'")
-    return int(value) if value is not None else None
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SchemaVersionError(
+            f"fgm_meta's schema_version is {str(value)[:40]!r}, not a whole number: the "
+            "file is damaged, or was not written by fgm") from None
 
 
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
@@ -152,6 +208,9 @@ def _table_statements() -> dict[str, str]:
     """{table: its CREATE TABLE statement} from schema.sql."""
     return {m.group(1): m.group(0) for m in re.finditer(
         r"CREATE TABLE IF NOT EXISTS (\w+) \(.*?\n\);", schema_sql(), flags=re.S)}
+
+
+FGM_TABLES = frozenset(_table_statements())
 
 
 def _shadow_missing_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -231,25 +290,34 @@ def connect(db: str | os.PathLike | None = None, *, read_only: bool = False,
     path = resolve_db(db)
     if not path.exists() and (read_only or not create):
         raise _missing(path)
-    if read_only:
-        con = _open(path, read_only=True)
-        _check_version(con, path)
-        if stored_version(con) is None:
-            con.close()
-            raise FgmError(f"{path}: a DuckDB file, but not an fgm warehouse (no fgm_meta).")
-        if stored_version(con) < SCHEMA_VERSION:
-            _shadow_missing_tables(con)
-        apply_views(con, temp=True)
-        return con
-    if path.parent and not path.parent.exists():
+    if not read_only and path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    con = _open(path, read_only=False)
+    con = _open(path, read_only=read_only)
     try:
+        _secure(con, path)
         _check_version(con, path)
-        if not _schema_is_current(con):
+        found = stored_version(con)
+        if found is None:
+            foreign = _foreign(con)
+            if read_only or foreign:
+                held = f" It holds {', '.join(foreign[:8])}." if foreign else ""
+                raise NotAWarehouse(f"{path}: a DuckDB file, but not an fgm warehouse (no "
+                                    f"fgm_meta).{held} Give --db a new file or an fgm "
+                                    "warehouse.", foreign)
+        if read_only:
+            if found < SCHEMA_VERSION:
+                _shadow_missing_tables(con)
+            apply_views(con, temp=True)
+        elif not _schema_is_current(con):
             apply_schema(con)
-    except BaseException:
+    except BaseException as exc:
         con.close()
+        if isinstance(exc, SchemaVersionError) and not str(exc).startswith(str(path)):
+            raise SchemaVersionError(f"{path}: {exc}") from None
+        if isinstance(exc, duckdb.Error):
+            # a catalog fgm cannot read: fgm_meta without its columns, and the like
+            raise FgmError(f"{path}: not a warehouse fgm can read ({str(exc).strip()})") \
+                from None
         raise
     return con
 
@@ -266,7 +334,9 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
             con.execute("ROLLBACK")
         except duckdb.Error:
             pass  # a failed COMMIT has ended the transaction already
-        if isinstance(exc, duckdb.IOException):
+        if isinstance(exc, duckdb.IOException) or (
+                isinstance(exc, duckdb.TransactionException)
+                and "failed to commit" in str(exc).lower()):
             # a full disk, a file size limit, a vanished directory: say it in the OS's words
             raise FgmError(f"the warehouse could not be written ({str(exc).strip()}); the "
                            "transaction was rolled back and nothing was written") from None
@@ -279,7 +349,7 @@ Warehouse = str | os.PathLike | None | duckdb.DuckDBPyConnection | Callable[
     [], duckdb.DuckDBPyConnection]
 
 
-def writer(db: Warehouse, lock_wait: float = 10.0):
+def writer(db: Warehouse, lock_wait: float = LOCK_WAIT):
     """(open, close) for one short write. A connection given is used as it is and
     left open; a path or a factory is opened per write, waiting up to `lock_wait`
     seconds for a reader or writer that holds the file."""
@@ -304,7 +374,8 @@ def when_free(open_: Callable[[], duckdb.DuckDBPyConnection],
 
 
 @contextmanager
-def briefly(db: Warehouse, lock_wait: float = 10.0) -> Iterator[duckdb.DuckDBPyConnection]:
+def briefly(db: Warehouse,
+            lock_wait: float = LOCK_WAIT) -> Iterator[duckdb.DuckDBPyConnection]:
     """The warehouse open for one short piece of work, then closed again, so that
     readers are locked out only while it runs."""
     open_, close = writer(db, lock_wait)
