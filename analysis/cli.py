@@ -10,7 +10,16 @@ import numpy as np
 import polars as pl
 
 from fgm.warehouse import FgmError, connect
-from fgm.warehouse.cli import db_option, emit_frame, format_option, friendly_errors, to_json
+from fgm.warehouse.cli import (
+    SEED,
+    FiniteRange,
+    db_option,
+    emit_frame,
+    emit_stream,
+    format_option,
+    friendly_errors,
+    to_json,
+)
 from fgm.warehouse.store import when_free
 
 from .evaluate import (
@@ -25,7 +34,7 @@ from .evaluate import (
     with_seeds,
 )
 from .robust import WEIGHTINGS, robust_sign_error
-from .sql import create_hp_wide, lock_down, run_readonly
+from .sql import alarm, create_hp_wide, lock_down, readonly_batches
 from .stored import cmi_rows, keep, oracle_rows, psi_rows, robust_rows, snapshot, table_rows
 
 
@@ -40,11 +49,40 @@ def _a_number(value: float, param) -> float:
     return value
 
 
+def _memory_limit(value: str, param) -> str:
+    """--memory-limit: a positive size, e.g. 512MB or 4GB (DuckDB reads a negative one
+    as no limit at all)."""
+    import re
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B|bytes)?\s*", value, flags=re.I) \
+            or not float(re.match(r"\s*([\d.]+)", value).group(1)) > 0:
+        raise click.BadParameter(f"--memory-limit {value[:40]!r}: expected a positive size "
+                                 "such as 512MB or 4GB", param=param)
+    return value
+
+
 # How long a query waits for a process that holds the warehouse for writing (DuckDB
 # lets no reader in meanwhile): fgm's writers hold it for one short transaction at a
 # time (fgm-query storing an evaluation, a grid storing a model); a holder that keeps
 # it longer is named in the error.
 READ_WAIT = 5.0
+
+# Ranges of the evaluation options, checked by click before any query runs (README:
+# Evaluation). Each leave-one-block-out and each oracle draw is one more evaluation
+# of every model, so the caps keep a typo from asking for days.
+MAX_BLOCKS = 10_000      # --blocks: at most one block per configuration is used anyway
+# --draws: the oracle's Monte Carlo CMI; its standard error falls as 1/sqrt(draws), so
+# 10,000 draws already make it 1% of one draw's, at 10,000 CMI computations per oracle
+MAX_DRAWS = 10_000
+DRAWS = click.IntRange(2, MAX_DRAWS)
+DRAWS_HELP = (f"Monte Carlo draws for the oracles' CMI, 2 to {MAX_DRAWS:,} (the standard "
+              f"error falls as 1/sqrt(draws); the cost grows with them).")
+MAX_EPS = 1.0            # --eps: the oracle's noise std, on gaps that are fractions
+MAX_TEST_SIZE = 10**9    # --test-size
+MAX_MIN_ESS = 1e6        # --min-ess: more than any environment's pairs
+# The most rows `fgm-query sql --format table` prints unless --max-rows says otherwise:
+# an aligned table holds every row it shows in memory at once.
+TABLE_ROWS = 1000
+MAX_ROWS = 10**12         # --max-rows: more than any result prints
 
 
 class _readonly:
@@ -74,18 +112,37 @@ class _readonly:
               callback=lambda ctx, param, v: _a_number(v, param),
               show_default=True, metavar="SECONDS",
               help="Stop the query after this many seconds (0: no limit).")
-@click.option("--memory-limit", default="4GB", show_default=True,
+@click.option("--memory-limit", default="4GB", show_default=True, callback=lambda c, p, v:
+              _memory_limit(v, p),
               metavar="SIZE", help="DuckDB's memory_limit for the query, e.g. 512MB, 16GB.")
+@click.option("--max-rows", type=click.IntRange(0, MAX_ROWS), default=None, metavar="N",
+              help=f"Print at most N rows and count the rest (0: all). Default: "
+                   f"{TABLE_ROWS:,} for --format table, all for csv and json, which "
+                   "stream in batches.")
 @db_option
 @format_option
 @friendly_errors
-def sql(query: str, timeout: float, memory_limit: str, db: str | None, fmt: str) -> None:
+def sql(query: str, timeout: float, memory_limit: str, max_rows: int | None, db: str | None,
+        fmt: str) -> None:
     """Run a SELECT on the warehouse. Tables: models, hyperparameters, outcomes,
     measures, traces, checkpoints, sweeps, evaluations, evaluation_values; views:
     model_measures, model_outcomes, model_levels, measure_summary, hp_wide (a column
-    per axis), latest_evaluation, evaluation_status, evaluation_families."""
-    with _readonly(db, memory_limit=memory_limit) as con:
-        emit_frame(run_readonly(con, query, timeout=timeout or None), fmt)
+    per axis), latest_evaluation, evaluation_status, evaluation_families.
+
+    Rows stream out in batches, so memory stays bounded whatever the size of the
+    answer; --timeout covers the whole command, printing included."""
+    if max_rows is None:
+        max_rows = TABLE_ROWS if fmt == "table" else 0
+    with _readonly(db, memory_limit=memory_limit) as con, \
+            readonly_batches(con, query, timeout=timeout or None) as frames, \
+            alarm(timeout):
+        shown, left, counted = emit_stream(frames, fmt, max_rows or None)
+    if left:
+        more = f"{left:,}" if counted else f"at least {left:,}"
+        why = "" if counted else " (counting stopped at the timeout)"
+        click.echo(f"note: {more} more row{'s' * (left != 1)} not shown ({shown:,} printed)"
+                   f"{why}; --max-rows N prints more (0: all), --format csv streams every row",
+                   err=True)
 
 
 @main.command()
@@ -109,10 +166,33 @@ def models(db: str | None, fmt: str) -> None:
 @format_option
 @friendly_errors
 def measures(db: str | None, fmt: str) -> None:
-    """List the measures: how many models have a value, failed, or miss one."""
+    """List the measures: how many models have a value, failed, or miss one, and why:
+    each reason stored with a failed or missing value (its error), with how many
+    models it holds for. Table: a second table below; JSON and CSV: a column
+    `reasons`, a list of {status, reason, n_models} (CSV: as JSON text)."""
     with _readonly(db) as con:
         frame = con.sql("SELECT * FROM measure_summary").pl()
-    emit_frame(frame, fmt)
+        reasons = con.sql("SELECT * FROM measure_reasons").pl()
+    if fmt == "table":
+        emit_frame(frame, fmt)
+        if not reasons.is_empty():
+            click.echo()
+            emit_frame(reasons.select(
+                "measure", "status", "n_models",
+                pl.col("reason").map_elements(lambda r: " ".join(r.split()),
+                                              return_dtype=pl.String)),
+                fmt, title="why values failed or are missing:")
+        return
+    why: dict[str, list[dict]] = {}
+    for r in reasons.iter_rows(named=True):
+        why.setdefault(r["measure"], []).append(
+            {"status": r["status"], "reason": r["reason"], "n_models": r["n_models"]})
+    if fmt == "json":
+        click.echo(to_json([dict(row, reasons=why.get(row["measure"], []))
+                            for row in frame.to_dicts()]))
+        return
+    emit_frame(frame.with_columns(pl.Series(
+        "reasons", [to_json(why.get(m, [])) for m in frame["measure"]], dtype=pl.String)), fmt)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -175,13 +255,16 @@ pool_option = click.option(
 def ci_options(func):
     """--ci LEVEL, --blocks N, --seed S: seeded jackknife intervals over configurations."""
     options = [
-        click.option("--ci", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        click.option("--ci", type=FiniteRange(0, 1, min_open=True, max_open=True),
                      default=None, help="Add confidence intervals of τ, Ψ and K, e.g. --ci 0.95 "
                      "(a jackknife that leaves out blocks of whole configurations)."),
-        click.option("--blocks", "boot", type=click.IntRange(5), default=20, show_default=True,
-                     help="Jackknife blocks for --ci (configurations are dealt into this many)."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the jackknife blocks (and of the random baseline)."),
+        click.option("--blocks", "boot", type=click.IntRange(5, MAX_BLOCKS), default=20,
+                     show_default=True,
+                     help=f"Jackknife blocks for --ci (configurations are dealt into this "
+                          f"many), 5 to {MAX_BLOCKS:,}."),
+        click.option("--seed", type=SEED, default=0, show_default=True,
+                     help="Seed of the jackknife blocks (and of the random baseline), "
+                          "0 to 2^31 - 1."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -336,11 +419,12 @@ def cmi(measure, pgdl, ci, boot, seed, pool_seeds, convention,
 
 
 @main.command()
-@click.option("--eps", type=float, required=True, help="Noise std ε, e.g. 0.01, 0.02, 0.05, 0.1.")
-@click.option("--draws", type=click.IntRange(2), default=20, show_default=True,
-              help="Monte Carlo draws for the CMI.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the oracle's noise draws for the CMI.")
+@click.option("--eps", type=FiniteRange(0, MAX_EPS, min_open=True), required=True,
+              help=f"Noise std ε, e.g. 0.01, 0.02, 0.05, 0.1; in (0, {MAX_EPS:g}] (gaps "
+                   f"are fractions: larger noise drowns them).")
+@click.option("--draws", type=DRAWS, default=20, show_default=True, help=DRAWS_HELP)
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the oracle's noise draws for the CMI, 0 to 2^31 - 1.")
 @pool_option
 @selection_options
 @store_option
@@ -350,8 +434,6 @@ def cmi(measure, pgdl, ci, boot, seed, pool_seeds, convention,
 def oracle(eps, draws, seed, pool_seeds,
            where, dataset, sweep, all_models, relevel, no_store, db, fmt):
     """The noisy oracle g + N(0, ε²): exact expected τ and ψ, Monte Carlo CMI."""
-    if eps <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--eps")
     sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds)
     with _readonly(db) as con:
         models = select_models(con, sel)
@@ -368,8 +450,7 @@ def oracle(eps, draws, seed, pool_seeds,
 @main.command()
 @click.option("--kind", type=click.Choice(["psi", "cmi"]), default="psi", show_default=True,
               help="psi: Table 5's shape (ψ_i, τ, Ψ); cmi: Table 6's (CMI per axis, K).")
-@click.option("--draws", type=click.IntRange(2), default=10, show_default=True,
-              help="Monte Carlo draws for the oracles' CMI.")
+@click.option("--draws", type=DRAWS, default=10, show_default=True, help=DRAWS_HELP)
 @ci_options
 @pool_option
 @convention_option
@@ -463,17 +544,18 @@ def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, 
 
 @main.command()
 @click.option("--measure", "-m", required=True, help="The measure to evaluate.")
-@click.option("--test-size", type=click.IntRange(min=1), default=None,
-              help="Test-set size for the Hoeffding weights (default: the warehouse's).")
+@click.option("--test-size", type=click.IntRange(1, MAX_TEST_SIZE), default=None,
+              help=f"Test-set size for the Hoeffding weights, 1 to {MAX_TEST_SIZE:,} "
+                   f"(default: the warehouse's).")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default="published",
               show_default=True,
               help="published: pair weight (c² − 0.5)₊ with c the Hoeffding confidence, "
                    "environments kept when their effective sample size ≥ --min-ess, plain "
                    "mean over environments (Dziugaite et al. 2020 and their code). "
                    "hoeffding: weight c, no cut, mean weighted by each environment's Σw.")
-@click.option("--min-ess", type=click.FloatRange(0), default=None,
-              help="Minimum effective sample size (Σw)²/Σw² of an environment "
-                   "[default: 12 with published, 0 with hoeffding].")
+@click.option("--min-ess", type=FiniteRange(0, MAX_MIN_ESS), default=None,
+              help=f"Minimum effective sample size (Σw)²/Σw² of an environment, 0 to "
+                   f"{MAX_MIN_ESS:g} [default: 12 with published, 0 with hoeffding].")
 @selection_options
 @store_option
 @db_option
@@ -524,11 +606,37 @@ def robust(measure, test_size, weighting, min_ess,
     keep(db, snap, "robust", sel, options, robust_rows(res))
 
 
+def _out_folder(ctx, param, value: str) -> Path:
+    """--out: a folder, made if missing; checked before any query runs."""
+    if not value.strip():
+        raise click.BadParameter("'' is empty; --out must be a directory (e.g. --out report)",
+                                 param=param)
+    path = Path(value)
+    for p in (path, *path.parents):   # the nearest part that exists must be a folder
+        if p.exists():
+            if not p.is_dir():
+                what = "it" if p == path else repr(str(p))
+                raise click.BadParameter(f"{value!r}: --out must be a directory; {what} "
+                                         f"exists and is not one", param=param)
+            break
+    return path
+
+
+def _made(out: Path) -> Path:
+    """--out made (once the warehouse has been opened): a folder that cannot be made
+    is one line, not a traceback."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FgmError(f"--out {str(out)[:80]!r}: cannot make the folder "
+                       f"({exc.strerror or exc})") from None
+    return out
+
+
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("report"),
-              show_default=True, help="Folder for index.html and the charts' PNG/SVG files.")
-@click.option("--draws", type=click.IntRange(2), default=10, show_default=True,
-              help="Monte Carlo draws for the oracles' CMI.")
+@click.option("--out", default="report", show_default=True, callback=_out_folder,
+              help="Folder for index.html and the charts' PNG/SVG files (made if missing).")
+@click.option("--draws", type=DRAWS, default=10, show_default=True, help=DRAWS_HELP)
 @click.option("--color", default=None, help="Axis that colours the training curves.")
 @pool_option
 @selection_options
@@ -541,7 +649,7 @@ def report(out, draws, color, pool_seeds, where, dataset, sweep, all_models, rel
     files written is printed."""
     from .report import build_report
     with _readonly(db) as con:
-        page = build_report(con, out, _selection(where, dataset, sweep, all_models, relevel,
+        page = build_report(con, _made(out), _selection(where, dataset, sweep, all_models, relevel,
                                                  pool_seeds=pool_seeds),
                             draws=draws, color=color)
     _emit_files([page, *sorted(out.glob("*.png")), *sorted(out.glob("*.svg"))], fmt)
@@ -556,8 +664,8 @@ def _emit_files(files: list[Path], fmt: str) -> None:
 @main.command()
 @click.option("--measure", "-m", required=True, help="The measure to draw (x axis).")
 @click.option("--color", required=True, help="The axis that colours the points.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("report"),
-              show_default=True, help="Folder for the chart's PNG, SVG and HTML files.")
+@click.option("--out", default="report", show_default=True, callback=_out_folder,
+              help="Folder for the chart's PNG, SVG and HTML files (made if missing).")
 @click.option("--log/--linear", default=None, help="Log-scale the measure (default: auto).")
 @selection_options
 @db_option
@@ -568,6 +676,6 @@ def plot(measure, color, out, log, where, dataset, sweep, all_models, relevel, d
     how the list of files written is printed."""
     from .report import plot_measure
     with _readonly(db) as con:
-        files = plot_measure(con, measure, color, out,
+        files = plot_measure(con, measure, color, _made(out),
                              _selection(where, dataset, sweep, all_models, relevel), log)
     _emit_files(files, fmt)

@@ -80,6 +80,13 @@ def _correlation(paper: list, here: list) -> dict:
     if len(pairs) < 3:
         return out
     p, h = np.array(pairs).T
+    # a side whose figures are all equal has no order: the correlation is undefined
+    # (scipy would say so with a ConstantInputWarning on stderr, and give nan)
+    constant = [side for side, v in (("the paper's", p), ("this warehouse's", h))
+                if np.all(v == v[0])]
+    if constant:
+        out["constant"] = " and ".join(constant)
+        return out
     for key, fn in (("spearman", stats.spearmanr), ("kendall", stats.kendalltau)):
         value = float(fn(p, h)[0])
         out[key] = value if np.isfinite(value) else None
@@ -230,7 +237,9 @@ def summary_lines(result: dict) -> list[str]:
         if c and c["spearman"] is None:
             lines.append(f"no rank correlation of {name}: "
                          + (f"{c['n']} measure{'s' * (c['n'] != 1)} with both figures, "
-                            "it takes 3" if c["n"] < 3 else "one side is constant"))
+                            "it takes 3" if c["n"] < 3 else
+                            f"undefined, as {c.get('constant', 'one side')} {name} is the "
+                            f"same for all {c['n']} measures"))
     if result["not_in_paper"]:
         lines.append("not in the paper: " + ", ".join(result["not_in_paper"]))
     if result.get("not_in_tables"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import duckdb
 import polars as pl
@@ -113,12 +116,8 @@ def _check_explain(query: str) -> None:
                        f"a {kind} statement ({snippet!r}).")
 
 
-def run_readonly(con: duckdb.DuckDBPyConnection, sql: str,
-                 timeout: float | None = None) -> pl.DataFrame:
-    """Run one or more SELECT statements; return the last one's rows. Anything that
-    writes (to the warehouse or to a file) or attaches another database is refused, and
-    so is EXPLAIN ANALYZE (it runs what it explains). With `timeout` (seconds) the
-    statements are interrupted once that much time has passed, all of them together."""
+def _checked(sql: str) -> list:
+    """The statements of `sql`, each a SELECT or a plain EXPLAIN of one; else FgmError."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -132,6 +131,54 @@ def run_readonly(con: duckdb.DuckDBPyConnection, sql: str,
                            f"this is a {kind} statement ({st.query.strip()[:60]!r}).")
         if st.type == duckdb.StatementType.EXPLAIN:
             _check_explain(st.query)
+    return statements
+
+
+class QueryTimeout(FgmError):
+    """--timeout passed: the query, or the printing of its rows, was stopped."""
+
+
+@contextmanager
+def alarm(timeout: float | None) -> Iterator[None]:
+    """The whole of a command under `timeout` seconds (and one more, for the watchdog
+    of readonly_batches to answer first): a SIGALRM also breaks a write to a pipe
+    whose reader has stopped reading, which no check between batches can. Main
+    thread only (signals), else nothing."""
+    import signal
+    if not timeout or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise QueryTimeout(f"the query timed out after {timeout:g} s (printing its rows "
+                           "included) and was stopped; give --timeout SECONDS for a "
+                           "longer limit (0: none)")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, timeout + 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# Rows per batch handed from DuckDB to Python: a result is never held whole, so the
+# memory of printing it stays bounded however many rows it has.
+BATCH_ROWS = 8192
+
+
+@contextmanager
+def readonly_batches(con: duckdb.DuckDBPyConnection, sql: str,
+                     timeout: float | None = None) -> Iterator[Iterator[pl.DataFrame]]:
+    """Run one or more SELECT statements and hand over the last one's rows as a stream
+    of frames of at most BATCH_ROWS rows (the first one carries the schema, even when
+    there are no rows). Anything that writes (to the warehouse or to a file) or
+    attaches another database is refused, and so is EXPLAIN ANALYZE (it runs what it
+    explains). `timeout` (seconds) covers the whole use of the stream, not only
+    DuckDB's part: the statements are interrupted once that much time has passed, and
+    a batch asked for after it is refused, so a slow reader of the rows is stopped too."""
+    statements = _checked(sql)
+    deadline = time.monotonic() + timeout if timeout else None
     done, fired = threading.Event(), threading.Event()
 
     def watchdog() -> None:
@@ -142,19 +189,50 @@ def run_readonly(con: duckdb.DuckDBPyConnection, sql: str,
             con.interrupt()        # is lost, the next one must still stop
             done.wait(0.05)
 
+    def timed_out() -> FgmError:
+        return QueryTimeout(f"the query timed out after {timeout:g} s and was stopped; "
+                        "give --timeout SECONDS for a longer limit (0: none)")
+
+    def batches(reader) -> Iterator[pl.DataFrame]:
+        first = True
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise timed_out()
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                if first:
+                    yield pl.from_arrow(reader.schema.empty_table())
+                return
+            except (duckdb.Error, OSError) as exc:   # pyarrow's own wrapper of an interrupt
+                if fired.is_set():
+                    raise timed_out() from None
+                raise FgmError(str(exc).strip()) from None
+            first = False
+            yield pl.from_arrow(batch)
+
     guard = threading.Thread(target=watchdog, daemon=True) if timeout else None
     if guard:
         guard.start()
     try:
-        for st in statements[:-1]:
-            con.sql(st.query).fetchall()
-        return con.sql(statements[-1].query).pl()
-    except duckdb.Error as exc:
-        if fired.is_set():
-            raise FgmError(f"the query timed out after {timeout:g} s and was stopped; "
-                           f"give --timeout SECONDS for a longer limit (0: none)") from None
-        raise FgmError(str(exc).strip()) from None
+        try:
+            for st in statements[:-1]:     # run, their rows read and dropped batch by batch
+                for _ in con.sql(st.query).to_arrow_reader(BATCH_ROWS):
+                    pass
+            reader = con.sql(statements[-1].query).to_arrow_reader(BATCH_ROWS)
+        except duckdb.Error as exc:
+            if fired.is_set():
+                raise timed_out() from None
+            raise FgmError(str(exc).strip()) from None
+        yield batches(reader)
     finally:
         done.set()
         if guard:
             guard.join()
+
+
+def run_readonly(con: duckdb.DuckDBPyConnection, sql: str,
+                 timeout: float | None = None) -> pl.DataFrame:
+    """readonly_batches' rows as one frame (for callers that want the whole answer)."""
+    with readonly_batches(con, sql, timeout) as frames:
+        return pl.concat(list(frames), how="vertical_relaxed")

@@ -15,7 +15,8 @@ read may have changed", never "reused although it changed".
 
 Storing is best effort: --no-store skips it; a warehouse that cannot be opened for
 writing (a read-only file or folder, another process holding it) is left alone with
-a one-line note on stderr, and the answer stands.
+a one-line note on stderr, and the answer stands; so is a write that fails (a full
+disk: DuckDB's commit refused), the transaction rolled back.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def store_evaluation(db, snap: Snapshot | None, command: str, sel: Selection, op
                      blocks: int | None = None, seed: int | None = None) -> str | None:
     """Keep one evaluation: its row in evaluations, its figures in evaluation_values.
     Returns the evaluation id, or None when nothing was to be stored (snap None:
-    --no-store). A warehouse that cannot be written raises FgmError; see keep()."""
+    --no-store). A warehouse that cannot be written raises one of WRITE_ERRORS;
+    see keep()."""
     if snap is None:
         return None
     key = question_key(command, sel, options, pgdl=pgdl, ci=ci, blocks=blocks, seed=seed)
@@ -204,13 +206,24 @@ def store_evaluation(db, snap: Snapshot | None, command: str, sel: Selection, op
     return evaluation_id
 
 
+# What a write that the file or the machine refuses raises: fgm's own errors (the
+# warehouse locked, missing, or a write rolled back), the OS's, and DuckDB's errors of
+# the environment: IOException, and TransactionException ("Failed to commit: Could not
+# write file ...: No space left on device"), both OperationalError, a database
+# invalidated by a failed write (FatalException), a permission refused. Not DuckDB's
+# ProgrammingError, ConstraintException, ...: those are fgm's bugs and stay loud.
+WRITE_ERRORS = (FgmError, OSError, duckdb.OperationalError, duckdb.FatalException,
+                duckdb.PermissionException)
+
+
 def keep(db, snap: Snapshot | None, command: str, sel: Selection, options: dict,
          rows: list[dict], **question) -> str | None:
     """store_evaluation, or a one-line note (not an error) when the warehouse cannot
-    be written: the answer has been printed already and stands without it."""
+    be written (read-only, held by another process, a full disk): the answer has been
+    printed already and stands without it."""
     try:
         return store_evaluation(db, snap, command, sel, options, rows, **question)
-    except FgmError as exc:
+    except WRITE_ERRORS as exc:
         import click
         reason = " ".join(str(exc).split())
         click.echo(f"note: evaluation not stored in the warehouse ({reason}); "

@@ -60,9 +60,10 @@ def _load_families() -> None:
 
 
 def list_measures(pattern: str = "*") -> list[MeasureSpec]:
-    """Registered measures whose name matches a glob pattern (or a comma list of them)."""
+    """Registered measures whose name matches a glob pattern (or a comma list of them);
+    an empty pattern matches none (fgm-measure --measures '' is an error, not all)."""
     _load_families()
-    patterns = [p.strip() for p in pattern.split(",") if p.strip()] or ["*"]
+    patterns = [p.strip() for p in pattern.split(",") if p.strip()]
     return [spec for name, spec in sorted(REGISTRY.items())
             if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 

@@ -218,5 +218,5 @@ def test_memory_limit_is_applied_before_the_configuration_is_locked(wh):
 
 def test_a_bad_memory_limit_is_a_clear_error(wh):
     out = run("sql", "select 1", "--db", wh, "--memory-limit", "lots")
-    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert out.exit_code == 2 and "Traceback" not in out.output     # a usage error
     assert "--memory-limit 'lots'" in out.output and "4GB" in out.output

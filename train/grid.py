@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -22,6 +23,11 @@ DATASETS = ("cifar10", "svhn", "fashion_mnist", "digits")
 # Upper bounds that keep a typo (width = 1000000) from asking for terabytes: the paper's
 # largest NiN is width 768, depth 8, batch 128.
 MAX_WIDTH, MAX_DEPTH, MAX_BATCH_SIZE = 4096, 64, 65536
+# ...and of the numbers: a learning rate or weight decay past these diverges at once,
+# a stop above MAX_STOP (in nats; a guess among 10 classes costs 2.3) stops at once,
+# and a billion steps (max_steps, lr_drop_steps, trace_every) is years of training.
+MAX_LEARNING_RATE, MAX_WEIGHT_DECAY, MAX_STOP = 10.0, 1.0, 10.0
+MAX_STEPS, MAX_ESTIMATE_BATCHES = 10**9, 100_000
 MAX_MODELS = 100_000   # a larger grid (configurations x seeds) needs fgm-train grid --yes
 TRAIN_DEFAULTS = {
     "stop_cross_entropy": 0.01, "max_steps": 300_000, "lr_drop_steps": [60_000, 90_000],
@@ -33,9 +39,10 @@ ALLOWED = {
     "dropout": "finite numbers in [0, 1)",
     "batch_size": f"positive integers up to {MAX_BATCH_SIZE}",
     "optimizer": f"names among {', '.join(OPTIMIZERS)}",
-    "learning_rate": "finite positive numbers, or a table "
+    "learning_rate": f"finite positive numbers up to {MAX_LEARNING_RATE:g}, or a table "
                      "{sgd = [...], adam = [...], rmsprop = [...]}",
-    "weight_decay": "finite numbers >= 0, or a table {sgd = [...], adam = [...], rmsprop = [...]}",
+    "weight_decay": f"finite numbers >= 0 up to {MAX_WEIGHT_DECAY:g}, or a table "
+                    "{sgd = [...], adam = [...], rmsprop = [...]}",
 }
 
 
@@ -231,8 +238,8 @@ def _check_values(source: str, key: str, axis: str, values: object) -> None:
             "batch_size": _integer(v, MAX_BATCH_SIZE),
             "dropout": _number(v) and 0 <= v < 1,
             "optimizer": isinstance(v, str) and v in OPTIMIZERS,
-            "learning_rate": _number(v) and v > 0,
-            "weight_decay": _number(v) and v >= 0,
+            "learning_rate": _number(v) and 0 < v <= MAX_LEARNING_RATE,
+            "weight_decay": _number(v) and 0 <= v <= MAX_WEIGHT_DECAY,
         }[axis]
         if not ok:
             raise _bad(source, key, f"{_show(v)} is not allowed; expected {ALLOWED[axis]}")
@@ -244,12 +251,14 @@ def _check_train(source: str, train: dict) -> None:
             raise _bad(source, f"train.{key}", f"{_show(train[key])} is not allowed; "
                        f"expected {what}")
     need("stop_cross_entropy", _number(train["stop_cross_entropy"])
-         and train["stop_cross_entropy"] > 0, "a finite positive number")
-    for key in ("max_steps", "estimate_batches", "trace_every"):
-        need(key, _integer(train[key]), "a positive integer")
+         and 0 < train["stop_cross_entropy"] <= MAX_STOP,
+         f"a finite positive number up to {MAX_STOP:g}")
+    for key, top in (("max_steps", MAX_STEPS), ("estimate_batches", MAX_ESTIMATE_BATCHES),
+                     ("trace_every", MAX_STEPS)):
+        need(key, _integer(train[key], top), f"a positive integer up to {top:,}")
     need("lr_drop_steps", isinstance(train["lr_drop_steps"], list)
-         and all(_integer(s) for s in train["lr_drop_steps"]),
-         "a list of positive step numbers")
+         and all(_integer(s, MAX_STEPS) for s in train["lr_drop_steps"]),
+         f"a list of positive step numbers up to {MAX_STEPS:,}")
     need("lr_drop_factor", _number(train["lr_drop_factor"])
          and 0 < train["lr_drop_factor"] <= 1, "a number in (0, 1]")
 
@@ -269,3 +278,51 @@ def override(grid: Grid, settings: list[str]) -> Grid:
         axes[axis] = values
     return parse_grid({"name": grid.name, "dataset": grid.dataset, "axes": axes,
                        "train": grid.train}, "--set")
+
+
+def check_grid_name(name: str) -> str:
+    """--name: a sweep is named `<grid>/<dataset>`, so a grid's name is one path part
+    of letters, digits and `._-+`, at most 64."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", name):
+        raise FgmError(f"--name {name[:70]!r}: expected letters, digits and . _ - + (at most "
+                       "64, starting with a letter or digit)")
+    return name
+
+
+def check_levels_against_sweep(db, grid: Grid) -> None:
+    """Before anything trains: the grid's levels must agree with those of the sweep
+    the warehouse holds under its name (warehouse/levels.py: within a sweep, one level
+    means one value). A grid narrowed with --set to a value its preset does not have
+    (width 16 as level 0 where the sweep's level 0 is 24) is refused, with the way
+    out: a name of its own. Nothing to check where there is no warehouse yet."""
+    import polars as pl
+
+    from fgm.warehouse.ids import sweep_id_for
+    from fgm.warehouse.levels import sweep_conflict
+    from fgm.warehouse.store import LOCK_WAIT, NotAWarehouse, connect, resolve_db, when_free
+    path = resolve_db(db)
+    if not path.exists():
+        return
+    sweep = f"{grid.name}/{grid.dataset}"
+    incoming = pl.DataFrame(
+        [{"model_id": f"this grid's {c.hash[:12]}", "axis": a, "level": c.levels[a],
+          "value_text": str(c.values[a]),
+          "value_num": None if isinstance(c.values[a], str) else float(c.values[a])}
+         for c in grid.configs(limit=None) for a in AXES],
+        schema={"model_id": pl.String, "axis": pl.String, "level": pl.Int64,
+                "value_text": pl.String, "value_num": pl.Float64})
+    try:
+        con = when_free(lambda: connect(path, read_only=True), LOCK_WAIT)
+    except NotAWarehouse as exc:
+        if exc.foreign:
+            raise
+        return          # an empty DuckDB file: the first write makes it a warehouse
+    try:
+        conflict = sweep_conflict(con, sweep_id_for(sweep), incoming)
+    finally:
+        con.close()
+    if conflict is not None:
+        raise FgmError(
+            f"this grid's levels disagree with sweep {sweep!r} in {path}: "
+            f"{conflict.describe()}. Within a sweep a level means one value; give this "
+            f"grid a name of its own (--name NAME: its sweep is then NAME/{grid.dataset})")

@@ -24,6 +24,24 @@ format_option = click.option(
     "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
     help="Output format.")
 
+# Seeds are stored as INTEGER (32-bit signed, schema.sql), as ingest/validate.py checks.
+SEED_MAX = 2**31 - 1
+SEED = click.IntRange(0, SEED_MAX)
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and ±inf: nan compares false with every
+    bound, so a range alone lets it through (and inf where a side is open-ended)."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; expected {self._describe_range()}",
+                      param, ctx)
+        return super().convert(number, param, ctx)
+
 
 @contextlib.contextmanager
 def plain_warnings() -> Iterator[None]:
@@ -136,3 +154,56 @@ def emit_frame(frame: pl.DataFrame, fmt: str, *, title: str | None = None) -> No
     else:
         click.echo(_plain_table(flatten_nested(frame), title))
 
+
+
+def emit_stream(frames: Iterator[pl.DataFrame], fmt: str,
+                max_rows: int | None = None) -> tuple[int, int, bool]:
+    """Print a result that arrives as a stream of frames, one batch at a time, so that
+    memory stays bounded however many rows there are: CSV with one header, a JSON
+    array of row objects, or an aligned table (which needs every row it shows at once,
+    so it shows at most `max_rows`). After `max_rows` rows are printed the rest is
+    counted, not printed, until the stream ends or its timeout stops the counting.
+    Returns (rows printed, rows left out, whether all of those were counted)."""
+    shown = left = 0
+    held: list[pl.DataFrame] = []          # the table format's rows, to align them
+    opened = printed = False
+
+    def close() -> None:
+        nonlocal printed
+        if printed:
+            return
+        printed = True
+        if fmt == "json":
+            click.echo("]" if shown else "[]")
+        elif fmt == "table":
+            click.echo(_plain_table(flatten_nested(pl.concat(held, how="vertical_relaxed")),
+                                    None))
+
+    try:
+        for frame in frames:
+            if printed:                     # past max_rows: counted only
+                left += frame.height
+                continue
+            if max_rows is not None:
+                room = max(max_rows - shown, 0)
+                left += max(frame.height - room, 0)
+                frame = frame.head(room) if room or not opened else frame.head(0)
+            if fmt == "table":
+                held.append(frame)
+            elif fmt == "csv":
+                if frame.height or not opened:
+                    click.echo(flatten_nested(frame).write_csv(include_header=not opened),
+                               nl=False)
+            elif frame.height:
+                rows = to_json(frame.to_dicts())[1:-1]
+                click.echo(("," if shown else "[") + rows, nl=False)
+            shown += frame.height
+            opened = True
+            if max_rows is not None and shown >= max_rows:
+                close()                     # the rows first; then the rest is counted
+    except FgmError as exc:
+        if not (printed and type(exc).__name__ == "QueryTimeout"):
+            raise
+        return shown, left, False           # the count stopped at the timeout
+    close()
+    return shown, left, True
