@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,14 +21,14 @@ import torch
 from safetensors.torch import load_file
 
 from fgm.train.bundle import sha256_file
-from fgm.train.data import Data, load_dataset
+from fgm.train.data import Data
 from fgm.train.nin import NiN
 from fgm.warehouse import FgmError, code_version, transaction
 from fgm.warehouse.store import Warehouse, briefly
 from fgm.warehouse.upsert import upsert
 
-from .context import Context, Settings, measure_layout
-from .registry import MeasureSpec, list_measures, mirror_definitions
+from .context import Context, Settings
+from .registry import MeasureSpec, list_measures
 
 
 @dataclass
@@ -176,14 +175,18 @@ ROW_KEYS = ("model_id", "measure", "value", "status", "error", "params")
 
 def compute_model_measures(model_id: str, inputs: ModelInputs, data: Data, names: list[str],
                            settings: Settings, device: torch.device,
-                           specs: dict[str, MeasureSpec] | None = None) -> list[dict]:
+                           specs: dict[str, MeasureSpec] | None = None,
+                           progress: Callable[[str, int, int], None] | None = None
+                           ) -> list[dict]:
     """Rebuild one model and compute `names` on it: one plain row per measure
     (ROW_KEYS; params as JSON text). Needs no warehouse, so a Ray worker runs it as
     it is. Raises one of SKIP_ERRORS when the model itself cannot be rebuilt."""
     specs = specs or {s.name: s for s in list_measures()}
     ctx = build_context(inputs, data, settings, device)
     rows = []
-    for name in names:
+    for i, name in enumerate(names, 1):
+        if progress:
+            progress(name, i, len(names))
         value, status, error, params = run_one(specs[name], ctx)
         rows.append({"model_id": model_id, "measure": name, "value": value, "status": status,
                      "error": error, "params": json.dumps(params, default=str)})
@@ -258,42 +261,21 @@ def measure_models(db: Warehouse, *, pattern: str = "*",
                    model_ids: list[str] | None = None,
                    data_root: Path | None = None, device: torch.device | None = None,
                    settings: Settings | None = None,
-                   progress: Callable[[str, int, int], None] | None = None,
                    refresh_stale: bool = True) -> JobReport:
-    """Compute what the warehouse lacks. `db`: a path, a connection factory or an open
-    connection (warehouse.store.Warehouse). Given a path or a factory, the warehouse
-    is opened only to read a model's inputs and to write its values, never while a
-    measure computes, so readers are locked out for those moments only.
+    """Compute what the warehouse lacks, in this process, one model after another:
+    fgm-measure's driver loop (train/driver.py) with one in-process worker and
+    nothing printed. `db`: a path, a connection factory or an open connection
+    (warehouse.store.Warehouse); the warehouse is opened only to read a model's inputs
+    and to write its values, never while a measure computes.
     refresh_stale=False: values stored with other settings are kept (a grid's resume
     fills gaps; only fgm-measure recomputes what another budget computed)."""
-    specs = list_measures(pattern)
-    if not specs:
-        names = ", ".join(s.name for s in list_measures())
-        raise FgmError(f"no measure matches {pattern!r}; measures: {names}")
-    device = device or torch.device("cpu")
-    settings = settings or Settings()
-    with briefly(db) as con:
-        mirror_definitions(con)
-        todo = models_to_measure(con, specs, where, recompute, model_ids,
-                                 settings if refresh_stale else None)
-    by_name = {s.name: s for s in specs}
-    report, start, datasets = JobReport(), time.perf_counter(), {}
-    for i, row in enumerate(todo.iter_rows(named=True), 1):
-        mid = row["model_id"]
-        if progress:
-            progress(mid, i, todo.height)
-        try:
-            with briefly(db) as con:
-                inputs = model_inputs(con, mid)
-            if row["dataset"] not in datasets:
-                data = load_dataset(row["dataset"], data_root).to(device)
-                data.x_train = measure_layout(data.x_train)   # once, not once per model
-                datasets[row["dataset"]] = data
-            rows = compute_model_measures(mid, inputs, datasets[row["dataset"]],
-                                          row["measure"], settings, device, by_name)
-        except SKIP_ERRORS as exc:
-            report.skipped.append((mid, str(exc)))
-            continue
-        store_measure_rows(db, rows, report)
-    report.seconds = time.perf_counter() - start
-    return report
+    from rich.console import Console
+
+    from fgm.train.driver import measure_run
+    from fgm.train.executor import ExecutorSettings
+    from fgm.train.pool import LocalBackend
+    backend = LocalBackend(ExecutorSettings(workers=1), str(device or "cpu"))
+    with backend:
+        return measure_run(db, Console(quiet=True), backend, pattern=pattern, where=where,
+                           recompute=recompute, data_root=data_root, settings=settings,
+                           model_ids=model_ids, refresh_stale=refresh_stale)

@@ -8,6 +8,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _in_process_workers(monkeypatch):
+    """fgm-train grid and fgm-measure run their tasks in the test's own process, where
+    monkeypatches reach them and no worker pays for importing torch again; the tests
+    of the worker pool itself (test_pool.py) ask for processes with --workers."""
+    monkeypatch.setenv("FGM_WORKERS", "1")
+
+
 @pytest.fixture
 def db(tmp_path, monkeypatch):
     """A warehouse path that FGM_DB does not override."""

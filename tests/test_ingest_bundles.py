@@ -19,8 +19,7 @@ from warehouse_fixture import dump, lock_held
 import fgm.ingest.bundles as bundles
 from fgm.ingest.bundles import ingest_tree
 from fgm.ingest.cli import main as ingest_cli
-from fgm.train.bundle import sha256_file, write_bundle
-from fgm.train.cli import manifest_for
+from fgm.train.bundle import manifest_for, sha256_file, write_bundle
 from fgm.train.grid import Config, Grid
 from fgm.train.nin import NiN
 from fgm.warehouse import connect

@@ -88,10 +88,11 @@ def _cluster():
     import ray
 
     from fgm.train.executor import ExecutorSettings
-    from fgm.train.ray_executor import Cluster
-    c = Cluster(ExecutorSettings("ray"))
-    c.ray = ray            # only its exception classes are used here; nothing started
-    return c
+    from fgm.train.ray_executor import RayBackend
+    backend = RayBackend(ExecutorSettings("ray"), "cpu")
+    # only Ray's exception classes are used here; nothing is started
+    backend.ray = backend.cluster.ray = ray
+    return backend
 
 
 def test_a_dead_measure_worker_does_not_overwrite_good_values(db, tmp_path):
@@ -100,7 +101,8 @@ def test_a_dead_measure_worker_does_not_overwrite_good_values(db, tmp_path):
     (nothing finished is lost), and the model must still be measured on a rerun."""
     import ray
 
-    from fgm.train.ray_executor import Display, Job, _finish_measures
+    from fgm.train.driver import Display, Job
+    from fgm.train.driver import finish_measures as _finish_measures
     mid = _ingest(db, make_bundle(tmp_path / "runs"))
     good = [{"model_id": mid, "measure": "vc_dim", "value": 123.0, "status": "ok",
              "error": None, "params": "{}"}]
@@ -118,7 +120,8 @@ def test_measures_whose_worker_died_are_retried_by_the_next_run(db, tmp_path):
     of the same command must measure the model again (train failures are retried)."""
     import ray
 
-    from fgm.train.ray_executor import Display, Job, _finish_measures
+    from fgm.train.driver import Display, Job
+    from fgm.train.driver import finish_measures as _finish_measures
     mid = _ingest(db, make_bundle(tmp_path / "runs"))
     display = Display(Console(file=io.StringIO()), "measures", 1)
     _finish_measures(_cluster(), db, JobReport(), display,
@@ -132,12 +135,11 @@ def test_measures_whose_worker_died_are_retried_by_the_next_run(db, tmp_path):
 # ------------------------------------------------------------------ Ray: bundle paths
 
 def _grid_run(db, out: Path, job_mid: str):
-    from fgm.train.executor import GridPlan
-    from fgm.train.ray_executor import Display, Job, _GridRun
+    from fgm.train.driver import Display, GridPlan, GridRun, Job
     plan = GridPlan(grid=None, jobs=[(None, 0, job_mid)], todo=[(None, 0, job_mid)], out=out,
                     db=db, device="cpu", data_root=None, download=False, no_ingest=False,
                     no_measures=True, console=Console(file=io.StringIO()))
-    run = _GridRun(plan, _cluster(), False)
+    run = GridRun(plan, _cluster())
     run.display = Display(plan.console, "g", 1)
     return run, Job("train", job_mid, "label")
 
@@ -150,7 +152,7 @@ def test_a_returned_bundle_path_is_confined_to_out_and_to_its_model(db, tmp_path
     elsewhere = make_bundle(tmp_path / "elsewhere", seed=7)
     job_mid = "a" * 16
     run, job = _grid_run(db, out, job_mid)
-    from fgm.train.ray_executor import Job
+    from fgm.train.driver import Job
     outcome = {"converged": True, "steps": 1, "train_loss": 0.0, "gap": 0.0}
     connect(db).close()
     failed = []
@@ -191,11 +193,11 @@ def test_a_grid_resume_does_not_redo_values_measured_with_another_budget(db, tmp
         todo = models_to_measure(con, list_measures("pacbayes_flatness"), None, False, [mid],
                                  Settings())
     assert todo.height == 1
-    # the local grid's resume (train/cli.py _measure_finished)
+    # a resume through the library, in this process
     report = measure_models(db, pattern="pacbayes_flatness", model_ids=[mid],
                             refresh_stale=False)
     assert report.models == 0 and _value(db, mid, "pacbayes_flatness")[0] == 50.0
-    # the Ray grid's resume
+    # a grid's resume (train/driver.py, every executor)
     run, _ = _grid_run(db, tmp_path / "runs", mid)
     assert "pacbayes_flatness" not in run._missing_measures([mid]).get(mid, [])
 

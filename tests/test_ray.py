@@ -143,17 +143,6 @@ def invoke(args: list[str]):
     return CliRunner().invoke(train_cli, ["grid", *map(str, args)])
 
 
-class one_thread:
-    """torch with one intra-op thread, as a Ray task with --cpus-per-model 1 has."""
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-
-
 @pytest.fixture(scope="module")
 def on_ray(head, grid_file, tmp_path_factory):
     """The tiny grid (4 models) trained and measured with --executor ray."""
@@ -186,18 +175,19 @@ def test_a_grid_on_ray_lands_whole_and_matches_the_local_executor(on_ray, grid_f
     finally:
         con.close()
 
-    # the local executor, with the thread count of a Ray task (--cpus-per-model 1)
+    # the local executor's worker processes, as they come: one torch thread each, as a
+    # Ray task with --cpus-per-model 1, without any environment variable
     local_db = tmp_path / "local.duckdb"
-    with one_thread():
-        out = invoke(["--grid", grid_file, "--out", tmp_path / "runs", "--db", local_db,
-                      "--no-measures", "--device", "cpu"])
-        assert out.exit_code == 0, out.output
-        for bundle in find_bundles(root / "runs"):
-            assert sha256_file(bundle / "final.safetensors") == \
-                sha256_file(tmp_path / "runs" / bundle.name / "final.safetensors"), bundle.name
-        # every measure of one model, computed locally, equals the Ray worker's value
-        mid = find_bundles(tmp_path / "runs")[0].name
-        measure_models(local_db, model_ids=[mid], device=torch.device("cpu"))
+    out = invoke(["--grid", grid_file, "--out", tmp_path / "runs", "--db", local_db,
+                  "--no-measures", "--device", "cpu", "--workers", "2"])
+    assert out.exit_code == 0, out.output
+    assert "2 worker processes, 1 torch thread each" in out.output
+    for bundle in find_bundles(root / "runs"):
+        assert sha256_file(bundle / "final.safetensors") == \
+            sha256_file(tmp_path / "runs" / bundle.name / "final.safetensors"), bundle.name
+    # every measure of one model, computed locally, equals the Ray worker's value
+    mid = find_bundles(tmp_path / "runs")[0].name
+    measure_models(local_db, model_ids=[mid], device=torch.device("cpu"))
     con = connect(local_db, read_only=True)
     local = con.sql("SELECT measure, value, status FROM measures WHERE model_id = ?",
                     params=[mid]).fetchall()

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from fgm.ingest.bundles import find_bundles
 from fgm.train import cli as train_cli_module
-from fgm.train.bundle import clean_stale, sha256_file, write_bundle
+from fgm.train import loop as train_loop_module
+from fgm.train.bundle import clean_stale, manifest_for, sha256_file, write_bundle
 from fgm.train.cli import main as train_cli
 from fgm.train.grid import MAX_MODELS, load_grid, override, parse_grid
 from fgm.warehouse import FgmError, connect
@@ -240,7 +241,7 @@ def test_a_run_that_finishes_second_keeps_the_first_runs_bundle(tmp_path, monkey
     out, db = tmp_path / "runs", tmp_path / "w.duckdb"
     grid_file = tmp_path / "quick.toml"
     grid_file.write_text(QUICK)
-    real = train_cli_module.train_one
+    real = train_loop_module.train_one
     rivals = {}
 
     def train_then_lose_the_race(config, data, train, seed, dev, on_step=None, **options):
@@ -250,13 +251,13 @@ def test_a_run_that_finishes_second_keeps_the_first_runs_bundle(tmp_path, monkey
         rival = {role: {k: v + 1 if v.is_floating_point() else v for k, v in s.items()}
                  for role, s in (("init", result.init_state), ("epoch1", result.epoch1_state),
                                  ("final", result.final_state))}
-        manifest = train_cli_module.manifest_for(
+        manifest = manifest_for(
             load_grid(path=grid_file), config, seed, data, result, dev)
         bundle = write_bundle(out, mid, manifest, rival, result.trace)
         rivals[mid] = (bundle, sha256_file(bundle / "final.safetensors"))
         return result
 
-    monkeypatch.setattr(train_cli_module, "train_one", train_then_lose_the_race)
+    monkeypatch.setattr(train_loop_module, "train_one", train_then_lose_the_race)
     run = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid_file), "--out", str(out),
                                          "--db", str(db), "--device", "cpu", "--no-measures"])
     assert run.exit_code == 0, run.output

@@ -168,3 +168,24 @@ def _remove(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
+
+
+def manifest_for(grid, config, seed: int, data, result, device, threads: int = 1) -> dict:
+    """A run bundle's manifest.json: the model's identity, how it was trained (the
+    torch threads too: they shape the float sums, so the weights) and how it ended."""
+    from datetime import UTC, datetime
+
+    from fgm.warehouse import code_version
+
+    from .grid import AXES
+    return {
+        "config_hash": config.hash, "seed": seed,
+        "dataset": {"name": data.name, **data.info},
+        "sweep": {"name": f"{grid.name}/{data.name}", "config": grid.as_dict()},
+        "hyperparameters": [{"axis": a, "value": config.values[a], "level": config.levels[a]}
+                            for a in AXES],
+        "train": grid.train, "outcome": result.outcome,
+        "timing": {**result.timing, "threads": threads},
+        "code_version": code_version(), "torch_version": torch.__version__,
+        "device": str(device), "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

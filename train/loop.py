@@ -267,3 +267,13 @@ def train_one(config: Config, data: Data, train: dict, seed: int, device: torch.
               "steps_per_epoch": steps_per_epoch, "precision": precision, "compiled": compile}
     return Result(model, init_state, epoch1_state or snapshot(model), snapshot(model), trace,
                   outcome, timing)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: cpu, cuda, or auto (cuda where there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from fgm.warehouse import FgmError
+        raise FgmError("--device cuda: no CUDA device is available here (try --device auto)")
+    return torch.device(name)

@@ -19,27 +19,17 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import socket
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from fgm.warehouse import FgmError
 
-from fgm.warehouse import FgmError, InputError, WarehouseLocked
-from fgm.warehouse.store import briefly
-
-from .bundle import clean_stale
-from .executor import ExecutorSettings, GridPlan
-from .tasks import OutNotWritable, measure_task, train_task
+from .executor import ExecutorSettings
+from .tasks import OutNotWritable
 
 PROBE_SECONDS = 5.0      # an address where nothing answers fails in this time, not Ray's minutes
+OBSERVE_SECONDS = 2.0    # then, how long a plain connection to it is watched (_observe)
 CAPACITY_EVERY = 10.0    # seconds between looks at the cluster's size (nodes come and go)
 
 
@@ -96,6 +86,9 @@ def _probe(hostport: str, label: str, client: bool = False) -> None:
     bare = host.strip("[]")
     try:
         socket.create_connection((bare, int(port)), timeout=PROBE_SECONDS).close()
+    except UnicodeError:    # idna: a label of more than 63 characters, or an empty one
+        raise FgmError(f"--address {label}: the host is not a host name (dot-separated "
+                       f"labels of 1 to 63 characters) or an IP address") from None
     except OSError as exc:
         raise FgmError(f"--address {label}: no Ray cluster answers there "
                        f"({exc.strerror or exc}); start one with `ray start --head "
@@ -119,11 +112,36 @@ def _probe(hostport: str, label: str, client: bool = False) -> None:
             # anything else (a token asked for, a refusal of the empty request) is
             # Ray answering: ray.init says the rest
     except grpc.FutureTimeoutError:
-        raise FgmError(f"--address {label}: something listens there, but it is not a "
-                       f"Ray cluster (no answer to Ray's protocol within "
-                       f"{PROBE_SECONDS:g} s)") from None
+        raise FgmError(f"--address {label}: " + _observe(bare, int(port))) from None
     finally:
         channel.close()
+
+
+NOT_RAY = "not a Ray cluster's port or a Ray Client server"
+
+
+def _observe(host: str, port: int) -> str:
+    """What a port that accepts connections but never became a gRPC channel does with
+    one plain connection: closes it at once, keeps silent, or answers something else."""
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_SECONDS) as sock:
+            sock.settimeout(OBSERVE_SECONDS)
+            try:
+                data = sock.recv(64)
+            except TimeoutError:
+                return (f"the port accepted the connection but never answered (nothing "
+                        f"within {PROBE_SECONDS:g} s): {NOT_RAY}, or a firewall or proxy "
+                        f"holds the connection")
+            except OSError:    # reset by the peer
+                data = b""
+    except OSError as exc:
+        return (f"the port accepted a connection, then refused the next "
+                f"({exc.strerror or exc}): {NOT_RAY}, or a firewall drops it")
+    if not data:
+        return (f"the port accepted the connection and closed it without answering: "
+                f"{NOT_RAY}, or a firewall or proxy drops the connection")
+    return (f"something listens there, but it is not a Ray cluster (it answered, but not "
+            f"in Ray's protocol, gRPC, within {PROBE_SECONDS:g} s)")
 
 
 def _join_error(address: str, exc: BaseException) -> FgmError:
@@ -243,458 +261,68 @@ class Cluster:
         return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
-# --------------------------------------------------------------------------- progress
+# --------------------------------------------------------------------------- the backend
 
-class Display:
-    """done / running / queued / failed, models per hour and an ETA: a rich bar on a
-    terminal, plain lines elsewhere (as the local executor)."""
+class RayBackend:
+    """--executor ray as the driver loop's Backend (train/driver.py): tasks are Ray
+    tasks, tickets their object refs; a task whose worker died is retried by Ray."""
+    inline = False
 
-    def __init__(self, console: Console, title: str, total: int):
-        self.console, self.title, self.total = console, title, total
-        self.started = self.done = self.failed = 0
-        self.start = time.monotonic()
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-        self.bar = Progress(*columns, console=console, disable=not console.is_terminal)
+    def __init__(self, settings: ExecutorSettings, device: str):
+        self._use_gpu = settings.use_gpu(device)
+        self.cluster = Cluster(settings)
+        self.remotes: dict[str, object] = {}
+        self.progress = None     # Ray tasks report no progress
 
-    def __enter__(self) -> Display:
-        self.bar.__enter__()
-        self.task = self.bar.add_task(self.title, total=self.total, status="")
+    def __enter__(self) -> RayBackend:
+        self.cluster.__enter__()
+        self.ray = self.cluster.ray
         return self
 
     def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
+        self.cluster.__exit__(*exc)
 
-    def rate(self) -> float:
-        hours = (time.monotonic() - self.start) / 3600
-        return (self.done + self.failed) / hours if hours > 0 else 0.0
+    def describe(self) -> str:
+        return f"{self.cluster.describe()}, up to {self.cluster.capacity()} at a time"
 
-    def status(self) -> str:
-        running = self.started - self.done - self.failed
-        return (f"done {self.done} · running {running} · queued {self.total - self.started} "
-                f"· failed {self.failed} · {self.rate():.0f} models/h")
+    def capacity(self) -> int:
+        return self.cluster.capacity()
 
-    def refresh(self) -> None:
-        self.bar.update(self.task, completed=self.done + self.failed, status=self.status())
+    def threads(self) -> int:
+        return self.cluster.s.cpus_per_model
 
-    def line(self, text: str) -> None:
-        if self.console.is_terminal:
-            self.bar.console.print(text, highlight=False, markup=False)
-        else:
-            click.echo(text)
+    def use_gpu(self) -> bool:
+        return self._use_gpu
 
-
-# --------------------------------------------------------------------------- scheduling
-
-@dataclass
-class Job:
-    kind: str                      # "train" | "measure"
-    model_id: str
-    label: str
-    config: object = None
-    seed: int | None = None
-    names: list[str] = field(default_factory=list)
-    dataset: str | None = None     # fgm-measure: which dataset object the task gets
-    first: bool = True             # the model's first job (counts it as started)
-    reported: bool = False         # its result was counted and shown (a retried write
-    stored: bool = False           # after WarehouseLocked does neither twice)
-
-
-def schedule(cluster: Cluster, queue: deque, display: Display,
-             submit: Callable[[Job], object], finish: Callable[[Job, bool, object], None]) -> None:
-    """Keep the cluster full from `queue` (which `finish` may add to, at the front)
-    and hand each result to `finish(job, ok, value_or_error)` as it completes.
-
-    A reader that holds the warehouse longer than a write waits (WarehouseLocked
-    from `submit` or `finish`) costs nothing: the job goes back to the queue, the
-    result waits in `pending` and is handed over again while the tasks run on.
-
-    Ctrl-C is taken between results, never in the middle of a write: the results
-    already complete are still handed over, the tasks in flight cancelled, and
-    KeyboardInterrupt(number cancelled) raised. A second Ctrl-C stops at once. On any
-    other error everything in flight is cancelled."""
-    ray = cluster.ray
-    inflight: dict = {}
-    stop: list[int] = []
-    pending: deque = deque()      # (job, ok, value) whose write found the warehouse held
-
-    def on_sigint(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-
-    def fill() -> None:
-        while queue and not stop and len(inflight) < max(1, cluster.capacity()):
-            job = queue.popleft()
-            try:
-                ref = submit(job)
-            except WarehouseLocked:      # its inputs could not be read: later
-                queue.appendleft(job)
-                break
-            display.started += job.first
-            job.first = False
-            inflight[ref] = job
-        display.refresh()
-
-    def hand_over(job: Job, ok: bool, value) -> bool:
-        try:
-            finish(job, ok, value)
-        except WarehouseLocked as exc:
-            if not pending:
-                display.line(f"waiting to write: {_first_line(exc)}")
-            pending.append((job, ok, value))
-            return False
-        return True
-
-    def handle(ref, ok_only: bool = False) -> None:
-        job = inflight.pop(ref)
-        fill()   # the workers go on while the driver ingests this one
-        try:
-            value, ok = ray.get(ref), True
-        except ray.exceptions.RayError as exc:
-            value, ok = exc, False
-        if ok or not ok_only:
-            hand_over(job, ok, value)
-        display.refresh()
-
-    def retry_pending() -> None:
-        for _ in range(len(pending)):
-            if not hand_over(*pending.popleft()):
-                break
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
-    try:
-        fill()
-        while (inflight or pending or queue) and not stop:
-            retry_pending()
-            fill()
-            if not inflight:
-                continue
-            ready, rest = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            if ready and rest:
-                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-                ready += more
-            for ref in ready:
-                if stop:
-                    break
-                handle(ref)
-            fill()
-        if stop and inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
-            for ref in ready:            # finished: stored, nothing finished is lost
-                handle(ref, ok_only=True)
-            for ref in inflight:
-                ray.cancel(ref, force=True)
-        if stop:
-            retry_pending()
-            if pending:     # bundles stay on disk (the next run ingests them); rows do not
-                display.line(f"{len(pending)} result(s) not written: the warehouse was "
-                             "held; the next run ingests their bundles or measures again")
-            raise KeyboardInterrupt(len(inflight))
-    except BaseException:
-        for ref in inflight:
-            ray.cancel(ref, force=True)
-        raise
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-
-
-# --------------------------------------------------------------------------- grids
-
-class RayExecutor:
-    def __init__(self, settings: ExecutorSettings):
-        self.settings = settings
-
-    def grid(self, plan: GridPlan) -> None:
-        use_gpu = self.settings.use_gpu(plan.device)
-        with Cluster(self.settings) as cluster:
-            _GridRun(plan, cluster, use_gpu).run()
-
-    def measure(self, db, console: Console, *, device: str = "auto", **job):
-        use_gpu = self.settings.use_gpu(device)
-        with Cluster(self.settings) as cluster:
-            return _measure_run(db, console, cluster, use_gpu, **job)
-
-
-def _short(config) -> str:
-    from .cli import _short as short
-    return short(config)
-
-
-class _GridRun:
-    def __init__(self, plan: GridPlan, cluster: Cluster, use_gpu: bool):
-        from fgm.measures.runner import JobReport
-        self.plan, self.cluster, self.use_gpu = plan, cluster, use_gpu
-        self.threads = cluster.s.cpus_per_model
-        self.queue: deque[Job] = deque()
-        self.report = JobReport()
-        self.not_converged = 0
-        self.failures: list[tuple[str, str]] = []
-        self.trained = 0
-        self.mirrored = False
-
-    def run(self) -> None:
-        from .cli import _ingest_finished
+    def data(self, spec):
+        """The dataset, loaded here and put into Ray's object store once."""
         from .data import load_dataset
-        p, ray = self.plan, self.cluster.ray
-        g, out = p.grid, p.out
-        p.console.print(f"grid {g.name!r} on {g.dataset}: {len(p.jobs)} models, "
-                        f"{len(p.jobs) - len(p.todo)} already finished, {len(p.todo)} to "
-                        f"train on {self.cluster.describe()}, up to "
-                        f"{self.cluster.capacity()} at a time", soft_wrap=True)
-        finished = p.finished
-        measure_jobs = []
-        if not p.no_ingest:
-            _ingest_finished(out, finished, p.db, p.console)
-            if finished and not p.no_measures:   # a run killed between ingest and measures
-                labels = {mid: f"{_short(c)} seed {s}" for c, s, mid in p.jobs}
-                measure_jobs = [Job("measure", mid, labels[mid], names=names)
-                                for mid, names in self._missing_measures(finished).items()]
-        if not p.todo and not measure_jobs:
-            return
-        self.data = load_dataset(g.dataset, p.data_root, p.download)
-        self.data_ref = ray.put(self.data)
-        self.train_remote = self.cluster.remote(train_task, "train_task")
-        self.measure_remote = self.cluster.remote(measure_task, "measure_task")
-        self.queue.extend(measure_jobs)
-        self.queue.extend(Job("train", mid, f"{_short(c)} seed {s}", c, s)
-                          for c, s, mid in p.todo)
-        total = len(p.todo) + len(measure_jobs)
-        start = time.perf_counter()
-        with Display(p.console, g.name, total) as self.display:
-            try:
-                schedule(self.cluster, self.queue, self.display, self.submit, self.finish)
-            except KeyboardInterrupt as stop:
-                d = self.display
-                click.echo(f"interrupted: {d.done} of {total} models done, {d.failed} failed, "
-                           f"{stop.args[0] if stop.args else 0} cancelled in flight, "
-                           f"{total - d.started} not started; run the same command again "
-                           f"to resume", err=True)
-                raise SystemExit(130) from None
-        stale = clean_stale(out)    # temp directories of workers that died on this machine
-        seconds = time.perf_counter() - start
-        rate = total / seconds * 3600 if seconds > 0 else 0.0
-        text = (f"done: {self.trained} models trained into {out} on Ray "
-                f"({seconds:.1f} s, {rate:.0f} models/h)")
-        if self.not_converged:
-            text += f", {self.not_converged} not converged (kept, flagged)"
-        if stale:
-            text += f", {len(stale)} temp dir(s) of dead workers removed"
-        click.echo(text)
-        if self.failures:
-            where = "" if p.no_ingest else " (stored as failed; run again to retry them)"
-            click.echo(f"{len(self.failures)} model(s) failed{where}:")
-            for label, why in self.failures:
-                click.echo(f"  FAILED {label}: {why}")
-            raise SystemExit(1)
+        return self.ray.put(load_dataset(spec.name, spec.root, spec.download))
 
-    def _missing_measures(self, model_ids: list[str]) -> dict[str, list[str]]:
-        from fgm.measures.registry import list_measures, mirror_definitions
-        from fgm.measures.runner import models_to_measure
-        with briefly(self.plan.db) as con:
-            if not self.mirrored:        # the registry into measure_definitions, once
-                mirror_definitions(con)
-                self.mirrored = True
-            # the missing ones only: values fgm-measure computed with another budget stay
-            todo = models_to_measure(con, list_measures(), None, False, model_ids, None)
-        return {r["model_id"]: r["measure"] for r in todo.iter_rows(named=True)}
+    def submit(self, fn: Callable, *args):
+        name = fn.__name__
+        if name not in self.remotes:
+            self.remotes[name] = self.cluster.remote(fn, name)
+        return self.remotes[name].remote(*args)
 
-    def submit(self, job: Job):
-        p = self.plan
-        if job.kind == "train":
-            return self.train_remote.remote(p.grid, job.config, job.seed, job.model_id,
-                                            self.data_ref, str(p.out), self.use_gpu,
-                                            self.threads, p.precision, p.compile)
-        from fgm.measures.context import Settings
-        from fgm.measures.runner import model_inputs
-        with briefly(p.db) as con:
-            inputs = model_inputs(con, job.model_id)
-        return self.measure_remote.remote(job.model_id, inputs, self.data_ref, job.names,
-                                          Settings(), self.use_gpu, self.threads)
+    def wait(self, tickets: list, timeout: float) -> list:
+        ready, rest = self.ray.wait(tickets, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        return ready
 
-    def finish(self, job: Job, ok: bool, value) -> None:
-        if job.kind == "measure":
-            why = _finish_measures(self.cluster, self.plan.db, self.report, self.display, job,
-                                   ok, value, summary=True)
-            if why:
-                self.failures.append((f"measures of {job.label}", why))
-            return
-        if not ok:
-            from .bundle import is_complete
-            from .tasks import finished_bundle
-            if is_complete(self.plan.out, job.model_id):   # its worker died after writing it
-                self._trained(job, finished_bundle(self.plan.out, job.model_id))
-            else:
-                self._failed(job, self.cluster.failure(value))
-            return
-        self._trained(job, value)
-
-    def _trained(self, job: Job, value: dict) -> None:
-        """A finished training task: its bundle checked, stored, its measures queued.
-        Called again for the same job when a write found the warehouse held (flags)."""
-        from fgm.ingest.bundles import prepare_bundle, store_bundle
-        p = self.plan
-        if not job.reported:
-            expected = p.out / job.model_id
-            bundle = Path(str(value.get("bundle")))
-            if bundle.resolve() != expected.resolve():   # only its own place under --out
-                self._failed(job, f"its task returned the bundle path {bundle}, not "
-                                  f"{expected}")
-                return
-            if not (bundle / "manifest.json").is_file():
-                raise FgmError(f"{bundle}: node {value['node']} wrote this run bundle, but "
-                               f"this driver does not see it; --out must be storage that "
-                               f"every node and the driver share")
-            self.trained += 1
-            job.reported = True
-            o = value["outcome"]
-            self.not_converged += not o.get("converged", False)
-            gpu = (f", {value['gpu_memory'] / 2**20:.0f} MiB GPU" if value.get("gpu_memory")
-                   else "")
-            how = ("finished earlier (its bundle was on disk)" if value.get("reused") else
-                   f"{value['seconds']:.1f} s on {value['node']}{gpu}")
-            self.display.line(
-                f"[{self.trained}/{len(p.todo)}] {job.label}: "
-                f"{'converged' if o.get('converged') else 'NOT converged'} in "
-                f"{o.get('steps')} steps ({how}), train ce {o.get('train_loss', math.nan):.4f}, "
-                f"gap {o.get('gap', math.nan):.4f}")
-            if p.no_ingest:
-                self.display.done += 1
-                return
-        if not job.stored:
-            try:
-                prepared = prepare_bundle(p.out / job.model_id)
-                if prepared.model_id != job.model_id:
-                    raise InputError(p.out / job.model_id, f"the bundle is of model "
-                                     f"{prepared.model_id}, not {job.model_id}")
-                with briefly(p.db) as con:
-                    store_bundle(con, prepared)
-            except InputError as exc:    # the bundle on disk stays the record of it
-                self._failed(job, f"its bundle was refused: {exc}", store=False)
-                return
-            job.stored = True
-        names = [] if p.no_measures else self._missing_measures([job.model_id]).get(
-            job.model_id, [])
-        if names:
-            self.queue.appendleft(Job("measure", job.model_id, job.label, names=names,
-                                      first=False))
-        else:
-            self.display.done += 1
-
-    def _failed(self, job: Job, why: str, store: bool = True) -> None:
-        p = self.plan
-        stored = ""
-        if store and not p.no_ingest:   # first: a held warehouse retries all of this
-            from fgm.ingest.failed import store_failed_model
-            from fgm.train.grid import AXES
-            g, c = p.grid, job.config
-            with briefly(p.db) as con:
-                store_failed_model(
-                    con, model_id=job.model_id, sweep=f"{g.name}/{self.data.name}",
-                    dataset=self.data.name, sweep_config=g.as_dict(), seed=job.seed,
-                    config_hash=c.hash, error=why,
-                    hyperparameters=[{"axis": a, "value": c.values[a], "level": c.levels[a]}
-                                     for a in AXES])
-            stored = " (stored as failed)"
-        self.failures.append((job.label, why))
-        self.display.failed += 1
-        self.display.line(f"FAILED {job.label}: {why}{stored}")
-
-
-def _finish_measures(cluster: Cluster, db, report, display: Display, job: Job, ok: bool,
-                     value, summary: bool = False) -> str | None:
-    """A measure task's result into the warehouse, checked as the local path's are.
-    A task that failed for good (its worker died --max-retries + 1 times) stores
-    nothing: values stored before stay, the next run measures the model again; the
-    reason is returned."""
-    from fgm.measures.runner import check_measure_rows, store_measure_rows
-    if ok and isinstance(value, dict) and "skipped" in value:
-        report.skipped.append((job.model_id, value["skipped"]))
-        display.line(f"measures of {job.label}: skipped ({value['skipped']})")
-        display.done += 1
-        return
-    if ok:
+    def result(self, ref) -> tuple[bool, object]:
         try:
-            rows = check_measure_rows(value.get("rows") if isinstance(value, dict) else value,
-                                      job.model_id, job.names)
-        except ValueError as exc:
-            report.skipped.append((job.model_id, f"rows refused: {exc}"))
-            display.line(f"measures of {job.label}: rows refused ({exc})")
-            display.failed += 1
-            return f"rows refused: {exc}"
-    else:    # not the measures' failure but the task's: nothing is stored
-        why = f"measure task failed: {cluster.failure(value)}"
-        report.skipped.append((job.model_id, f"{why}; nothing stored, run again to retry"))
-        display.failed += 1
-        display.line(f"measures of {job.label}: {why}; nothing stored, the next run "
-                     f"measures it again")
-        return why
-    store_measure_rows(db, rows, report)
-    display.done += 1
-    if summary:      # fgm-train grid: a line per model, as the local executor's
-        from .cli import _measure_summary
+            return True, self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            return False, exc
+
+    def cancel(self, ref) -> None:
         try:
-            display.line(f"measures of {job.label}{_measure_summary(db, job.model_id)}")
-        except WarehouseLocked:     # stored already: only the line is lost
-            display.line(f"measures of {job.label}: {sum(r['status'] == 'ok' for r in rows)} "
-                         f"values stored")
-    return None
+            self.ray.cancel(ref, force=True)
+        except Exception:   # noqa: BLE001 - finished meanwhile, or its node is gone
+            pass
 
-
-# --------------------------------------------------------------------------- fgm-measure
-
-def _measure_run(db, console: Console, cluster: Cluster, use_gpu: bool, *, pattern: str = "*",
-                 where: str | None = None, recompute: bool = False,
-                 data_root: Path | None = None, settings=None):
-    from fgm.measures.context import Settings
-    from fgm.measures.registry import list_measures, mirror_definitions
-    from fgm.measures.runner import SKIP_ERRORS, JobReport, model_inputs, models_to_measure
-
-    from .data import load_dataset
-    specs = list_measures(pattern)
-    if not specs:
-        names = ", ".join(s.name for s in list_measures())
-        raise FgmError(f"no measure matches {pattern!r}; measures: {names}")
-    settings = settings or Settings()
-    with briefly(db) as con:
-        mirror_definitions(con)
-        todo = models_to_measure(con, specs, where, recompute, None, settings)
-    report, start, ray = JobReport(), time.perf_counter(), cluster.ray
-    refs = {}
-    for name in todo["dataset"].unique(maintain_order=True).to_list():
-        try:
-            refs[name] = ray.put(load_dataset(name, data_root))
-        except SKIP_ERRORS as exc:
-            refs[name] = str(exc)
-    queue: deque[Job] = deque()
-    for row in todo.iter_rows(named=True):
-        if isinstance(refs[row["dataset"]], str):
-            report.skipped.append((row["model_id"], refs[row["dataset"]]))
-        else:
-            queue.append(Job("measure", row["model_id"], row["model_id"],
-                             names=list(row["measure"]), dataset=row["dataset"]))
-    console.print(f"{len(queue)} models to measure on {cluster.describe()}, up to "
-                  f"{cluster.capacity()} at a time", soft_wrap=True)
-    remote = cluster.remote(measure_task, "measure_task")
-    threads = cluster.s.cpus_per_model
-
-    def submit(job: Job):
-        with briefly(db) as con:
-            inputs = model_inputs(con, job.model_id)
-        return remote.remote(job.model_id, inputs, refs[job.dataset], job.names, settings,
-                             use_gpu, threads)
-
-    def finish(job: Job, ok: bool, value) -> None:
-        _finish_measures(cluster, db, report, display, job, ok, value)
-
-    with Display(console, "measures", len(queue)) as display:
-        try:
-            schedule(cluster, queue, display, submit, finish)
-        except KeyboardInterrupt:
-            report.seconds = time.perf_counter() - start
-            click.echo(f"interrupted: {report}", err=True)
-            raise SystemExit(130) from None
-    report.seconds = time.perf_counter() - start
-    return report
+    def failure(self, exc: BaseException) -> str:
+        return self.cluster.failure(exc)

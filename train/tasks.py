@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,27 @@ import torch
 from .bundle import write_bundle
 from .data import Data
 from .grid import Config, Grid
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset as a task receives it from a local pool: loaded once per worker
+    process (the arrays themselves never cross a pipe)."""
+    name: str
+    root: Path | None = None
+    download: bool = False
+
+
+_loaded: dict[DataSpec, Data] = {}
+
+
+def _resolve(data: Data | DataSpec) -> Data:
+    if isinstance(data, DataSpec):
+        if data not in _loaded:
+            from .data import load_dataset
+            _loaded[data] = load_dataset(data.name, data.root, data.download)
+        return _loaded[data]
+    return data
 
 
 class OutNotWritable(Exception):
@@ -39,25 +61,30 @@ def _device(use_gpu: bool, threads: int) -> torch.device:
     return torch.device("cuda" if use_gpu else "cpu")
 
 
-def train_task(grid: Grid, config: Config, seed: int, model_id: str, data: Data, out: str,
+def train_task(grid: Grid, config: Config, seed: int, model_id: str, data: Data | DataSpec,
+               out: str,
                use_gpu: bool, threads: int, precision: str | None = None,
                compile: bool = False) -> dict:
     """Train one model into its run bundle under `out`; return where it is and how
     it went (the driver checks and ingests the bundle itself)."""
-    from .bundle import is_complete
-    from .cli import manifest_for
+    from .bundle import is_complete, manifest_for
     from .loop import train_one
+    from .pool import report
     if is_complete(Path(out), model_id):   # a retry of a task whose worker died after
         return finished_bundle(Path(out), model_id)   # writing it: never trained twice
     _check_writable(Path(out))             # before the training, not after it
     device = _device(use_gpu, threads)
     if use_gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    data = data.to(device)
+    data = _resolve(data).to(device)
+
+    def on_step(step: int, estimate: float) -> None:
+        if step % 50 == 0:
+            report("train", step, estimate)
     start = time.perf_counter()
     result = train_one(config, data, grid.train, seed, device, precision=precision,
-                       compile=compile)
-    manifest = manifest_for(grid, config, seed, data, result, device)
+                       compile=compile, on_step=on_step)
+    manifest = manifest_for(grid, config, seed, data, result, device, threads)
     try:
         bundle = write_bundle(Path(out), model_id, manifest,
                               {"init": result.init_state, "epoch1": result.epoch1_state,
@@ -98,11 +125,17 @@ def measure_task(model_id: str, inputs, data: Data, names: list[str], settings,
     """One model's missing measures: {'rows': [...]} (plain rows, see
     measures.runner.compute_model_measures), or {'skipped': why} when the model
     cannot be rebuilt here (its checkpoints not visible on this node, say)."""
+    from fgm.measures.context import measure_layout
     from fgm.measures.runner import SKIP_ERRORS, compute_model_measures
+
+    from .pool import report
     device = _device(use_gpu, threads)
+    start = time.perf_counter()
     try:
-        rows = compute_model_measures(model_id, inputs, data.to(device), names, settings,
-                                      device)
+        data = _resolve(data).to(device)
+        data.x_train = measure_layout(data.x_train)
+        rows = compute_model_measures(model_id, inputs, data, names, settings, device,
+                                      progress=lambda name, i, n: report("measure", name, i, n))
     except SKIP_ERRORS as exc:
         return {"skipped": f"{exc} (on node {node()})", "node": node()}
-    return {"rows": rows, "node": node()}
+    return {"rows": rows, "node": node(), "seconds": time.perf_counter() - start}
