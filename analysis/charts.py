@@ -7,6 +7,31 @@ import altair as alt
 import polars as pl
 
 WIDTH = 520
+PAGE_WIDTH = 1200       # the report's content width (its body's max-width), in px
+LABEL_LIMIT = 180       # a heatmap's row labels (measure names) are cut with … past this
+
+# Colours for an axis's values (training curves, a measure against the gap): Vega's
+# category10, whose first colours differ in hue (blue, orange, green, red, ...), not
+# tableau10 (Vega-Lite's default), whose second and third colours, orange and a salmon
+# red, look alike on thin translucent lines. Past ten values no scheme keeps every value
+# apart: category20 then.
+CATEGORY10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+              "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def category_scale(order: list[str] | None) -> alt.Scale:
+    """A categorical scale whose colours are clearly told apart, in the values' order."""
+    if order is not None and len(order) <= len(CATEGORY10):
+        return alt.Scale(domain=order, range=CATEGORY10[:len(order)])
+    return alt.Scale(scheme="category20")
+
+
+def tidy(value: pl.Expr, digits: int) -> pl.Expr:
+    """value rounded to what is shown, with no negative zero: -0.0004 and float noise of
+    an exact zero such as -1.85e-17 both become 0."""
+    rounded = value.round(digits)
+    return (pl.when(rounded.is_null() | (rounded != 0)).then(rounded)   # value's name, nulls
+            .otherwise(pl.lit(0.0)))
 
 
 def converged_per_level(models: pl.DataFrame) -> alt.Chart:
@@ -57,15 +82,16 @@ def heatmap(table: pl.DataFrame, columns: list[str], title: str, *,
     long = (table.select(["measure", *columns]).rename(dict(zip(columns, names, strict=True)))
             .unpivot(index="measure", variable_name="column", value_name="value")
             .drop_nulls("value")
-            .with_columns(pl.col("value").round(3).alias("label"),
-                          ink(pl.col("value"), diverging).alias("ink")))
+            .with_columns(tidy(pl.col("value"), 2).alias("label"),
+                          ink(pl.col("value"), diverging).alias("ink"))
+            .with_columns(tidy(pl.col("value"), 3)))
     scale = (alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True) if diverging
              else alt.Scale(scheme="viridis", domain=[0, 1]))
     order = table["measure"].to_list()
     base = alt.Chart(long).encode(
         x=alt.X("column:N", sort=names, title=None, axis=alt.Axis(labelAngle=-40,
                                                                  orient="top")),
-        y=alt.Y("measure:N", sort=order, title=None))
+        y=alt.Y("measure:N", sort=order, title=None, axis=alt.Axis(labelLimit=LABEL_LIMIT)))
     cells = base.mark_rect().encode(
         color=alt.Color("value:Q", scale=scale, title="τ" if diverging else "CMI"),
         tooltip=["measure", "column", "value"])
@@ -74,17 +100,25 @@ def heatmap(table: pl.DataFrame, columns: list[str], title: str, *,
                                                              scale=alt.Scale(
                                                                  domain=["black", "white"],
                                                                  range=["black", "white"])))
-    return (cells + text).properties(width=60 * len(columns), height=16 * len(order),
-                                     title=title)
+    return (cells + text).properties(width=heatmap_step(len(columns)) * len(columns),
+                                     height=16 * len(order), title=title)
+
+
+def heatmap_step(n_columns: int) -> int:
+    """A heatmap column's width: 60 px, narrower when that would make the chart (its
+    row labels, cells, the angled column labels' overhang and the legend) wider than
+    the page, but never below what a cell's label "-0.00" needs."""
+    room = PAGE_WIDTH - LABEL_LIMIT - 10 - 40 - 80   # labels, padding, overhang, legend
+    return max(30, min(60, room // max(1, n_columns)))
 
 
 def traces(points: pl.DataFrame, color: str, order: list[str] | None = None) -> alt.Chart:
     """Training curves: estimated cross-entropy against step, one line per model."""
-    return alt.Chart(points).mark_line(opacity=0.6, strokeWidth=1).encode(
+    return alt.Chart(points).mark_line(opacity=0.7, strokeWidth=1.5).encode(
         x=alt.X("step:Q", title="step"),
         y=alt.Y("train_loss:Q", scale=alt.Scale(type="log"), title="training cross-entropy"),
         detail="model_id:N",
-        color=alt.Color(f"{color}:N", title=color, sort=order),
+        color=alt.Color(f"{color}:N", title=color, sort=order, scale=category_scale(order)),
         tooltip=["model_id", "step", "train_loss", color],
     ).properties(width=WIDTH, height=260, title=f"Training curves, coloured by {color}")
 
@@ -95,7 +129,7 @@ def measure_vs_gap(frame: pl.DataFrame, measure: str, color: str, log: bool,
     return alt.Chart(frame).mark_circle(size=40, opacity=0.7).encode(
         x=alt.X("value:Q", title=measure, scale=alt.Scale(type="log" if log else "linear")),
         y=alt.Y("gap:Q", title="generalization gap"),
-        color=alt.Color(f"{color}:N", title=color, sort=order),
+        color=alt.Color(f"{color}:N", title=color, sort=order, scale=category_scale(order)),
         tooltip=["model_id", "value", "gap", color],
     ).properties(width=WIDTH, height=320, title=f"{measure} against the gap")
 

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import html
 import json
+import re
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -76,21 +77,55 @@ def level_order(hp: pl.DataFrame, axis: str) -> list[str]:
             .sort("level", "value")["value"].to_list())
 
 
+def number(v: float, digits: int = 3) -> str:
+    """A table's number as shown: rounded to `digits` decimals first, so that neither a
+    small negative (-0.0004) nor float noise of an exact zero (-1.85e-17) prints as
+    "-0.000"; 0.000 then."""
+    rounded = round(v, digits)
+    return f"{0.0 if rounded == 0 else rounded:.{digits}f}"
+
+
+def _header(column: str) -> str:
+    """A column's header, free to wrap where it reads well, so that headers do not make
+    a table wider than the page: after each '_' of a name (weight_<wbr>decay), and the
+    paper's labels only before |S| ("min" above "|S| = 1", never "|S| =" above "1")."""
+    label = charts.COLUMN_LABELS.get(column)
+    if label is not None:
+        return re.sub(r"\|S\| = \d+", lambda m: f"<span class='nowrap'>{m.group(0)}</span>",
+                      html.escape(label))
+    return html.escape(column).replace("_", "_<wbr>")
+
+
+# Counts that describe how a row was computed rather than what it found: when one value
+# holds for every row, it is said once under the table instead of filling a column.
+BOOKKEEPING = ("n_models", "draws", "seeds", "unconverged_searches")
+
+
 def _table_html(frame: pl.DataFrame) -> str:
-    """The table in a box that scrolls sideways when it is wider than the page; the
-    paper's column names (|S| = 0 ...), and no column that is empty throughout."""
+    """The table, as narrow as its cells allow (headers wrap, an argmin such as
+    dropout+width may too), so that it fits the page and every header is seen whole; a
+    box that scrolls sideways only when it is still wider. The paper's column names
+    (|S| = 0 ...), no column that is empty throughout, and the bookkeeping counts that
+    are the same in every row said once, below."""
     frame = frame.select([c for c in frame.columns if frame[c].null_count() < frame.height])
+    same = {c: frame[c].drop_nulls()[0] for c in BOOKKEEPING
+            if c in frame.columns and frame.height > 1 and frame[c].drop_nulls().n_unique() == 1}
+    frame = frame.drop(list(same))
 
     def cell(v):
         if v is None:
             return ""
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
-    head = "".join(f"<th>{html.escape(charts.COLUMN_LABELS.get(c, c))}</th>"
-                   for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for row in frame.iter_rows())
+        if isinstance(v, float):
+            return number(v)
+        return html.escape(str(v)).replace("+", "+<wbr>")
+    head = "".join(f"<th>{_header(c)}</th>" for c in frame.columns)
+    def td(v):
+        return f"<td class='text'>{cell(v)}</td>" if isinstance(v, str) else f"<td>{cell(v)}</td>"
+    body = "".join("<tr>" + "".join(td(v) for v in row) + "</tr>" for row in frame.iter_rows())
+    note = ("<p class='note'>In every row that has it: " + ", ".join(
+        f"{html.escape(c)} = {cell(v)}" for c, v in same.items()) + ".</p>" if same else "")
     return (f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table></div>")
+            f"<tbody>{body}</tbody></table></div>{note}")
 
 
 def _selection_html(sel: Selection, models) -> str:
@@ -195,7 +230,8 @@ def _paper_section(con: duckdb.DuckDBPyConnection, sel: Selection):
          for r in rows for q, k in (("Ψ", "Psi"), ("K", "K"))
          if r.get(f"paper_{k}") is not None and r.get(k) is not None],
         schema={"measure": pl.String, "quantity": pl.String, "paper": pl.Float64,
-                "here": pl.Float64, "sign": pl.String})
+                "here": pl.Float64, "sign": pl.String}).with_columns(
+        charts.tidy(pl.col("paper"), 3), charts.tidy(pl.col("here"), 3))   # as the tooltips say
     a = res["agreement"]
     words = [f"The sign of Ψ agrees for {a['Psi_sign_agree']} of {a['Psi_sign_compared']} "
              "measures"]
@@ -218,6 +254,27 @@ def _paper_section(con: duckdb.DuckDBPyConnection, sel: Selection):
     return ("paper_vs_here", heading, chart, text + _table_html(table))
 
 
+def model_counts(converged: list[bool | None]) -> str:
+    """The header's count of models, by convergence, in words: every part that is not
+    zero, each said once ("30 models (27 converged, 2 of unknown convergence and 1 not
+    converged)", "12 models (all converged)", "3 models (none converged)")."""
+    n = len(converged)
+    parts = [(sum(c is True for c in converged), "converged"),
+             (sum(c is None for c in converged), "of unknown convergence"),
+             (sum(c is False for c in converged), "not converged")]
+    parts = [(k, words) for k, words in parts if k]
+    text = f"{n} model{'' if n == 1 else 's'}"
+    if not parts:
+        return text
+    if len(parts) == 1:
+        words = parts[0][1]
+        if n > 1:
+            words = "none converged" if words == "not converged" else f"all {words}"
+        return f"{text} ({words})"
+    said = [f"{k} {words}" for k, words in parts]
+    return f"{text} ({', '.join(said[:-1])} and {said[-1]})"
+
+
 def _write(out: Path, sections, outcomes: pl.DataFrame, every, sel: Selection) -> Path:
     blocks, images = [], []
     for i, (name, heading, chart, extra) in enumerate(sections):
@@ -230,25 +287,28 @@ def _write(out: Path, sections, outcomes: pl.DataFrame, every, sel: Selection) -
     specs = script_json({f"c{i}": spec(c) for i, (_, _, c, _) in enumerate(sections)
                          if c is not None})
     datasets = ", ".join(sorted(outcomes["dataset"].unique().to_list()))
-    n_conv = int(outcomes["included"].sum())
+    counts = model_counts(outcomes["converged"].to_list())
+    used = (", with those of unknown convergence" if outcomes["converged"].null_count() else "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fgm report</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; color: #222;
+       max-width: {charts.PAGE_WIDTH}px; }}
 h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; margin-top: 2em; }}
-table {{ border-collapse: collapse; font-size: 0.8em; margin-top: 1em; }}
-td, th {{ border-bottom: 1px solid #ddd; padding: 2px 6px; text-align: right; }}
-td:first-child, td:nth-child(2), th {{ text-align: left; }}
+table {{ border-collapse: collapse; font-size: 0.75em; margin-top: 1em; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 2px 4px; text-align: right; }}
+td.text, th {{ text-align: left; }}
 th {{ position: sticky; top: 0; background: #fff; }}
 .scroll {{ overflow-x: auto; max-width: 100%; }}
+th {{ vertical-align: bottom; }} .nowrap {{ white-space: nowrap; }}
 .files, .note {{ color: #666; font-size: 0.85em; }}
 section > div[id] {{ overflow-x: auto; }}
 </style></head><body>
 <h1>Generalization measures: report</h1>
-<p>{len(every.ids)} models ({n_conv} converged or of unknown convergence) on
+<p>{counts} on
 {html.escape(datasets)}; generated {datetime.now().strftime('%Y-%m-%d %H:%M')} by fgm.
 {_selection_html(sel, every)}</p>
-<p>Tables 5 and 6 use the converged models only (Figure 1 shows all); τ is Kendall's
+<p>Tables 5 and 6 use the converged models only{used} (Figure 1 shows all); τ is Kendall's
 τ_a over pairs of models; ψ_i averages τ over groups of models that share every other
 axis's level; Ψ is the mean of the ψ_i.</p>
 {''.join(blocks)}

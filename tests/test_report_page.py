@@ -4,6 +4,8 @@ dark cells of the heatmaps.
 
 Needs Debian's chromium-headless-shell (.ci/run installs it); skipped without it."""
 
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -95,3 +97,52 @@ def test_the_paper_section_renders_at_1280_px(db, tmp_path):
     section = dom.split("The paper and this warehouse")[1].split("</section>")[0]
     assert 'class="marks"' in section                  # its chart was drawn
     assert "Ψ in the paper" in section and "K in the paper" in section
+
+
+# Appended like PROBE: the headers of the tables and the charts that run past their box
+# (cut off, or seen only by scrolling sideways).
+CLIP_PROBE = """<script>
+setTimeout(() => {
+  const clipped = [];
+  for (const th of document.querySelectorAll('.scroll th')) {
+    const box = th.closest('.scroll').getBoundingClientRect();
+    if (th.getBoundingClientRect().right > Math.min(box.right, window.innerWidth) + 0.5)
+      clipped.push(th.closest('section').querySelector('h2').textContent.split(':')[0]
+                   + ' / ' + th.textContent);
+  }
+  for (const svg of document.querySelectorAll('section svg.marks')) {
+    const section = svg.closest('section');
+    if (svg.getBoundingClientRect().right > section.getBoundingClientRect().right + 0.5)
+      clipped.push(section.querySelector('h2').textContent.split(':')[0] + ' (chart)');
+  }
+  const p = document.createElement('pre'); p.id = 'clipped';
+  p.textContent = JSON.stringify(clipped);
+  document.body.appendChild(p);
+}, 3000);
+</script></body>"""
+
+# Measure names of the length fgm's own have, on the paper's seven axes.
+LONG_NAMES = ["sum_of_spec_over_margin", "pac_sharpness_mag_orig", "path_norm_over_margin",
+              "steps_0.1_to_0.01_loss", "prod_of_fro_over_margin", "pacbayes_mag_flatness"]
+
+
+def test_every_column_header_is_within_the_page(db, tmp_path):
+    """Tables 5 and 6 have a column per axis and their statistics' columns (Table 6's
+    last one was cut off): each header is seen whole at 1280 px, none past the table's
+    box or the window, and each chart fits its section."""
+    table = synthetic_table(n_measures=6).sample(300, seed=1).rename(
+        {f"complexity.measure_{i:02d}": f"complexity.{n}" for i, n in enumerate(LONG_NAMES)})
+    build_warehouse(db, table)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(query, ["report", "--out", str(out), "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    text = (out / "index.html").read_text()
+    # counts the same in every row are said once under the table, not given a column
+    assert "In every row that has it: n_models = 300, draws = 10" in text
+    probed = tmp_path / "probed.html"
+    head, _, tail = text.rpartition("</body>")
+    probed.write_text(head + CLIP_PROBE + tail)
+    dom = browse(probed, "--dump-dom").stdout
+    found = re.search(r'<pre id="clipped">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    assert json.loads(html.unescape(found.group(1))) == []

@@ -197,3 +197,93 @@ def test_plot_measure_against_gap(seeded, tmp_path):
     bad = CliRunner().invoke(query, ["plot", "-m", "m", "--color", "colour", "--db", str(db),
                                      "--out", str(out)])
     assert bad.exit_code == 1 and "unknown axis 'colour'" in bad.output
+
+
+# Report polish (#22): the header's count of models, float noise in the tables, the
+# training curves' colours.
+
+def test_report_header_counts_models_by_convergence_in_plain_words(seeded, tmp_path):
+    db, _ = seeded
+    con = connect(db)   # 6 models converged, 6 not, 6 of unknown convergence
+    con.execute("UPDATE outcomes SET converged = CASE WHEN model_id LIKE 's0-%' THEN true "
+                "WHEN model_id LIKE 's1-%' THEN false END")
+    con.close()
+    out = tmp_path / "rep"
+    run("report", "--out", out, "--draws", "3", "--db", db)
+    page = (out / "index.html").read_text()
+    assert "<p>18 models (6 converged, 6 of unknown convergence and 6 not converged) on" in page
+
+
+@pytest.mark.parametrize("converged, text", [
+    ([True] * 27, "27 models (all converged)"),
+    ([None] * 27, "27 models (all of unknown convergence)"),
+    ([False] * 2, "2 models (none converged)"),
+    ([True], "1 model (converged)"),
+    ([False], "1 model (not converged)"),
+    ([True] * 25 + [None] * 2, "27 models (25 converged and 2 of unknown convergence)"),
+    ([True] * 25 + [False] * 2, "27 models (25 converged and 2 not converged)"),
+    ([None] * 25 + [False], "26 models (25 of unknown convergence and 1 not converged)"),
+    ([True] * 27 + [None] * 2 + [False],
+     "30 models (27 converged, 2 of unknown convergence and 1 not converged)"),
+    ([], "0 models"),
+])
+def test_model_counts_say_each_count_once(converged, text):
+    from fgm.analysis.report import model_counts
+    said = model_counts(converged)
+    assert said == text
+    assert not re.search(r"\b(\w+) \1\b", said)          # no "or or", no word twice in a row
+
+
+def test_report_tables_print_no_negative_zero_or_float_noise():
+    from fgm.analysis.charts import heatmap
+    from fgm.analysis.report import _table_html
+    t5 = pl.DataFrame({"kind": ["measure"] * 4, "measure": ["a", "b", "c", "d"],
+                       "tau": [-0.0004, -1.85037e-17, 0.1234, -0.0006],
+                       "Psi": [-0.0, 1e-19, None, 0.5]})
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", _table_html(t5))
+    assert [c for i, c in enumerate(cells) if i % 4 >= 2] == [   # tau and Psi, row by row
+        "0.000", "0.000", "0.000", "0.000", "0.123", "", "-0.001", "0.500"]
+    # the heatmap's labels (2 decimals) and tooltips (3): no -0.00, no 1.85e-17
+    data = heatmap(t5, ["tau", "Psi"], "τ", diverging=True).to_dict()["datasets"]
+    rows = {(r["measure"], r["column"]): r for r in next(iter(data.values()))}
+    for key in [("a", "tau"), ("b", "tau"), ("a", "Psi"), ("b", "Psi")]:
+        assert rows[key]["value"] == 0 and rows[key]["label"] == 0
+        assert math.copysign(1, rows[key]["value"]) == math.copysign(1, rows[key]["label"]) == 1
+    assert rows[("d", "tau")]["value"] == -0.001 and rows[("d", "tau")]["label"] == 0
+    assert rows[("c", "tau")]["value"] == 0.123 and rows[("c", "tau")]["label"] == 0.12
+    assert "e-1" not in json.dumps(data) and "-0.0," not in json.dumps(data)
+
+
+def lab(colour):
+    """CIE L*a*b* of an sRGB '#rrggbb' (D65)."""
+    rgb = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    m = [[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]
+    xyz = [sum(m[i][j] * lin[j] for j in range(3)) / n
+           for i, n in enumerate((0.95047, 1.0, 1.08883))]
+    fx, fy, fz = (t ** (1 / 3) if t > (6 / 29) ** 3 else t / (3 * (6 / 29) ** 2) + 4 / 29
+                  for t in xyz)
+    return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
+
+
+def test_training_curves_colour_each_value_distinctly(seeded, tmp_path):
+    """Batch sizes 32, 64 and 128 were drawn in tableau10's orange and salmon red, which
+    look alike on thin lines: the curves' colours are categorical and far apart."""
+    db, _ = seeded
+    out = tmp_path / "rep"
+    run("report", "--out", out, "--draws", "3", "--color", "depth", "--db", db)
+    page = (out / "index.html").read_text()
+    traces = list(json.loads(re.search(r"const specs = (\{.*?\});\n", page, re.S)
+                             .group(1)).values())[-1]
+    scale = traces["encoding"]["color"]["scale"]
+    assert scale["domain"] == ["2", "4", "8"]              # in level order
+    colours = scale["range"]
+    assert len(colours) == 3
+    tableau = ["#4c78a8", "#f58518", "#e45756"]           # the old default's first three
+    assert min(math.dist(lab(a), lab(b)) for a, b in itertools.combinations(tableau, 2)) < 60
+    assert min(math.dist(lab(a), lab(b)) for a, b in itertools.combinations(colours, 2)) > 60
+    # and so for up to ten values: every pair still apart
+    from fgm.analysis.charts import category_scale
+    ten = category_scale([str(i) for i in range(10)]).to_dict()["range"]
+    assert len(set(ten)) == 10
+    assert min(math.dist(lab(a), lab(b)) for a, b in itertools.combinations(ten, 2)) > 25
