@@ -1,5 +1,6 @@
-"""The README's evaluation queries, run literally with fgm-query sql on a warehouse
-whose evaluations are known: two rounds of `table`, models landing in between."""
+"""The evaluation queries of docs/warehouse.md (the README links there), run
+literally with fgm-query sql on a warehouse whose evaluations are known: two rounds
+of `table`, models landing in between."""
 
 import itertools
 import json
@@ -18,14 +19,14 @@ from fgm.analysis.cli import main as query
 from fgm.measures.registry import mirror_definitions
 from fgm.warehouse import connect
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "warehouse.md"
 DEPTHS, WIDTHS = [2, 4, 8], [16, 32, 64]
 MEASURES = {"prod_of_spec": "spectral", "sum_of_spec": "spectral", "path_norm": "norms",
             "param_norm": "norms"}
 
 
-def readme_queries() -> list[str]:
-    section = README.read_text().split("### Evaluations in SQL", 1)[1].split("\n## ", 1)[0]
+def page_queries() -> list[str]:
+    section = PAGE.read_text().split("\n## Evaluations in SQL\n", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     return re.findall(r'fgm-query sql "(.*?)"', block, flags=re.S)
 
@@ -78,15 +79,15 @@ def evaluated(db):
     return db, first, full
 
 
-def test_the_readme_has_three_evaluation_queries():
-    queries = readme_queries()
+def test_the_docs_have_three_evaluation_queries():
+    queries = page_queries()
     assert len(queries) == 3 and all(q.startswith("SELECT") for q in queries)
 
 
-def test_the_readme_evaluation_queries_answer_what_they_say(evaluated):
+def test_the_docs_evaluation_queries_answer_what_they_say(evaluated):
     db, first, full = evaluated
     q_spectral, q_families, q_history = [
-        json.loads(run("sql", q, "--db", db, "--format", "json")) for q in readme_queries()]
+        json.loads(run("sql", q, "--db", db, "--format", "json")) for q in page_queries()]
 
     # Ψ of every spectral measure on the depth ≥ 4 models, newest first, the older stale
     deep_first, deep_full = (t.filter(pl.col("hp.depth") >= 4) for t in (first, full))
