@@ -126,8 +126,8 @@ def sql(query: str, timeout: float, memory_limit: str, max_rows: int | None, db:
         fmt: str) -> None:
     """Run a SELECT on the warehouse. Tables: models, hyperparameters, outcomes,
     measures, traces, checkpoints, sweeps, evaluations, evaluation_values; views:
-    model_measures, model_outcomes, model_levels, measure_summary, hp_wide (a column
-    per axis), latest_evaluation, evaluation_status, evaluation_families.
+    model_measures, model_outcomes, model_levels, measure_summary, measure_reasons, hp_wide (a
+    column per axis), latest_evaluation, evaluation_status, evaluation_families.
 
     Rows stream out in batches, so memory stays bounded whatever the size of the
     answer; --timeout covers the whole command, printing included."""
@@ -241,9 +241,10 @@ def _searches_note(n: int, filtered: bool, what: str = "the values") -> str | No
 
 convention_option = click.option(
     "--convention", type=click.Choice(["spec", "paper"]), default="spec", show_default=True,
-    help="spec: SPEC's definitions. paper: the paper's own, as its tables show them: CMI "
-         "slices weighted equally (App. B.1), Table 6's |S| = 1 as the least unnormalised "
-         "information (bits), Table 10's std of Ψ as sqrt(Σ σ_i²)/k (README: Evaluation).")
+    help="spec: the definitions of docs/evaluation.md. paper: the paper's own, as its "
+         "tables show them: CMI slices weighted equally (App. B.1), Table 6's |S| = 1 as "
+         "the least unnormalised information (bits), Table 10's std of Ψ as "
+         "sqrt(Σ σ_i²)/k (docs/evaluation.md).")
 
 
 pool_option = click.option(

@@ -87,7 +87,8 @@ def _strip(node: object) -> object:
 def _refuse(where: str, why: str, columns: list[str]) -> FgmError:
     return FgmError(f"--where {where!r}: {why}. A predicate is one boolean expression over "
                     f"the columns {', '.join(columns)} (comparisons, AND/OR/NOT, IN, BETWEEN, "
-                    "IS NULL, LIKE, arithmetic, CASE and simple functions); see the README.")
+                    "IS NULL, LIKE, arithmetic, CASE and simple functions); see "
+                    "docs/evaluation.md.")
 
 
 def _check_expression(node: object, where: str, columns: list[str]) -> None:

@@ -54,10 +54,10 @@ def _check_where(db, where: str) -> None:
 @click.option("--seed", type=click.IntRange(0, MAX_SEED - 1), default=0, show_default=True,
               help=f"Seed of the perturbation searches, 0 to {MAX_SEED - 1:,}.")
 @click.option("--budget", type=click.Choice(list(BUDGETS)), default="paper", show_default=True,
-              help="Budget of the σ, σ', α, α' searches (README: Complexity measures).")
+              help="Budget of the σ, σ', α, α' searches (docs/measures.md).")
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
               help="Override one setting of the budget, e.g. --set draws=2048 (repeatable; "
-                   "README: Complexity measures has each one's range).")
+                   "docs/measures.md has each one's range).")
 @click.option("--list", "list_only", is_flag=True, help="List the registered measures and exit.")
 @db_option
 @format_option

@@ -79,7 +79,8 @@ def test_the_same_models_under_another_sweep_are_a_conflict(wh, tmp_path):
 
 def test_cli_replace_flag(wh, tmp_path):
     from fgm.ingest.cli import main as ingest_cli
-    path = write(tmp_path, "model_id,hp.width,hp.depth,gen.gap\nb,999,2,0.5\n")
+    # width 999 gets a level of its own: the sweep's level 0 is width 24
+    path = write(tmp_path, "model_id,hp.width,level.width,hp.depth,gen.gap\nb,999,5,2,0.5\n")
     out = CliRunner().invoke(ingest_cli, [str(path), "--db", str(wh), "--sweep", "first"])
     assert out.exit_code == 1 and "--replace" in out.output
     out = CliRunner().invoke(ingest_cli, [str(path), "--db", str(wh), "--sweep", "first",

@@ -430,8 +430,9 @@ def test_a_reader_holding_the_warehouse_costs_a_wait_not_the_tasks_in_flight(hea
 
     from rich.console import Console
 
+    from fgm.train.driver import Display, Job, schedule
     from fgm.train.executor import ExecutorSettings
-    from fgm.train.ray_executor import Cluster, Display, Job, schedule
+    from fgm.train.ray_executor import RayBackend
     from fgm.warehouse import WarehouseLocked
 
     held = {"submit": 2, "finish": 3}
@@ -449,12 +450,12 @@ def test_a_reader_holding_the_warehouse_costs_a_wait_not_the_tasks_in_flight(hea
             raise WarehouseLocked("w.duckdb: the warehouse is in use by another process")
         written.append((job.model_id, ok, value))
 
-    with Cluster(ExecutorSettings("ray", head.address)) as cluster:
-        remote = cluster.remote(posixpath.basename, "basename")
+    with RayBackend(ExecutorSettings("ray", head.address), "cpu") as backend:
+        remote = backend.cluster.remote(posixpath.basename, "basename")
         queue = deque(Job("train", f"m{i}", f"m{i}") for i in range(5))
         text = io.StringIO()
         with Display(Console(file=text), "t", 5) as display:
-            schedule(cluster, queue, display, submit, finish)
+            schedule(backend, queue, display, submit, finish)
     assert sorted(written) == [(f"m{i}", True, f"m{i}") for i in range(5)]
     assert held == {"submit": 0, "finish": 0}
     assert display.started == 5
