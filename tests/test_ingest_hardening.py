@@ -53,7 +53,9 @@ def test_a_model_id_reused_for_another_model_is_a_conflict(wh, tmp_path):
 
 
 def test_replace_overwrites_the_model_whole(wh, tmp_path):
-    text = "model_id,hp.width,hp.optimizer,gen.gap,complexity.other\nb,999,sgd,0.5,7\n"
+    # the sweep's axes (a sweep's models have the same ones), values and levels of its own
+    text = ("model_id,hp.width,level.width,hp.depth,level.depth,gen.gap,complexity.other\n"
+            "b,999,5,8,5,0.5,7\n")
     summary = ingest(wh, write(tmp_path, text), sweep="first", replace=True)
     assert summary.models == (0, 1, 0)
     con = connect(wh, read_only=True)
@@ -62,8 +64,8 @@ def test_replace_overwrites_the_model_whole(wh, tmp_path):
     measures = con.sql("SELECT measure FROM measures WHERE model_id = 'b'").fetchall()
     gap = con.sql("SELECT gap FROM outcomes WHERE model_id = 'b'").fetchall()[0][0]
     con.close()
-    # nothing of the old model b survives beside the new one: no depth, no measure m
-    assert hp == {"width": "999", "optimizer": "sgd"}
+    # nothing of the old model b survives beside the new one: no old value, no measure m
+    assert hp == {"width": "999", "depth": "8"}
     assert measures == [("other",)] and gap == 0.5
 
 

@@ -22,6 +22,7 @@ from fgm.warehouse import connect
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).parent))
 import pool_tasks  # noqa: E402 - the tasks must import in a spawned worker
+from test_ray import GRID  # noqa: E402 - the tiny grid of max_steps={steps}
 
 
 def run_all(pool: LocalPool, tickets: list) -> None:
@@ -86,23 +87,6 @@ def test_workers_is_the_local_executors_option(grid_file):
 
 # --------------------------------------------------------------------------- grids
 
-GRID = """
-name = "tiny"
-dataset = "digits"
-[axes]
-width = [24, 32]
-depth = [2, 3]
-dropout = [0.0]
-batch_size = [128]
-optimizer = ["adam"]
-learning_rate = [1e-3]
-weight_decay = [0.0]
-[train]
-max_steps = {steps}
-lr_drop_steps = [40]
-estimate_batches = 10
-trace_every = 10
-"""
 
 
 def finals(out: Path) -> dict[str, str]:

@@ -128,23 +128,25 @@ def _secure(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     macro in it would shadow a built-in such as list_contains and change what fgm's
     queries mean)."""
     con.execute("SET enable_external_access = false")
-    # DuckDB finds names whatever their case: a view "Outcomes" answers for outcomes
-    kinds = dict(con.execute(
-        "SELECT lower(table_name), table_type FROM information_schema.tables "
-        "WHERE table_schema = 'main' AND table_catalog = current_database()").fetchall())
-    fake = sorted(t for t in FGM_TABLES if kinds.get(t, "BASE TABLE") != "BASE TABLE")
-    if fake:
-        raise FgmError(
-            f"{path}: {', '.join(fake)} should be a table but is a {kinds[fake[0]].lower()} "
-            "in this file: it was not written by fgm, or was altered. fgm does not read it.")
+    # first the functions, and no function call of fgm's own before: a macro of the
+    # file's named like a built-in (lower, list_contains) would be what ran
     macros = [name for (name,) in con.execute(
         "SELECT DISTINCT function_name FROM duckdb_functions() WHERE NOT internal "
-        "AND database_name = current_database() ORDER BY 1").fetchall()]
+        "ORDER BY 1").fetchall()]
     if macros:
         raise FgmError(
             f"{path}: the file defines SQL functions of its own ({', '.join(macros[:5])}), "
             "which would change what fgm's queries mean; an fgm warehouse has none. "
             "fgm does not read it.")
+    # DuckDB finds names whatever their case: a view "Outcomes" answers for outcomes
+    kinds = {name.lower(): kind for name, kind in con.execute(
+        "SELECT table_name, table_type FROM information_schema.tables "
+        "WHERE table_schema = 'main' AND table_catalog = current_database()").fetchall()}
+    fake = sorted(t for t in FGM_TABLES if kinds.get(t, "BASE TABLE") != "BASE TABLE")
+    if fake:
+        raise FgmError(
+            f"{path}: {', '.join(fake)} should be a table but is a {kinds[fake[0]].lower()} "
+            "in this file: it was not written by fgm, or was altered. fgm does not read it.")
 
 
 class NotAWarehouse(FgmError):
