@@ -9,7 +9,7 @@ perturbation searches' reproducibility.
    sharpness_mag_flatness; the suite ≤ 10 s on CPU.
 2. --budgets: the suite with each named budget (fast, paper, thorough).
 3. --sweep: how α and α' move as the ascent budget grows (steps x restarts +
-   confirming restarts), over seeds 0-3: the paper budget's 10 x 1 + 2 is where
+   confirming restarts), over seeds 0-3: the paper budget's 10 x 2 + 4 is where
    they have settled (fast: 5 x 1 + 1; thorough: 30 x 2 + 4).
 4. --grid DB: the four searches on every model of a warehouse whose models have
    checkpoints (e.g. the demo grid: fgm-train grid --no-measures): how many
@@ -149,7 +149,7 @@ def print_spread(results: dict, title: str) -> None:
 
 def sweep(data, nets, outcome) -> None:
     """How α and α' move as the ascent budget grows."""
-    grid = [(5, 1, 0), (10, 1, 0), (5, 1, 1), (10, 1, 2), (20, 2, 2), (30, 2, 4)]
+    grid = [(5, 1, 0), (10, 1, 0), (5, 1, 1), (10, 1, 2), (10, 2, 4), (20, 2, 2), (30, 2, 4)]
     print("\n  α, α' against the ascent budget (ascent steps x restarts + confirming "
           "restarts), seeds 0-3:")
     print(f"  {'budget':>12s} {'median α':>9s} {'max/min 1/α²':>13s} {'s':>6s} "

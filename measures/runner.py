@@ -57,6 +57,9 @@ def _stale(params: str | None, settings: Settings) -> bool:
         return False
     if not isinstance(stored, dict):
         return False
+    if "alpha_mag_start" in stored and "alpha_mag_box" not in stored:
+        # α' searched before the box had a setting: eq. 58's ε-box, the only one then
+        stored = {**stored, "alpha_mag_box": "eps"}
     current = dataclasses.asdict(settings)
     return any(key in current and value is not None and value != current[key]
                for key, value in stored.items())

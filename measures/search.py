@@ -334,7 +334,8 @@ def ascent_rate(s: Settings, step: int) -> float:
 
 class Ascent:
     """Projected gradient ASCENT on the training cross-entropy inside the set of
-    radius α: the ℓ2 ball ‖u‖ ≤ α, or with magnitude=True the box |u_i| ≤ α|w_i| + ε.
+    radius α: the ℓ2 ball ‖u‖ ≤ α, or with magnitude=True the box |u_i| ≤ α|w_i| (App. E;
+    |u_i| ≤ α|w_i| + ε, eq. 58's box, with the setting alpha_mag_box = "eps").
     Remembers the worst perturbation found, as a fraction of its set, to start the
     next radius from it."""
 
@@ -352,7 +353,10 @@ class Ascent:
 
     def _size(self, alpha: float) -> torch.Tensor | float:
         w = self.ctx.net.w
-        return alpha * w.abs() + self.ctx.settings.eps if self.magnitude else alpha
+        if not self.magnitude:
+            return alpha
+        s = self.ctx.settings
+        return alpha * w.abs() + s.eps if s.alpha_mag_box == "eps" else alpha * w.abs()
 
     def _gradient(self, u: torch.Tensor, step: int = 0, picks: list | None = None
                   ) -> tuple[Callable[[], torch.Tensor], list[float] | None]:
@@ -471,8 +475,16 @@ class Ascent:
             if done:
                 break
         if worst_u is not None and (warm or worst < stop_below):
-            self.best = worst_u / size
+            self.best = self._fraction(worst_u, size)
         return worst
+
+    @staticmethod
+    def _fraction(u: torch.Tensor, size: torch.Tensor | float) -> torch.Tensor:
+        """u as a fraction of its set's size; 0 where the box has no width (a zero
+        weight in the relative box |u_i| ≤ α|w_i|, where u_i is 0 too)."""
+        if isinstance(size, torch.Tensor):
+            return torch.where(size > 0, u / size.clamp_min(1e-38), torch.zeros_like(u))
+        return u / size
 
     def _start(self, restart: int, warm: bool, alpha: float,
                size: torch.Tensor | float) -> torch.Tensor:
@@ -557,7 +569,7 @@ class Ascent:
             if lowest[r] < worst:
                 worst, worst_u = lowest[r], lowest_u[r]
         if worst_u is not None and (warm or worst < stop_below):
-            self.best = worst_u / size
+            self.best = self._fraction(worst_u, size)
         return worst
 
 
@@ -594,12 +606,14 @@ def alpha_search(ctx: Context, magnitude: bool,
         return Probe(alpha, base - worst)
 
     start = "alpha_mag_start" if magnitude else "alpha_start"
-    # the box |u_i| ≤ α'|w_i| + ε is the ε-box, to 1%, once α'·max|w_i| < ε/100
-    floor = s.eps / 100 / float(ctx.net.w.abs().max()) if magnitude else 0.0
+    eps_box = magnitude and s.alpha_mag_box == "eps"
+    # the box |u_i| ≤ α'|w_i| + ε is the ε-box, to 1%, once α'·max|w_i| < ε/100; the
+    # relative box (App. E) shrinks to w itself, so some α' is always safe
+    floor = s.eps / 100 / float(ctx.net.w.abs().max()) if eps_box else 0.0
     try:
         alpha, params = bisect(s, probe, getattr(s, start), floor, AIM_ASCENT)
     except NoSafeScale as exc:
-        if not magnitude:
+        if not eps_box:
             raise
         raise NoSafeScale(f"even the smallest box, |u_i| ≤ ε = {s.eps:g}, lowers the "
                           f"training accuracy by {exc.deviation:.3f}, more than "
@@ -611,4 +625,5 @@ def alpha_search(ctx: Context, magnitude: bool,
                        ascent_batch=s.ascent_batch, ascent_batch_used=ascent.batch,
                        ascent_lr=s.ascent_lr, gradient_steps=ascent.gradients,
                        accuracy_passes=ascent.passes, model_accuracy=base,
-                       magnitude_aware=magnitude, eps=s.eps if magnitude else None)
+                       magnitude_aware=magnitude, eps=s.eps if magnitude else None,
+                       alpha_mag_box=s.alpha_mag_box if magnitude else None)

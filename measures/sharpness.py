@@ -2,7 +2,8 @@
 
 α is the largest radius such that the worst training accuracy that gradient
 ASCENT finds inside the ℓ2 ball ‖u‖ ≤ α around w is 0.1 below the model's
-(Algorithm 3, measures/search.py); α' the same inside the box |u_i| ≤ α'|w_i| + ε.
+(Algorithm 3, measures/search.py); α' the same inside the box |u_i| ≤ α'|w_i| (App. E; eq. 58's
+|u_i| ≤ α'|w_i| + ε with --set alpha_mag_box=eps). ε stays in the bounds (eqs. 59, 60).
 """
 
 from __future__ import annotations

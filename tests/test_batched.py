@@ -69,7 +69,7 @@ def _ascent_outcome(ctx, magnitude, batched, alpha, stop_below, restarts, warm_f
     return worst, ascent.best, ascent.gradients, ascent.passes, after
 
 
-@pytest.mark.parametrize("magnitude,alpha", [(False, 1.5), (True, 0.02)])
+@pytest.mark.parametrize("magnitude,alpha", [(False, 1.5), (True, 0.04)])
 @pytest.mark.parametrize("ascent_batch,batch,rows", [
     (0, 2048, None),    # the full set in one piece, every restart in one forward
     (0, 150, 3),        # the full set in pieces of 150 // rows, groups of 3 restarts

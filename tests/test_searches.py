@@ -153,7 +153,8 @@ def strong_ascent(ctx: Context, radius: float, magnitude: bool, steps: int = 200
     """The test's own attack: full-batch projected gradient ascent on the cross-entropy,
     fixed small steps, from zero; the lowest training accuracy of any iterate."""
     w = ctx.net.w
-    half = radius * w.abs() + ctx.settings.eps if magnitude else None
+    eps = ctx.settings.eps if ctx.settings.alpha_mag_box == "eps" else 0.0
+    half = radius * w.abs() + eps if magnitude else None
     u, worst = torch.zeros_like(w), 1.0
     for _ in range(steps):
         u.requires_grad_(True)
@@ -279,3 +280,54 @@ def test_unconverged_searches_are_counted_and_can_be_left_out(db):
     assert table["flat"]["unconverged_searches"] == 2
     out = CliRunner().invoke(query, ["psi", "-m", "flat", "--db", str(db)])
     assert "2 of the 12 values come from searches that did not converge" in out.output
+
+
+# --------------------------------------------------------------------------- α' box
+
+def test_alpha_mag_searches_app_e_relative_box_by_default(model, searches):
+    """α' is searched in |u_i| ≤ α'|w_i| (App. E), recorded in params; the ascent's
+    worst perturbation at the α' found moves no weight by more than α'|w_i|."""
+    ctx = make_ctx(model)
+    assert ctx.settings.alpha_mag_box == "relative"
+    for _, params in searches["alpha_mag"]:
+        assert params["alpha_mag_box"] == "relative"
+    from fgm.measures.search import Ascent
+    ascent = Ascent(ctx, True, ctx.generator(4))
+    alpha = searches["alpha_mag"][0][0]
+    ascent.worst_accuracy(alpha)
+    size = ascent._size(alpha)
+    assert torch.equal(size, alpha * ctx.net.w.abs())
+    u = ascent.best * size
+    assert bool((u.abs() <= alpha * ctx.net.w.abs() * (1 + 1e-6)).all())
+    assert bool((u[ctx.net.w == 0] == 0).all())
+
+
+def test_alpha_mag_defined_where_eq58s_eps_box_is_not(model):
+    """With a large ε the ε-box alone ruins the model: eq. 58's box has no α' and says
+    why; App. E's relative box still finds one, and ε does not move it."""
+    from fgm.measures.search import NoSafeScale
+    with pytest.raises(NoSafeScale, match="smallest box"):
+        alpha_search(make_ctx(model, eps=1.0, alpha_mag_box="eps",
+                              **BUDGETS["fast"]), True)
+    a_big, p_big = alpha_search(make_ctx(model, eps=1.0, **BUDGETS["fast"]), True)
+    a, p = alpha_search(make_ctx(model, **BUDGETS["fast"]), True)
+    assert p_big["alpha_mag_box"] == p["alpha_mag_box"] == "relative"
+    assert a_big == a and 0 < a < math.inf
+
+
+def test_alpha_mag_box_setting_is_checked_and_old_values_are_stale():
+    """A box other than the two is refused; a value stored before the setting existed
+    (searched in eq. 58's box) is recomputed by fgm-measure, one with today's is not."""
+    from fgm.measures.runner import _stale
+    with pytest.raises(ValueError, match="alpha_mag_box"):
+        Settings(alpha_mag_box="ball")
+    assert Settings.parse("paper", ["alpha_mag_box=eps"]).alpha_mag_box == "eps"
+    settings = Settings()
+    old = json.dumps({"alpha_mag_start": 0.05, "seed": 0, "budget": "paper", "eps": 1e-3})
+    assert _stale(old, settings)
+    assert not _stale(json.dumps({"alpha_mag_start": 0.05, "seed": 0, "budget": "paper",
+                                  "alpha_mag_box": "relative"}), settings)
+    assert not _stale(json.dumps({"alpha_start": 1.0, "seed": 0, "budget": "paper"}),
+                      settings)
+    assert _stale(json.dumps({"alpha_mag_start": 0.05, "alpha_mag_box": "relative"}),
+                  Settings(alpha_mag_box="eps"))
