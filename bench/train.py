@@ -9,7 +9,7 @@ trained, ingested and measured, the default executor: one worker process per
 core) in a new folder, timed wall to wall. Target: at most 3 minutes on 2 cores.
 
     python bench/train.py [--preset demo] [--dataset D --data-root DIR] [--device auto]
-    python bench/train.py --command [--workers N]
+    python bench/train.py --command [--workers N] [--log FILE]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--command", action="store_true",
                     help="time `fgm-train grid --preset PRESET` end to end, measures included")
     ap.add_argument("--workers", default=None, help="with --command: fgm-train's --workers")
+    ap.add_argument("--log", default=None, help="with --command: write its output to this file")
     args = ap.parse_args()
     if args.command:
         return command(args)
@@ -90,7 +91,9 @@ def command(args) -> None:
     if run.returncode:
         raise SystemExit(run.stdout[-2000:] + run.stderr[-2000:])
     lines = (run.stdout + run.stderr).splitlines()
-    trained = [line for line in lines if " trained in " in line]
+    if args.log:
+        Path(args.log).write_text(run.stdout + run.stderr)
+    trained = [line for line in lines if "(trained in " in line]
     measured = [line for line in lines if "(computed in " in line]
 
     def seconds(line: str, word: str) -> float:
