@@ -362,6 +362,7 @@ class GridRun:
             try:
                 schedule(b, self.queue, self.display, self.submit, self.finish)
             except Interrupted:
+                self._store_landed()
                 click.echo(f"interrupted: {self.display.summary()}; what finished is stored; "
                            f"run the same command again to resume", err=True)
                 raise SystemExit(130) from None
@@ -381,6 +382,20 @@ class GridRun:
             for label, why in self.failures:
                 click.echo(f"  FAILED {label}: {why}")
             raise SystemExit(1)
+
+    def _store_landed(self) -> None:
+        """Ctrl-C: bundles that workers finished but whose results the driver had not
+        taken yet (they landed on disk in the last moments) are stored now, so that
+        "what finished is stored" holds. A second Ctrl-C leaves them for the rerun."""
+        p = self.plan
+        if p.no_ingest:
+            return
+        landed = [mid for _, _, mid in p.todo if (p.out / mid / "manifest.json").is_file()]
+        try:
+            ingest_finished(p.out, landed, p.db, p.console)
+        except (KeyboardInterrupt, FgmError, OSError) as exc:
+            click.echo(f"note: {len(landed)} finished bundle(s) not stored now ({exc!s:.200}); "
+                       "the rerun stores them", err=True)
 
     def _missing_measures(self, model_ids: list[str]) -> dict[str, list[str]]:
         from fgm.measures.registry import list_measures, mirror_definitions
