@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import numpy as np
 import polars as pl
 
-from fgm.warehouse import FgmError, connect
+from fgm.warehouse import FgmError
 from fgm.warehouse.cli import (
     SEED,
     FiniteRange,
@@ -20,21 +19,15 @@ from fgm.warehouse.cli import (
     friendly_errors,
     to_json,
 )
-from fgm.warehouse.store import when_free
 
-from .evaluate import (
-    Selection,
-    cmi_result,
-    measure_values,
-    oracle_result,
-    psi_result,
-    select_models,
-    table5,
-    table6,
-    with_seeds,
-)
-from .robust import WEIGHTINGS, robust_sign_error
-from .sql import alarm, create_hp_wide, lock_down, readonly_batches
+from . import queries
+from .evaluate import Selection, select_models, table5, table6
+from .queries import READ_WAIT, readonly  # noqa: F401  (READ_WAIT: the wait a reader gets)
+from .queries import constant_note as _constant_note
+from .queries import convention_option as _convention
+from .queries import searches_note as _searches_note
+from .robust import WEIGHTINGS
+from .sql import alarm, readonly_batches
 from .stored import cmi_rows, keep, oracle_rows, psi_rows, robust_rows, snapshot, table_rows
 
 
@@ -52,19 +45,11 @@ def _a_number(value: float, param) -> float:
 def _memory_limit(value: str, param) -> str:
     """--memory-limit: a positive size, e.g. 512MB or 4GB (DuckDB reads a negative one
     as no limit at all)."""
-    import re
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B|bytes)?\s*", value, flags=re.I) \
-            or not float(re.match(r"\s*([\d.]+)", value).group(1)) > 0:
-        raise click.BadParameter(f"--memory-limit {value[:40]!r}: expected a positive size "
-                                 "such as 512MB or 4GB", param=param)
-    return value
+    try:
+        return queries.memory_limit(value)
+    except FgmError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
 
-
-# How long a query waits for a process that holds the warehouse for writing (DuckDB
-# lets no reader in meanwhile): fgm's writers hold it for one short transaction at a
-# time (fgm-query storing an evaluation, a grid storing a model); a holder that keeps
-# it longer is named in the error.
-READ_WAIT = 5.0
 
 # Ranges of the evaluation options, checked by click before any query runs (README:
 # Evaluation). Each leave-one-block-out and each oracle draw is one more evaluation
@@ -85,25 +70,8 @@ TABLE_ROWS = 1000
 MAX_ROWS = 10**12         # --max-rows: more than any result prints
 
 
-class _readonly:
-    """The warehouse opened read-only, with the per-axis view hp_wide, and locked
-    down: no file access beyond the warehouse, no setting changed after this."""
-
-    def __init__(self, db: str | None, memory_limit: str | None = None):
-        self.db, self.memory_limit = db, memory_limit
-
-    def __enter__(self):
-        self.con = when_free(lambda: connect(self.db, read_only=True), READ_WAIT)
-        try:
-            create_hp_wide(self.con)
-            lock_down(self.con, memory_limit=self.memory_limit)
-        except BaseException:
-            self.con.close()
-            raise
-        return self.con
-
-    def __exit__(self, *exc):
-        self.con.close()
+# The warehouse opened read-only, hp_wide built, locked down (analysis/queries.py).
+_readonly = readonly
 
 
 @main.command()
@@ -152,12 +120,7 @@ def sql(query: str, timeout: float, memory_limit: str, max_rows: int | None, db:
 def models(db: str | None, fmt: str) -> None:
     """List the models: hyperparameters, gap, convergence."""
     with _readonly(db) as con:
-        frame = con.sql("SELECT w.*, o.train_acc, o.test_acc, o.gap, o.converged "
-                        "FROM hp_wide AS w JOIN model_outcomes AS o USING (model_id)").pl()
-    # in the order of the grid: dataset, each axis by level, then seed
-    levels = [c for c in frame.columns if c.endswith("_level")]
-    frame = frame.sort(["dataset", *levels, "seed", "model_id"], nulls_last=True)
-    frame = frame.drop(levels + ["sweep_id"])
+        frame = queries.models_frame(con)
     emit_frame(frame, fmt)
 
 
@@ -207,6 +170,8 @@ def selection_options(func):
         click.option("--sweep", default=None, help="Only models of this sweep (name or id)."),
         click.option("--all-models", is_flag=True,
                      help="Include models that did not converge."),
+        click.option("--seeds", default=None, callback=_seeds, metavar="S[,S...]",
+                     help="Only models of these seeds, e.g. 0,1."),
         click.option("--relevel", is_flag=True,
                      help="Models of several grids whose levels disagree (depth 4 is level 2 "
                           "in one, 0 in another): rank those axes afresh by value across "
@@ -217,26 +182,28 @@ def selection_options(func):
     return func
 
 
+def _seeds(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        seeds = [int(v) for v in value.split(",") if v.strip()]
+        return queries.selection(seeds=seeds).seeds
+    except (ValueError, FgmError):
+        raise click.BadParameter(f"{value[:40]!r}: expected seeds as whole numbers from 0, "
+                                 "e.g. 0,1", param=param) from None
+
+
 def _selection(where, dataset, sweep, all_models, relevel=False,
-               pool_seeds=False, converged_searches_only=False) -> Selection:
-    return Selection(where=where, dataset=dataset, sweep=sweep, all_models=all_models,
-                     pool_seeds=pool_seeds, relevel=relevel,
-                     converged_searches_only=converged_searches_only)
+               pool_seeds=False, converged_searches_only=False, seeds=None) -> Selection:
+    return queries.selection(where=where, dataset=dataset, sweep=sweep, all_models=all_models,
+                             pool_seeds=pool_seeds, relevel=relevel,
+                             converged_searches_only=converged_searches_only, seeds=seeds)
 
 
 searches_option = click.option(
     "--converged-searches-only", is_flag=True,
     help="Leave out values whose σ, σ', α or α' search did not converge (their params "
          "say converged: false); by default they count, and how many is reported.")
-
-
-def _searches_note(n: int, filtered: bool, what: str = "the values") -> str | None:
-    if not n:
-        return None
-    if filtered:
-        return f"{n} value(s) from searches that did not converge left out"
-    return (f"{n} of {what} come from searches that did not converge "
-            "(--converged-searches-only leaves them out)")
 
 
 convention_option = click.option(
@@ -306,20 +273,6 @@ def _emit_object(obj: dict, fmt: str, rows: list[tuple[str, object]]) -> None:
                  _constant_note(obj.get("constant_axes"))], fmt)
 
 
-def _constant_note(constant: dict | None) -> str | None:
-    if not constant:
-        return None
-    return ("left out, constant in this selection: "
-            + ", ".join(f"{a} = {v}" for a, v in constant.items()))
-
-
-def _with_constant(res: dict, models) -> dict:
-    """The axes that take no part (one level in the selection), said once."""
-    if models.constant:
-        res["constant_axes"] = dict(models.constant)
-    return res
-
-
 def _emit_notes(notes, fmt: str) -> None:
     """Notes below a table; on stderr with CSV, so that the CSV stays parseable; none
     with JSON, whose objects carry them (a JSON list of rows stays just that)."""
@@ -341,24 +294,17 @@ def _emit_notes(notes, fmt: str) -> None:
 @format_option
 @friendly_errors
 def psi(measure, ci, boot, seed, pool_seeds, convention, converged_searches_only,
-        where, dataset, sweep, all_models, relevel, no_store, db, fmt):
+        where, dataset, sweep, all_models, seeds, relevel, no_store, db, fmt):
     """Kendall's τ over all models, ψ_i per axis and their mean Ψ (Eqs 2, 4 and 5).
     With several seeds: the mean across seeds and its std (Table 9). Says how many
     values come from searches that did not converge (JSON: "unconverged_searches")."""
     sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds,
-                     converged_searches_only)
+                     converged_searches_only, seeds)
     with _readonly(db) as con:
-        models = select_models(con, sel)
-        mu, sub = measure_values(con, measure, models)
-        snap = None if no_store else snapshot(con, sel, models.ids, measure)
-    res = _with_constant(with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci,
-                                    blocks=boot, seed=seed, pool_seeds=pool_seeds,
-                                    convention=convention), models)
-    res["unconverged_searches"] = sub.unconverged_searches
-    note = _searches_note(sub.unconverged_searches, converged_searches_only,
-                          f"the {len(mu)} values")
-    if note:
-        res["note"] = note if "note" not in res else f"{res['note']}; {note}"
+        answer = queries.psi(con, sel, measure, ci=ci, blocks=boot, seed=seed,
+                             convention=convention)
+        snap = None if no_store else snapshot(con, sel, answer.models.ids, measure)
+    res, sub = answer.res, answer.values
     _emit_object(res, fmt, [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in
                                                   res["psi"].items()), ("Psi", res["Psi"]),
                             *_spread_rows(res, ("tau", "Psi")),
@@ -368,12 +314,6 @@ def psi(measure, ci, boot, seed, pool_seeds, convention, converged_searches_only
     keep(db, snap, "psi", sel, {"measure": measure, **_convention(convention)}, psi_rows(res),
          ci=ci, blocks=boot,
          seed=seed if ci else None)
-
-
-def _convention(convention: str) -> dict:
-    """The stored evaluation's options: the paper's convention is another question
-    (another key), SPEC's the default that older evaluations were computed with."""
-    return {} if convention == "spec" else {"convention": convention}
 
 
 def _cmi_rows(res: dict) -> list[tuple[str, object]]:
@@ -397,7 +337,7 @@ def _cmi_rows(res: dict) -> list[tuple[str, object]]:
 @format_option
 @friendly_errors
 def cmi(measure, pgdl, ci, boot, seed, pool_seeds, convention,
-        where, dataset, sweep, all_models, relevel, no_store, db, fmt):
+        where, dataset, sweep, all_models, seeds, relevel, no_store, db, fmt):
     """Conditional mutual information Î(S) for |S| ≤ 2 and K = its minimum (App. B).
     With several seeds: the mean across seeds and its std (Table 10). When K is
     null, a note says why (JSON: "note"). --convention paper adds the conditional
@@ -405,14 +345,12 @@ def cmi(measure, pgdl, ci, boot, seed, pool_seeds, convention,
     if pgdl and convention != "spec":
         raise click.BadParameter("--pgdl is the PGDL scorer's own convention; leave out "
                                  "--convention paper", param_hint="--convention")
-    sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds)
+    sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds, seeds=seeds)
     with _readonly(db) as con:
-        models = select_models(con, sel)
-        mu, sub = measure_values(con, measure, models)
-        snap = None if no_store else snapshot(con, sel, models.ids, measure)
-    res = _with_constant(with_seeds(sub, mu, lambda m, s: cmi_result(
-        measure, m, s, pgdl=pgdl, convention=convention), ci=ci, blocks=boot, seed=seed,
-        keys=("K",), pool_seeds=pool_seeds), models)
+        answer = queries.cmi(con, sel, measure, pgdl=pgdl, ci=ci, blocks=boot, seed=seed,
+                             convention=convention)
+        snap = None if no_store else snapshot(con, sel, answer.models.ids, measure)
+    res = answer.res
     entropy = [(f"H(V_g | {a}) bits", v) for a, v in res.get("conditional_entropy", {}).items()]
     _emit_object(res, fmt, _cmi_rows(res) + entropy + _spread_rows(res, ("K",)))
     keep(db, snap, "cmi", sel, {"measure": measure, **_convention(convention)}, cmi_rows(res),
@@ -433,15 +371,13 @@ def cmi(measure, pgdl, ci, boot, seed, pool_seeds, convention,
 @format_option
 @friendly_errors
 def oracle(eps, draws, seed, pool_seeds,
-           where, dataset, sweep, all_models, relevel, no_store, db, fmt):
+           where, dataset, sweep, all_models, seeds, relevel, no_store, db, fmt):
     """The noisy oracle g + N(0, ε²): exact expected τ and ψ, Monte Carlo CMI."""
-    sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds)
+    sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds, seeds=seeds)
     with _readonly(db) as con:
-        models = select_models(con, sel)
-        snap = None if no_store else snapshot(con, sel, models.ids, None)
-    res = _with_constant(with_seeds(models, models.gap,
-                                    lambda _, m: oracle_result(m, eps, draws=draws, seed=seed),
-                                    pool_seeds=pool_seeds), models)
+        answer = queries.oracle(con, sel, eps, draws=draws, seed=seed)
+        snap = None if no_store else snapshot(con, sel, answer.models.ids, None)
+    res = answer.res
     rows = [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in res["psi"].items()),
             ("Psi", res["Psi"]), *_cmi_rows(res["cmi"]), ("K stderr", res["cmi"]["stderr"]["K"])]
     _emit_object(res, fmt, rows)
@@ -462,13 +398,13 @@ def oracle(eps, draws, seed, pool_seeds,
 @format_option
 @friendly_errors
 def table(kind, draws, ci, boot, seed, pool_seeds, convention, converged_searches_only,
-          where, dataset, sweep, all_models, relevel, no_store, db, fmt):
+          where, dataset, sweep, all_models, seeds, relevel, no_store, db, fmt):
     """Every measure, one row each, with the oracle, canonical and random baselines.
     Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns.
     unconverged_searches: how many of a measure's values come from searches that did
     not converge (with --converged-searches-only: how many were left out)."""
     sel = _selection(where, dataset, sweep, all_models, relevel,
-                     converged_searches_only=converged_searches_only)
+                     converged_searches_only=converged_searches_only, seeds=seeds)
     with _readonly(db) as con:
         if kind == "psi":
             frame = table5(con, sel, seed=seed, ci=ci, blocks=boot, pool_seeds=pool_seeds,
@@ -485,7 +421,7 @@ def table(kind, draws, ci, boot, seed, pool_seeds, convention, converged_searche
                  _searches_note(unconverged, converged_searches_only, "the measures' values")],
                 fmt)
     keep(db, snap, f"table {kind}", _selection(where, dataset, sweep, all_models, relevel,
-                                               pool_seeds, converged_searches_only),
+                                               pool_seeds, converged_searches_only, seeds),
          {**({"draws": draws} if kind == "cmi" else {}), **_convention(convention)},
          table_rows(frame, kind, models.axes),
          ci=ci, blocks=boot, seed=seed)
@@ -502,7 +438,7 @@ def table(kind, draws, ci, boot, seed, pool_seeds, convention, converged_searche
 @db_option
 @format_option
 @friendly_errors
-def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, relevel,
+def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, seeds, relevel,
             db, fmt):
     """The paper's figures beside this warehouse's, measure by measure, computed with
     --convention paper: Ψ and τ (and K), whether the sign of Ψ agrees, and the rank
@@ -521,7 +457,8 @@ def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, 
                                "what it compares with")
     tables = (paper_table_,) if paper_table_ else DEFAULT_TABLES
     with _readonly(db) as con:
-        res = compare_paper(con, _selection(where, dataset, sweep, all_models, relevel),
+        res = compare_paper(con, _selection(where, dataset, sweep, all_models, relevel,
+                                            seeds=seeds),
                             tables, pool_seeds=pool_seeds or None, db=db)
     if fmt == "json":
         click.echo(to_json(res))
@@ -563,27 +500,19 @@ def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, 
 @format_option
 @friendly_errors
 def robust(measure, test_size, weighting, min_ess,
-           where, dataset, sweep, all_models, relevel, no_store, db, fmt):
+           where, dataset, sweep, all_models, seeds, relevel, no_store, db, fmt):
     """Robust sign-error over environments: configurations one axis apart.
 
     As in Dziugaite, Drouin et al. (2020), "In Search of Robust Measures of
     Generalization"; see analysis/robust.py for the weights. Every seed
     combination of two configurations is a pair of the environment, so seeds are
     never split (no --pool-seeds). When no environment is kept, a note says why."""
-    sel = _selection(where, dataset, sweep, all_models, relevel)
+    sel = _selection(where, dataset, sweep, all_models, relevel, seeds=seeds)
     with _readonly(db) as con:
-        models = select_models(con, sel)
-        mu, sub = measure_values(con, measure, models)
-        snap = None if no_store else snapshot(con, sel, models.ids, measure)
-    sizes = np.full(len(mu), float(test_size)) if test_size else sub.test_size
-    if np.isnan(sizes).any():
-        raise FgmError("the warehouse does not know the test-set size of some models "
-                       "(results tables do not carry it): pass --test-size N")
-    res = {"measure": measure, "n_models": int(len(mu)),
-           "test_size": float(np.median(sizes)) if len(sizes) else None,
-           **robust_sign_error(mu, sub.gap, sub.levels, sub.axes, sizes, weighting=weighting,
-                               min_ess=min_ess)}
-    _with_constant(res, models)
+        answer = queries.robust(con, sel, measure, test_size=test_size, weighting=weighting,
+                                min_ess=min_ess)
+        snap = None if no_store else snapshot(con, sel, answer.models.ids, measure)
+    res = answer.res
     options = {"measure": measure, "test_size": test_size, "weighting": weighting,
                "min_ess": min_ess}
     if fmt == "json":
@@ -597,7 +526,7 @@ def robust(measure, test_size, weighting, min_ess,
     frame = pl.DataFrame(rows, schema=schema)
     if fmt != "csv":   # the table prints its notes below it; CSV keeps them as a column
         frame = frame.drop("note")
-    emit_frame(frame, fmt, title=f"robust sign-error of {measure}, {len(mu)} models, "
+    emit_frame(frame, fmt, title=f"robust sign-error of {measure}, {res['n_models']} models, "
                                  f"{weighting} weighting, min_ess {res['min_ess']:g}")
     if fmt != "csv":
         for r in rows:
@@ -644,14 +573,15 @@ def _made(out: Path) -> Path:
 @db_option
 @format_option
 @friendly_errors
-def report(out, draws, color, pool_seeds, where, dataset, sweep, all_models, relevel, db, fmt):
+def report(out, draws, color, pool_seeds, where, dataset, sweep, all_models, seeds, relevel,
+           db, fmt):
     """Write an offline HTML report: Figure 1's panels, Tables 5 and 6 as heatmaps,
     training curves; plus a PNG and an SVG of every chart. --format: how the list of
     files written is printed."""
     from .report import build_report
     with _readonly(db) as con:
         page = build_report(con, _made(out), _selection(where, dataset, sweep, all_models, relevel,
-                                                 pool_seeds=pool_seeds),
+                                                        pool_seeds=pool_seeds, seeds=seeds),
                             draws=draws, color=color)
     _emit_files([page, *sorted(out.glob("*.png")), *sorted(out.glob("*.svg"))], fmt)
 
@@ -672,11 +602,12 @@ def _emit_files(files: list[Path], fmt: str) -> None:
 @db_option
 @format_option
 @friendly_errors
-def plot(measure, color, out, log, where, dataset, sweep, all_models, relevel, db, fmt):
+def plot(measure, color, out, log, where, dataset, sweep, all_models, seeds, relevel, db, fmt):
     """Draw a measure against the generalization gap, coloured by an axis. --format:
     how the list of files written is printed."""
     from .report import plot_measure
     with _readonly(db) as con:
         files = plot_measure(con, measure, color, _made(out),
-                             _selection(where, dataset, sweep, all_models, relevel), log)
+                             _selection(where, dataset, sweep, all_models, relevel,
+                                        seeds=seeds), log)
     _emit_files(files, fmt)

@@ -49,6 +49,7 @@ class Selection:
     pool_seeds: bool = False
     relevel: bool = False
     converged_searches_only: bool = False   # leave out values of unconverged σ/α searches
+    seeds: tuple[int, ...] | None = None    # only models of these seeds (None: every seed)
 
 
 @dataclass
@@ -102,6 +103,9 @@ def _conditions(con: duckdb.DuckDBPyConnection, sel: Selection) -> tuple[list[st
     if sel.sweep:
         conditions.append("(sweep = ? OR sweep_id = ?)")
         params += [sel.sweep, sel.sweep]
+    if sel.seeds is not None:
+        conditions.append("list_contains(?::BIGINT[], seed)")
+        params.append(list(sel.seeds))
     if sel.where is not None:
         # checked to be one expression over hp_wide's columns, run on its own; only
         # its result (model ids) reaches this query, as a bound parameter
@@ -265,6 +269,8 @@ def _empty_selection(con: duckdb.DuckDBPyConnection, sel: Selection) -> FgmError
                         "(fgm-ingest) or train a grid (fgm-train grid) first")
     filters = [f"{k} {v!r}" for k, v in (("--where", sel.where), ("--dataset", sel.dataset),
                                           ("--sweep", sel.sweep)) if v is not None]
+    if sel.seeds is not None:
+        filters.append("--seeds " + ",".join(map(str, sel.seeds)))
     if not filters and not sel.all_models and included == 0:
         return FgmError(f"none of the warehouse's {total} models converged; evaluation uses "
                         "converged models only: pass --all-models to include the others")

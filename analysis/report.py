@@ -142,61 +142,148 @@ def _selection_html(sel: Selection, models) -> str:
     return text
 
 
-def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | None = None, *,
-                 draws: int = 10, color: str | None = None) -> Path:
-    sel = sel or Selection()
-    out.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass
+class _Basics:
+    """What every chart of the report starts from: all the selected models (converged
+    or not: Figure 1 shows all), their outcomes and hyperparameters, and the axes that
+    vary among them."""
+    every: object
+    ids: list[str]
+    outcomes: pl.DataFrame
+    hp: pl.DataFrame
+    varying: list[str]
+    shown: pl.DataFrame
+
+
+def _basics(con: duckdb.DuckDBPyConnection, sel: Selection) -> _Basics:
     every = select_models(con, dataclasses.replace(sel, all_models=True))
     ids = every.ids.tolist()
     outcomes = con.sql("SELECT * FROM model_outcomes").pl().filter(pl.col("model_id").is_in(ids))
     hp = _hp_frame(con, ids)
     varying = [a for a in every.axes if hp.filter(pl.col("axis") == a)["value"].n_unique() > 1]
     shown = hp.filter(pl.col("axis").is_in(varying)) if varying else hp
+    return _Basics(every, ids, outcomes, hp, varying, shown)
+
+
+NO_CROSS_ENTROPY = ("none of these models has a final training cross-entropy in the "
+                    "warehouse (results tables carry accuracies only; models trained by "
+                    "fgm-train have it)")
+
+
+def _cross_entropy(b: _Basics) -> alt.TopLevelMixin | None:
+    if not b.outcomes.filter(pl.col("train_loss") > 0).height:
+        return None
+    return charts.histogram(b.outcomes, "train_loss", "Final training cross-entropy", log=True)
+
+
+def _gap(b: _Basics) -> alt.TopLevelMixin:
+    return charts.histogram(b.outcomes, "gap", "Generalization gap (train − test acc.)")
+
+
+def _table5_chart(t5: pl.DataFrame, axes: list[str]) -> alt.TopLevelMixin:
+    return charts.heatmap(t5.filter(pl.col("kind") != "canonical"), [*axes, "tau", "Psi"],
+                          "Kendall's τ", diverging=True)
+
+
+def _table6_chart(t6: pl.DataFrame, axes: list[str]) -> alt.TopLevelMixin:
+    return charts.heatmap(t6, [*axes, "s0", "s1", "s2", "K"],
+                          "Normalised conditional mutual information", diverging=False)
+
+
+def _traces(con: duckdb.DuckDBPyConnection, b: _Basics,
+            color: str | None) -> tuple[alt.TopLevelMixin, str] | None:
+    """The training curves (at most TRACE_MODELS), coloured by an axis, and a note on
+    how many are shown; None when no model has a trace."""
+    trace = con.sql("SELECT model_id, step, train_loss FROM traces WHERE train_loss > 0").pl()
+    trace = trace.filter(pl.col("model_id").is_in(b.ids))
+    if not trace.height:
+        return None
+    if color is not None and color not in b.every.axes:
+        raise unknown_axis(color, b.every.axes)
+    axis = color or (b.varying[0] if b.varying else None)
+    if not axis:
+        return None
+    keep = sorted(trace["model_id"].unique().to_list())
+    keep = keep[:: max(1, len(keep) // TRACE_MODELS)]
+    labels = b.hp.filter(pl.col("axis") == axis).select("model_id", pl.col("value").alias(axis))
+    points = trace.filter(pl.col("model_id").is_in(keep)).join(labels, on="model_id")
+    note = (f"{len(keep)} of {trace['model_id'].n_unique()} models shown"
+            if len(keep) < trace["model_id"].n_unique() else "")
+    return charts.traces(points, axis, level_order(b.hp, axis)), note
+
+
+def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | None = None, *,
+                 draws: int = 10, color: str | None = None) -> Path:
+    sel = sel or Selection()
+    out.mkdir(parents=True, exist_ok=True)
+    b = _basics(con, sel)
     sections: list[tuple[str, str, alt.TopLevelMixin | None, str]] = []
     sections.append(("fig1_converged", "Figure 1: models that fit the training set",
-                     charts.converged_per_level(shown), ""))
-    if outcomes.filter(pl.col("train_loss") > 0).height:
-        sections.append(("fig1_cross_entropy", "Figure 1: final training cross-entropy",
-                         charts.histogram(outcomes, "train_loss",
-                                          "Final training cross-entropy", log=True), ""))
-    else:
-        sections.append(("fig1_cross_entropy", "Figure 1: final training cross-entropy",
-                         None, "<p class='note'>No panel: none of these models has a final "
-                         "training cross-entropy in the warehouse (results tables carry "
-                         "accuracies only; models trained by fgm-train have it).</p>"))
-    sections.append(("fig1_gap", "Figure 1: generalization gap",
-                     charts.histogram(outcomes, "gap", "Generalization gap (train − test acc.)"),
-                     ""))
+                     charts.converged_per_level(b.shown), ""))
+    ce = _cross_entropy(b)
+    sections.append(("fig1_cross_entropy", "Figure 1: final training cross-entropy", ce,
+                     "" if ce is not None else
+                     f"<p class='note'>No panel: {html.escape(NO_CROSS_ENTROPY)}.</p>"))
+    sections.append(("fig1_gap", "Figure 1: generalization gap", _gap(b), ""))
+    axes = b.every.axes
     t5 = table5(con, sel)
-    axes = every.axes
-    measures5 = t5.filter(pl.col("kind") != "canonical")
     sections.append(("table5", "Table 5: τ within each axis (ψ_i), overall τ and Ψ",
-                     charts.heatmap(measures5, [*axes, "tau", "Psi"], "Kendall's τ",
-                                    diverging=True), _table_html(t5)))
+                     _table5_chart(t5, axes), _table_html(t5)))
     t6 = table6(con, sel, draws=draws)
     sections.append(("table6", "Table 6: conditional mutual information",
-                     charts.heatmap(t6, [*axes, "s0", "s1", "s2", "K"],
-                                    "Normalised conditional mutual information",
-                                    diverging=False), _table_html(t6)))
+                     _table6_chart(t6, axes), _table_html(t6)))
     sections.append(_paper_section(con, sel))
-    trace = con.sql("SELECT model_id, step, train_loss FROM traces WHERE train_loss > 0").pl()
-    trace = trace.filter(pl.col("model_id").is_in(ids))
-    if trace.height:
-        keep = sorted(trace["model_id"].unique().to_list())
-        keep = keep[:: max(1, len(keep) // TRACE_MODELS)]
-        if color is not None and color not in every.axes:
-            raise unknown_axis(color, every.axes)
-        axis = color or (varying[0] if varying else None)
-        if axis:
-            labels = hp.filter(pl.col("axis") == axis).select("model_id",
-                                                              pl.col("value").alias(axis))
-            points = trace.filter(pl.col("model_id").is_in(keep)).join(labels, on="model_id")
-            note = (f"{len(keep)} of {trace['model_id'].n_unique()} models shown"
-                    if len(keep) < trace["model_id"].n_unique() else "")
-            sections.append(("traces", "Training curves",
-                             charts.traces(points, axis, level_order(hp, axis)),
-                             f"<p class='note'>{note}</p>" if note else ""))
-    return _write(out, sections, outcomes, every, sel)
+    curves = _traces(con, b, color)
+    if curves is not None:
+        chart, note = curves
+        sections.append(("traces", "Training curves", chart,
+                         f"<p class='note'>{note}</p>" if note else ""))
+    return _write(out, sections, b.outcomes, b.every, sel)
+
+
+CHART_KINDS = ("converged", "cross_entropy", "gap", "table5", "table6", "paper", "traces",
+               "measure")
+
+
+def chart(con: duckdb.DuckDBPyConnection, kind: str, sel: Selection | None = None, *,
+          measure: str | None = None, color: str | None = None, draws: int = 10,
+          log: bool | None = None) -> alt.TopLevelMixin:
+    """One chart of the report, or of `plot_measure`, by name (CHART_KINDS): what
+    fgm.open(...).chart(kind) shows inline in a notebook."""
+    sel = sel or Selection()
+    if kind not in CHART_KINDS:
+        close = difflib.get_close_matches(str(kind), CHART_KINDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FgmError(f"chart kind {kind!r}: expected one of {', '.join(CHART_KINDS)}.{hint}")
+    if kind == "measure":
+        if measure is None:
+            raise FgmError("chart('measure') needs measure=NAME (and color=AXIS)")
+        return _measure_chart(con, measure, color, sel, log)
+    if kind in ("table5", "table6"):
+        axes = select_models(con, sel).axes
+        if kind == "table5":
+            return _table5_chart(table5(con, sel), axes)
+        return _table6_chart(table6(con, sel, draws=draws), axes)
+    if kind == "paper":
+        _, _, made, text = _paper_section(con, sel)
+        if made is None:
+            raise FgmError(" ".join(re.sub(r"<[^>]+>", "", html.unescape(text)).split()))
+        return made
+    b = _basics(con, sel)
+    if kind == "converged":
+        return charts.converged_per_level(b.shown)
+    if kind == "gap":
+        return _gap(b)
+    if kind == "cross_entropy":
+        made = _cross_entropy(b)
+        if made is None:
+            raise FgmError(f"no cross-entropy chart: {NO_CROSS_ENTROPY}")
+        return made
+    curves = _traces(con, b, color)
+    if curves is None:
+        raise FgmError("no training curves: none of these models has a training trace in "
+                       "the warehouse (models trained by fgm-train have one)")
+    return curves[0]
 
 
 def _paper_section(con: duckdb.DuckDBPyConnection, sel: Selection):
@@ -333,15 +420,16 @@ def unknown_axis(name: str, axes: list[str]):
                     f"{', '.join(axes) or '(none)'}")
 
 
-def plot_measure(con: duckdb.DuckDBPyConnection, measure: str, color: str, out: Path,
-                 sel: Selection | None = None, log: bool | None = None) -> list[Path]:
-    """measure against the gap, coloured by an axis: PNG, SVG and a one-chart HTML page."""
-    sel = sel or Selection()
-
+def _measure_chart(con: duckdb.DuckDBPyConnection, measure: str, color: str | None,
+                   sel: Selection, log: bool | None) -> alt.TopLevelMixin:
+    """A measure against the gap, one point per model, coloured by an axis."""
     from .evaluate import measure_values
     models = select_models(con, sel)
     mu, sub = measure_values(con, measure, models)
-    if color not in sub.axes:
+    if color is None or color not in sub.axes:
+        if color is None:
+            raise FgmError(f"a chart of {measure} against the gap needs color=AXIS; the axes "
+                           f"that vary in this selection: {', '.join(sub.axes) or '(none)'}")
         raise unknown_axis(color, sub.axes)
     values = sub.values.filter(pl.col("axis") == color).select(
         "model_id", pl.col("value_text").alias(color))
@@ -353,7 +441,14 @@ def plot_measure(con: duckdb.DuckDBPyConnection, measure: str, color: str, out: 
              .join(con.sql("SELECT model_id, axis, level FROM hyperparameters").pl(),
                    on=["model_id", "axis"]).select("level", pl.col("value_text").alias("value"))
              .unique().sort("level", "value")["value"].to_list())
-    chart = charts.measure_vs_gap(frame, measure, color, log, order)
+    return charts.measure_vs_gap(frame, measure, color, log, order)
+
+
+def plot_measure(con: duckdb.DuckDBPyConnection, measure: str, color: str, out: Path,
+                 sel: Selection | None = None, log: bool | None = None) -> list[Path]:
+    """measure against the gap, coloured by an axis: PNG, SVG and a one-chart HTML page."""
+    sel = sel or Selection()
+    chart = _measure_chart(con, measure, color, sel, log)
     out.mkdir(parents=True, exist_ok=True)
     name = f"{measure}_vs_gap_by_{color}"
     files = save_images(chart, out, name)

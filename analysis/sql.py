@@ -11,46 +11,10 @@ import duckdb
 import polars as pl
 
 from fgm.warehouse import FgmError
-from fgm.warehouse.names import axis_name_problem
+from fgm.warehouse.wide import create_hp_wide  # noqa: F401  (fgm's readers build it here)
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _ANALYZE = {"ANALYZE", "ANALYSE"}   # EXPLAIN ANALYZE runs the statement it explains
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def axes(con: duckdb.DuckDBPyConnection) -> list[tuple[str, bool]]:
-    """[(axis, numeric)] for every axis the warehouse holds."""
-    return [(a, bool(n)) for a, n in con.sql(
-        "SELECT axis, bool_and(value_num IS NOT NULL) FROM hyperparameters "
-        "GROUP BY axis ORDER BY axis").fetchall()]
-
-
-def create_hp_wide(con: duckdb.DuckDBPyConnection) -> None:
-    """TEMP VIEW hp_wide: one row per model, a column per axis (its value, a number where
-    the axis is numeric) and `<axis>_level`. Built per connection, since the axes are data."""
-    # a name that breaks the rules (stored by an older fgm), or that repeats a more
-    # common one but for case, gets no column, rather than making the view fail
-    usable: dict[str, str] = {}
-    for (axis,) in con.execute("SELECT axis FROM hyperparameters GROUP BY axis "
-                               "ORDER BY count(*) DESC, axis").fetchall():
-        if not axis_name_problem(axis):
-            usable.setdefault(axis.lower(), axis)
-    cols = []
-    for axis, numeric in axes(con):
-        if usable.get(axis.lower()) != axis:
-            continue
-        value = "value_num" if numeric else "value_text"
-        literal = "'" + axis.replace("'", "''") + "'"
-        cols.append(f"any_value({value}) FILTER (WHERE axis = {literal}) AS {_quote(axis)}")
-        cols.append(f"any_value(level) FILTER (WHERE axis = {literal}) "
-                    f"AS {_quote(axis + '_level')}")
-    select = ", ".join(["m.model_id", "m.dataset", "m.seed", "m.sweep_id"] + cols)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW hp_wide AS SELECT {select} FROM models AS m "
-                "LEFT JOIN hyperparameters AS h USING (model_id) "
-                "GROUP BY m.model_id, m.dataset, m.seed, m.sweep_id")
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, memory_limit: str | None = None) -> None:

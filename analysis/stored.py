@@ -161,6 +161,8 @@ def question_key(command: str, sel: Selection, options: dict, *, pgdl: bool = Fa
                 "relevel": sel.relevel, "pool_seeds": sel.pool_seeds,
                 "converged_searches_only": sel.converged_searches_only, "pgdl": pgdl,
                 "ci": ci, "blocks": blocks if ci else None, "seed": seed}
+    if sel.seeds is not None:   # (absent otherwise: the keys of older evaluations stand)
+        question["seeds"] = list(sel.seeds)
     return hashlib.sha256(json.dumps(question, sort_keys=True).encode()).hexdigest()[:16]
 
 

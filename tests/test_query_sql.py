@@ -95,10 +95,10 @@ def test_a_query_waits_for_a_brief_writer(wh, monkeypatch):
     the file held for a short write waits for it, instead of failing at once."""
     import threading
 
-    from fgm.analysis import cli
+    from fgm.analysis import cli, queries
     from fgm.warehouse import WarehouseLocked
-    monkeypatch.setattr(cli, "READ_WAIT", 120.0)   # longer than any loaded machine needs
-    refused, answers, real = threading.Event(), [], cli.connect
+    monkeypatch.setattr(queries, "READ_WAIT", 120.0)   # longer than any loaded machine needs
+    refused, answers, real = threading.Event(), [], queries.connect
 
     def connect(*args, **kw):
         try:
@@ -106,7 +106,7 @@ def test_a_query_waits_for_a_brief_writer(wh, monkeypatch):
         except WarehouseLocked:
             refused.set()
             raise
-    monkeypatch.setattr(cli, "connect", connect)
+    monkeypatch.setattr(queries, "connect", connect)
 
     def query():
         with cli._readonly(str(wh)) as con:

@@ -41,3 +41,41 @@ def test_the_quickstarts_run_in_order_in_an_empty_folder(tmp_path):
     assert (tmp_path / "report" / "index.html").is_file()
     assert (tmp_path / "fgm.duckdb").is_file() and (tmp_path / "results.duckdb").is_file()
     assert "Traceback" not in run.stderr and "FutureWarning" not in run.stderr
+    python_quickstart(tmp_path, env)
+
+
+# What the Python quickstart takes as given: a model of the user's, its training set
+# and initial weights (here a small NiN, briefly trained on random images).
+PRELUDE = """
+import torch, torch.nn.functional as F
+from fgm.train.nin import NiN
+torch.manual_seed(0)
+x_train, y_train = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+model = NiN(1, 10, 8, 1)
+initial_weights = {k: v.clone() for k, v in model.state_dict().items()}
+opt = torch.optim.Adam(model.parameters(), 1e-2)
+for _ in range(20):
+    opt.zero_grad(); F.cross_entropy(model(x_train), y_train).backward(); opt.step()
+"""
+
+
+def python_quickstart(folder: Path, env: dict) -> None:
+    """The README's Python block, literally, in the folder the bash quickstarts left
+    (results.duckdb): each expression's value printed, checked to be the answers."""
+    section = next(s for s in re.split(r"^## ", README.read_text(), flags=re.M)
+                   if s.startswith("Quickstart: from Python"))
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    lines = []
+    for line in block.splitlines():   # a bare expression as a notebook shows it: printed
+        code = re.sub(r"\s+#\s.*$", "", line)
+        bare = code.strip() and "=" not in code.split("(")[0] and not code.strip().startswith(
+            ("import", "with", "from"))
+        indent = code[:len(code) - len(code.lstrip())]
+        lines.append(f"{indent}print(repr(({code.strip()})))" if bare else code)
+    run = subprocess.run([sys.executable, "-c", PRELUDE + "\n".join(lines)], cwd=folder,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert "shape: (" in out and "measure_00" in out          # Table 5
+    assert out.count("alt.") + out.count("Chart") >= 1        # the chart
+    assert "'path_norm': " in out and "'frobenius_distance': " in out

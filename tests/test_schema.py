@@ -56,7 +56,9 @@ def test_views_come_from_sql_files_one_per_file(db):
     views = {r[0] for r in con.sql("SELECT view_name FROM duckdb_views() "
                                    "WHERE NOT internal").fetchall()}
     con.close()
-    assert set(view_files()) == views
+    # and hp_wide, built from the axes the file holds (warehouse/wide.py), not a file
+    assert set(view_files()) | {"hp_wide"} == views
+    assert "hp_wide" not in view_files()
     assert {"model_measures", "model_outcomes"} <= views
 
 

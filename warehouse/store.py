@@ -245,6 +245,8 @@ def apply_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("UPDATE fgm_meta SET value = ? WHERE key = 'schema_version'",
                     [str(SCHEMA_VERSION)])
     apply_views(con)
+    from .wide import create_hp_wide
+    create_hp_wide(con, temp=False)    # for any DuckDB reader of the file (wide.py)
     con.execute("INSERT INTO fgm_meta VALUES ('views_sha256', ?) ON CONFLICT (key) "
                 "DO UPDATE SET value = excluded.value", [views_digest()])
 

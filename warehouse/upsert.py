@@ -53,6 +53,10 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame,
                         f'ON CONFLICT ({", ".join(keys)}) {action}')
     finally:
         unregister_quietly(con, name)
+    if table == "hyperparameters" and (added.height or updated.height):
+        # the file's hp_wide follows its axes, for any DuckDB reader (warehouse/wide.py)
+        from .wide import create_hp_wide
+        create_hp_wide(con, temp=False)
     return UpsertResult(added, updated, frame.height - added.height - updated.height)
 
 

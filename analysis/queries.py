@@ -1,0 +1,225 @@
+"""The evaluation questions of fgm-query as library functions over an open (read-only,
+locked-down) connection: each returns the result object fgm-query prints (its JSON),
+so the command line and the Python API (`fgm.open`) give the same answers to the
+last bit. Nothing here prints, exits or writes; errors are FgmError."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from fgm.warehouse import FgmError, connect
+from fgm.warehouse.store import when_free
+
+from .evaluate import (
+    CONVENTIONS,
+    Models,
+    Selection,
+    cmi_result,
+    measure_values,
+    oracle_result,
+    psi_result,
+    select_models,
+    with_seeds,
+)
+from .robust import WEIGHTINGS, robust_sign_error
+from .sql import create_hp_wide, lock_down
+
+# How long a query waits for a process that holds the warehouse for writing (DuckDB
+# lets no reader in meanwhile): fgm's writers hold it for one short transaction at a
+# time (fgm-query storing an evaluation, a grid storing a model); a holder that keeps
+# it longer is named in the error.
+READ_WAIT = 5.0
+
+
+@contextmanager
+def readonly(db: str | os.PathLike | None,
+             memory_limit: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The warehouse opened read-only, with the per-axis view hp_wide, and locked
+    down: no file access beyond the warehouse, no setting changed after this."""
+    con = when_free(lambda: connect(db, read_only=True), READ_WAIT)
+    try:
+        create_hp_wide(con)
+        lock_down(con, memory_limit=memory_limit)
+        yield con
+    finally:
+        con.close()
+
+
+def memory_limit(value: str) -> str:
+    """A memory limit: a positive size, e.g. 512MB or 4GB (DuckDB reads a negative one
+    as no limit at all)."""
+    if not isinstance(value, str) or not re.fullmatch(
+            r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B|bytes)?\s*", value, flags=re.I) \
+            or not float(re.match(r"\s*([\d.]+)", value).group(1)) > 0:
+        raise FgmError(f"--memory-limit {str(value)[:40]!r}: expected a positive size "
+                       "such as 512MB or 4GB")
+    return value
+
+
+MAX_SEED = 2 ** 63 - 1
+
+
+def selection(*, where: str | None = None, dataset: str | None = None,
+              sweep: str | None = None, all_models: bool = False, relevel: bool = False,
+              pool_seeds: bool = False, converged_searches_only: bool = False,
+              seeds: Sequence[int] | None = None) -> Selection:
+    """The selection options of fgm-query (and of fgm.open's methods), checked."""
+    for name, value in (("where", where), ("dataset", dataset), ("sweep", sweep)):
+        if value is not None and not isinstance(value, str):
+            raise FgmError(f"{name} {value!r}: expected a string")
+    if seeds is not None:
+        if isinstance(seeds, str | bytes) or not isinstance(seeds, Sequence) or not seeds:
+            raise FgmError(f"seeds {seeds!r}: expected a non-empty list of seeds, e.g. [0, 1]")
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int | np.integer)
+               or not 0 <= int(s) <= MAX_SEED]
+        if bad:
+            raise FgmError(f"seeds: {bad[0]!r} is not a seed (a whole number from 0)")
+        seeds = tuple(sorted({int(s) for s in seeds}))
+    return Selection(where=where, dataset=dataset, sweep=sweep, all_models=bool(all_models),
+                     pool_seeds=bool(pool_seeds), relevel=bool(relevel),
+                     converged_searches_only=bool(converged_searches_only), seeds=seeds)
+
+
+def convention_option(convention: str) -> dict:
+    """The stored evaluation's options: the paper's convention is another question
+    (another key), SPEC's the default that older evaluations were computed with."""
+    return {} if convention == "spec" else {"convention": convention}
+
+
+def models_frame(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """fgm-query models: hyperparameters, accuracies, gap, convergence, in the order
+    of the grid (dataset, each axis by level, then seed)."""
+    frame = con.sql("SELECT w.*, o.train_acc, o.test_acc, o.gap, o.converged "
+                    "FROM hp_wide AS w JOIN model_outcomes AS o USING (model_id)").pl()
+    levels = [c for c in frame.columns if c.endswith("_level")]
+    frame = frame.sort(["dataset", *levels, "seed", "model_id"], nulls_last=True)
+    return frame.drop(levels + ["sweep_id"])
+
+
+def measures_frame(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """fgm-query measures: per measure, how many models have a value, failed, or miss
+    one; `reasons`: a list of {status, reason, n_models}."""
+    frame = con.sql("SELECT * FROM measure_summary").pl()
+    reasons = con.sql("SELECT * FROM measure_reasons").pl()
+    why: dict[str, list[dict]] = {}
+    for r in reasons.iter_rows(named=True):
+        why.setdefault(r["measure"], []).append(
+            {"status": r["status"], "reason": r["reason"], "n_models": r["n_models"]})
+    kind = pl.List(pl.Struct({"status": pl.String, "reason": pl.String,
+                              "n_models": pl.Int64}))
+    return frame.with_columns(pl.Series("reasons", [why.get(m, []) for m in frame["measure"]],
+                                        dtype=kind))
+
+
+def measure_reasons(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    return con.sql("SELECT * FROM measure_reasons").pl()
+
+
+@dataclass
+class Answer:
+    """A result object (`res`, as fgm-query's JSON), the models it was computed on,
+    and the notes printed below it."""
+    res: dict
+    models: Models
+    values: Models | None = None     # the models that have a value of the measure
+
+
+def with_constant(res: dict, models: Models) -> dict:
+    """The axes that take no part (one level in the selection), said once."""
+    if models.constant:
+        res["constant_axes"] = dict(models.constant)
+    return res
+
+
+def constant_note(constant: dict | None) -> str | None:
+    if not constant:
+        return None
+    return ("left out, constant in this selection: "
+            + ", ".join(f"{a} = {v}" for a, v in constant.items()))
+
+
+def searches_note(n: int, filtered: bool, what: str = "the values") -> str | None:
+    if not n:
+        return None
+    if filtered:
+        return f"{n} value(s) from searches that did not converge left out"
+    return (f"{n} of {what} come from searches that did not converge "
+            "(--converged-searches-only leaves them out)")
+
+
+def _convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise FgmError(f"convention {convention!r}: expected one of {', '.join(CONVENTIONS)}")
+
+
+def psi(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
+        ci: float | None = None, blocks: int = 20, seed: int = 0,
+        convention: str = "spec") -> Answer:
+    """Kendall's τ, ψ_i per axis and Ψ (Eqs. 2, 4, 5): fgm-query psi."""
+    _convention(convention)
+    models = select_models(con, sel)
+    mu, sub = measure_values(con, measure, models)
+    res = with_constant(with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci,
+                                   blocks=blocks, seed=seed, pool_seeds=sel.pool_seeds,
+                                   convention=convention), models)
+    res["unconverged_searches"] = sub.unconverged_searches
+    note = searches_note(sub.unconverged_searches, sel.converged_searches_only,
+                         f"the {len(mu)} values")
+    if note:
+        res["note"] = note if "note" not in res else f"{res['note']}; {note}"
+    return Answer(res, models, sub)
+
+
+def cmi(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
+        pgdl: bool = False, ci: float | None = None, blocks: int = 20, seed: int = 0,
+        convention: str = "spec") -> Answer:
+    """Î(S) for |S| ≤ 2 and K, its minimum (App. B): fgm-query cmi."""
+    _convention(convention)
+    if pgdl and convention != "spec":
+        raise FgmError("pgdl is the PGDL scorer's own convention; leave out "
+                       "convention='paper' (--convention paper)")
+    models = select_models(con, sel)
+    mu, sub = measure_values(con, measure, models)
+    res = with_constant(with_seeds(sub, mu, lambda m, s: cmi_result(
+        measure, m, s, pgdl=pgdl, convention=convention), ci=ci, blocks=blocks, seed=seed,
+        keys=("K",), pool_seeds=sel.pool_seeds), models)
+    return Answer(res, models, sub)
+
+
+def oracle(con: duckdb.DuckDBPyConnection, sel: Selection, eps: float, *,
+           draws: int = 20, seed: int = 0) -> Answer:
+    """The noisy oracle g + N(0, ε²): fgm-query oracle."""
+    if not (isinstance(eps, int | float) and 0 < eps and np.isfinite(eps)):
+        raise FgmError(f"eps {eps!r}: expected a positive noise std such as 0.01")
+    models = select_models(con, sel)
+    res = with_constant(with_seeds(models, models.gap,
+                                   lambda _, m: oracle_result(m, eps, draws=draws, seed=seed),
+                                   pool_seeds=sel.pool_seeds), models)
+    return Answer(res, models)
+
+
+def robust(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
+           test_size: int | None = None, weighting: str = "published",
+           min_ess: float | None = None) -> Answer:
+    """Robust sign-error over environments (Dziugaite et al. 2020): fgm-query robust."""
+    if weighting not in WEIGHTINGS:
+        raise FgmError(f"weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    models = select_models(con, sel)
+    mu, sub = measure_values(con, measure, models)
+    sizes = np.full(len(mu), float(test_size)) if test_size else sub.test_size
+    if np.isnan(sizes).any():
+        raise FgmError("the warehouse does not know the test-set size of some models "
+                       "(results tables do not carry it): pass --test-size N")
+    res = {"measure": measure, "n_models": int(len(mu)),
+           "test_size": float(np.median(sizes)) if len(sizes) else None,
+           **robust_sign_error(mu, sub.gap, sub.levels, sub.axes, sizes, weighting=weighting,
+                               min_ess=min_ess)}
+    return Answer(with_constant(res, models), models, sub)

@@ -1,0 +1,227 @@
+"""`fgm.measure`: the paper's measures of a model held in memory, without a warehouse
+or a run bundle (as PGDL's `complexity(model, dataset)` and RGM's
+`get_all_measures(model, init_model, dataloader)`).
+
+    values = fgm.measure(model, (x_train, y_train), init=init_state)
+    details = fgm.measure_details(model, train_set, measures="pacbayes_*")
+
+Every measure sees the network in eval mode with each BatchNorm folded into the
+convolution before it (App. C.1), on the training set it is given."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import torch
+from torch import nn
+
+from fgm.measures.context import BUDGETS, Context, Settings
+from fgm.measures.registry import list_measures as _registry
+from fgm.measures.runner import run_one
+from fgm.train.nin import NiN
+from fgm.warehouse.errors import FgmError
+
+# The layers fgm's measures know how to read (the Network-in-Network of the paper).
+_NIN_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Sequential, NiN)
+
+
+class UnsupportedModel(FgmError):
+    """A network the measures cannot read: names the layer or the class."""
+
+
+@dataclass(frozen=True)
+class MeasureDetail:
+    """One measure of one model: its value (None when it has none), status ("ok",
+    "failed", or "not_applicable" when an input it needs was not given), why it has
+    no value, and the settings and search results behind it."""
+    value: float | None
+    status: str
+    reason: str | None
+    params: dict[str, Any]
+
+
+def list_measures(pattern: str = "*") -> pl.DataFrame:
+    """The registry: name, the paper's equation, family, what each measure needs
+    (final, init, epoch1 weights, the training data, the trace) and its definition,
+    for the measures whose name matches a glob pattern (or a comma list of them)."""
+    specs = _registry(pattern)
+    return pl.DataFrame({"measure": [s.name for s in specs], "equation": [s.eq for s in specs],
+                         "family": [s.family for s in specs],
+                         "needs": [list(s.needs) for s in specs],
+                         "description": [s.description for s in specs]},
+                        schema={"measure": pl.String, "equation": pl.String,
+                                "family": pl.String, "needs": pl.List(pl.String),
+                                "description": pl.String})
+
+
+def _names(measures: str | Sequence[str]) -> list[str]:
+    every = [s.name for s in _registry("*")]
+    patterns = ([p.strip() for p in measures.split(",") if p.strip()]
+                if isinstance(measures, str) else list(measures))
+    if not patterns:
+        raise FgmError("measures: no measure named; give a glob such as '*' or a list")
+    chosen = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise FgmError(f"measures: {p!r} is not a measure name")
+        hits = [n for n in every if fnmatch.fnmatchcase(n, p)]
+        if not hits:
+            close = difflib.get_close_matches(p, every, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise FgmError(f"unknown measure {p!r}.{hint} fgm.list_measures() lists them.")
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def _check_model(model: object) -> NiN:
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModel(f"model: expected a torch nn.Module, got {type(model).__name__}")
+    for name, layer in model.named_modules():
+        if not isinstance(layer, _NIN_LAYERS):
+            raise UnsupportedModel(
+                f"model: layer {name or '(the model)'!r} is a {type(layer).__name__}, which "
+                "the measures cannot read; fgm measures its Network-in-Network "
+                "(fgm.train.nin.NiN: Conv2d, BatchNorm2d, ReLU, Dropout) so far")
+    if not isinstance(model, NiN):
+        raise UnsupportedModel(f"model: a {type(model).__name__}; fgm measures its "
+                               "Network-in-Network (fgm.train.nin.NiN) so far")
+    return model
+
+
+def _data(train: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) from a pair of tensors or a torch Dataset of (image, label) items."""
+    if isinstance(train, tuple | list) and len(train) == 2 \
+            and all(isinstance(t, torch.Tensor) for t in train):
+        x, y = train
+    elif isinstance(train, torch.utils.data.Dataset):
+        try:
+            n = len(train)  # type: ignore[arg-type]
+        except TypeError:
+            raise FgmError("train: a Dataset without a length; give (x, y) tensors") from None
+        if n == 0:
+            raise FgmError("train: the Dataset is empty")
+        items = [train[i] for i in range(n)]
+        try:
+            x = torch.stack([torch.as_tensor(item[0]) for item in items])
+            y = torch.as_tensor([int(item[1]) for item in items])
+        except (TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise FgmError(f"train: the Dataset's items must be (image tensor, integer "
+                           f"label) pairs of one shape ({exc})") from None
+    else:
+        raise FgmError(f"train: expected an (x, y) pair of tensors or a torch Dataset, got "
+                       f"{type(train).__name__}")
+    if x.dim() != 4:
+        raise FgmError(f"train: images must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise FgmError(f"train: labels must be (N,) with N = {len(x)} images, got shape "
+                       f"{tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        if y.dtype == torch.bool or not torch.equal(y, y.round()):
+            raise FgmError(f"train: labels must be whole class numbers, got {y.dtype}")
+    if len(x) == 0:
+        raise FgmError("train: no examples")
+    return x.float(), y.long()
+
+
+def _init(model: NiN, init: object) -> NiN | None:
+    if init is None:
+        return None
+    if isinstance(init, nn.Module):
+        state = init.state_dict()
+    elif isinstance(init, Mapping):
+        state = dict(init)
+    else:
+        raise FgmError(f"init: expected the initial weights as a module or a state dict, "
+                       f"got {type(init).__name__}")
+    net = copy.deepcopy(model)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FgmError(f"init: these weights do not fit the model: "
+                       f"{' '.join(str(exc).split())[:400]}") from None
+    return net
+
+
+def measure_details(model: nn.Module, train: object, *, init: nn.Module | Mapping | None = None,
+                    measures: str | Sequence[str] = "*", budget: str = "fast",
+                    device: str | torch.device = "cpu", seed: int = 0
+                    ) -> dict[str, MeasureDetail]:
+    """Each measure's value, status, reason and parameters (see `measure`)."""
+    net = _check_model(model)
+    names = _names(measures)
+    x, y = _data(train)
+    classes = net.classifier.out_channels
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise FgmError(f"train: labels must be in [0, {classes}) for a model of {classes} "
+                       f"classes; found {int(y.min())} to {int(y.max())}")
+    if x.shape[1] != net.features[0].in_channels:
+        raise FgmError(f"train: images of {x.shape[1]} channel(s), shape {tuple(x.shape[1:])}, "
+                       f"do not fit a model whose first layer takes "
+                       f"{net.features[0].in_channels}")
+    if budget not in BUDGETS:
+        close = difflib.get_close_matches(str(budget), list(BUDGETS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FgmError(f"unknown budget {budget!r}.{hint} Budgets: {', '.join(BUDGETS)}")
+    try:
+        settings = Settings.preset(budget, seed=seed)
+        dev = torch.device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise FgmError(str(exc)) from None
+    initial = _init(net, init)
+    final = copy.deepcopy(net).to(dev)     # the caller's model is left as it was
+    try:
+        ctx = Context.from_models(final, x.to(dev), y.to(dev), classes,
+                                  init=initial.to(dev) if initial is not None else None,
+                                  settings=settings)
+        with torch.no_grad():
+            ctx.logits()
+    except RuntimeError as exc:
+        raise FgmError(f"train: images of shape {tuple(x.shape[1:])} do not fit the model "
+                       f"({' '.join(str(exc).split())[:300]})") from None
+    given = {"final", "data"} | ({"init"} if initial is not None else set())
+    why = {"init": "the initial weights were not given (init=...)",
+           "epoch1": "the weights after epoch 1 are not known to fgm.measure",
+           "trace": "the training trace is not known to fgm.measure"}
+    specs = {s.name: s for s in _registry("*")}
+    out: dict[str, MeasureDetail] = {}
+    for name in names:
+        spec = specs[name]
+        lacking = [n for n in spec.needs if n not in given]
+        if lacking:
+            out[name] = MeasureDetail(None, "not_applicable",
+                                      "; ".join(why[n] for n in lacking), {})
+            continue
+        value, status, error, params = run_one(spec, ctx)
+        if value is not None and not math.isfinite(value):
+            value = None
+        out[name] = MeasureDetail(value, status, error, dict(params))
+    return out
+
+
+def measure(model: nn.Module, train: object, *, init: nn.Module | Mapping | None = None,
+            measures: str | Sequence[str] = "*", budget: str = "fast",
+            device: str | torch.device = "cpu", seed: int = 0) -> dict[str, float | None]:
+    """The measures of `model` on its training set: {measure: value}, None where the
+    measure has no value (it needs `init`, the weights after epoch 1 or the training
+    trace, which were not given, or it failed: measure_details says why).
+
+    train: an (x, y) pair of tensors, x (N, C, H, W) images as the model takes them
+    (normalised), y (N,) integer labels; or a torch Dataset of (image, label) items.
+    init: the initial weights, a module of the same architecture or its state dict.
+    measures: a glob ("*", "pacbayes_*"), a comma list or a list of names.
+    budget: the σ/α searches' budget, "fast", "paper" or "thorough"; seed: the
+    searches' seed. Raises FgmError (UnsupportedModel for a network the measures
+    cannot read) with what was wrong."""
+    return {name: d.value for name, d in measure_details(
+        model, train, init=init, measures=measures, budget=budget, device=device,
+        seed=seed).items()}
+
+
+__all__ = ["MeasureDetail", "UnsupportedModel", "list_measures", "measure", "measure_details"]
