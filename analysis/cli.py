@@ -22,7 +22,15 @@ from fgm.warehouse.cli import (
 
 from . import queries
 from .evaluate import Selection, select_models, table5, table6
-from .queries import READ_WAIT, readonly  # noqa: F401  (READ_WAIT: the wait a reader gets)
+from .queries import (  # noqa: F401  (READ_WAIT: the wait a reader gets)
+    MAX_BLOCKS,
+    MAX_DRAWS,
+    MAX_EPS,
+    MAX_MIN_ESS,
+    MAX_TEST_SIZE,
+    READ_WAIT,
+    readonly,
+)
 from .queries import constant_note as _constant_note
 from .queries import convention_option as _convention
 from .queries import searches_note as _searches_note
@@ -51,19 +59,11 @@ def _memory_limit(value: str, param) -> str:
         raise click.BadParameter(str(exc), param=param) from None
 
 
-# Ranges of the evaluation options, checked by click before any query runs (README:
-# Evaluation). Each leave-one-block-out and each oracle draw is one more evaluation
-# of every model, so the caps keep a typo from asking for days.
-MAX_BLOCKS = 10_000      # --blocks: at most one block per configuration is used anyway
-# --draws: the oracle's Monte Carlo CMI; its standard error falls as 1/sqrt(draws), so
-# 10,000 draws already make it 1% of one draw's, at 10,000 CMI computations per oracle
-MAX_DRAWS = 10_000
+# Ranges of the evaluation options (analysis/queries.py: the Python API checks the
+# same), checked by click before any query runs.
 DRAWS = click.IntRange(2, MAX_DRAWS)
 DRAWS_HELP = (f"Monte Carlo draws for the oracles' CMI, 2 to {MAX_DRAWS:,} (the standard "
               f"error falls as 1/sqrt(draws); the cost grows with them).")
-MAX_EPS = 1.0            # --eps: the oracle's noise std, on gaps that are fractions
-MAX_TEST_SIZE = 10**9    # --test-size
-MAX_MIN_ESS = 1e6        # --min-ess: more than any environment's pairs
 # The most rows `fgm-query sql --format table` prints unless --max-rows says otherwise:
 # an aligned table holds every row it shows in memory at once.
 TABLE_ROWS = 1000

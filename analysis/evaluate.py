@@ -92,6 +92,16 @@ def selected_datasets(con: duckdb.DuckDBPyConnection, sel: Selection) -> list[st
     return sorted(r[0] for r in con.execute(sql, params).fetchall() if r[0] is not None)
 
 
+def selected_model_ids(con: duckdb.DuckDBPyConnection, sel: Selection) -> list[str]:
+    """The ids of the models a selection's filters pick (none of select_models' checks
+    of levels: a listing, not an evaluation)."""
+    conditions, params = _conditions(con, sel)
+    sql = "SELECT model_id FROM model_outcomes"
+    if conditions:
+        sql += " WHERE " + " AND ".join(conditions)
+    return [r[0] for r in con.execute(sql + " ORDER BY model_id", params).fetchall()]
+
+
 def _conditions(con: duckdb.DuckDBPyConnection, sel: Selection) -> tuple[list[str], list]:
     """The selection as conditions on model_outcomes, every value bound."""
     conditions, params = [], []

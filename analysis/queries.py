@@ -5,6 +5,7 @@ last bit. Nothing here prints, exits or writes; errors are FgmError."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -64,7 +65,67 @@ def memory_limit(value: str) -> str:
     return value
 
 
-MAX_SEED = 2 ** 63 - 1
+# --------------------------------------------------------------------------- option ranges
+# The ranges of the evaluation options, the same for fgm-query (click checks them before
+# any query runs) and the Python API (checked here). Each leave-one-block-out and each
+# oracle draw is one more evaluation of every model, so the caps keep a typo from asking
+# for days.
+MAX_BLOCKS = 10_000      # --blocks: at most one block per configuration is used anyway
+MIN_BLOCKS = 5
+# --draws: the oracle's Monte Carlo CMI; its standard error falls as 1/sqrt(draws), so
+# 10,000 draws already make it 1% of one draw's, at 10,000 CMI computations per oracle
+MAX_DRAWS = 10_000
+MAX_EPS = 1.0            # --eps: the oracle's noise std, on gaps that are fractions
+MAX_TEST_SIZE = 10**9    # --test-size
+MAX_MIN_ESS = 1e6        # --min-ess: more than any environment's pairs
+MAX_SEED = 2**31 - 1     # --seed of the jackknife blocks, the oracle and the random baseline
+MAX_MODEL_SEED = 2**63 - 1   # a model's training seed
+MAX_TIMEOUT = 86_400     # --timeout of fgm-query sql, seconds
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, int | float | np.integer | np.floating)
+            and not isinstance(value, bool) and math.isfinite(float(value)))
+
+
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    if not _is_int(value) or not low <= int(value) <= high:
+        raise FgmError(f"{name} {value!r}: expected a whole number from {low:,} to {high:,}")
+    return int(value)
+
+
+def check_number(name: str, value: object, low: float, high: float, *,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    ok = _is_number(value) and (low < value if low_open else low <= value) \
+        and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise FgmError(f"{name} {value!r}: expected a number in {left}{low:g}, {high:g}{right}")
+    return float(value)
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise FgmError(f"{name} {value!r}: expected True or False")
+    return bool(value)
+
+
+def check_name(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise FgmError(f"{name} {value!r}: expected a name (a non-empty string)")
+    return value
+
+
+def check_interval(ci: object, blocks: object, seed: object) -> None:
+    """ci in (0, 1) or None, blocks in [5, MAX_BLOCKS], seed in [0, MAX_SEED]."""
+    if ci is not None:
+        check_number("ci", ci, 0, 1, low_open=True, high_open=True)
+    check_int("blocks", blocks, MIN_BLOCKS, MAX_BLOCKS)
+    check_int("seed", seed, 0, MAX_SEED)
 
 
 def selection(*, where: str | None = None, dataset: str | None = None,
@@ -75,11 +136,15 @@ def selection(*, where: str | None = None, dataset: str | None = None,
     for name, value in (("where", where), ("dataset", dataset), ("sweep", sweep)):
         if value is not None and not isinstance(value, str):
             raise FgmError(f"{name} {value!r}: expected a string")
+    for name, value in (("all_models", all_models), ("relevel", relevel),
+                        ("pool_seeds", pool_seeds),
+                        ("converged_searches_only", converged_searches_only)):
+        check_flag(name, value)
     if seeds is not None:
         if isinstance(seeds, str | bytes) or not isinstance(seeds, Sequence) or not seeds:
             raise FgmError(f"seeds {seeds!r}: expected a non-empty list of seeds, e.g. [0, 1]")
         bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int | np.integer)
-               or not 0 <= int(s) <= MAX_SEED]
+               or not 0 <= int(s) <= MAX_MODEL_SEED]
         if bad:
             raise FgmError(f"seeds: {bad[0]!r} is not a seed (a whole number from 0)")
         seeds = tuple(sorted({int(s) for s in seeds}))
@@ -156,7 +221,7 @@ def searches_note(n: int, filtered: bool, what: str = "the values") -> str | Non
 
 
 def _convention(convention: str) -> None:
-    if convention not in CONVENTIONS:
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
         raise FgmError(f"convention {convention!r}: expected one of {', '.join(CONVENTIONS)}")
 
 
@@ -164,6 +229,8 @@ def psi(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
         ci: float | None = None, blocks: int = 20, seed: int = 0,
         convention: str = "spec") -> Answer:
     """Kendall's τ, ψ_i per axis and Ψ (Eqs. 2, 4, 5): fgm-query psi."""
+    check_name("measure", measure)
+    check_interval(ci, blocks, seed)
     _convention(convention)
     models = select_models(con, sel)
     mu, sub = measure_values(con, measure, models)
@@ -182,6 +249,9 @@ def cmi(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
         pgdl: bool = False, ci: float | None = None, blocks: int = 20, seed: int = 0,
         convention: str = "spec") -> Answer:
     """Î(S) for |S| ≤ 2 and K, its minimum (App. B): fgm-query cmi."""
+    check_name("measure", measure)
+    check_interval(ci, blocks, seed)
+    check_flag("pgdl", pgdl)
     _convention(convention)
     if pgdl and convention != "spec":
         raise FgmError("pgdl is the PGDL scorer's own convention; leave out "
@@ -197,8 +267,9 @@ def cmi(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
 def oracle(con: duckdb.DuckDBPyConnection, sel: Selection, eps: float, *,
            draws: int = 20, seed: int = 0) -> Answer:
     """The noisy oracle g + N(0, ε²): fgm-query oracle."""
-    if not (isinstance(eps, int | float) and 0 < eps and np.isfinite(eps)):
-        raise FgmError(f"eps {eps!r}: expected a positive noise std such as 0.01")
+    check_number("eps", eps, 0, MAX_EPS, low_open=True)
+    check_int("draws", draws, 2, MAX_DRAWS)
+    check_int("seed", seed, 0, MAX_SEED)
     models = select_models(con, sel)
     res = with_constant(with_seeds(models, models.gap,
                                    lambda _, m: oracle_result(m, eps, draws=draws, seed=seed),
@@ -210,8 +281,13 @@ def robust(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
            test_size: int | None = None, weighting: str = "published",
            min_ess: float | None = None) -> Answer:
     """Robust sign-error over environments (Dziugaite et al. 2020): fgm-query robust."""
+    check_name("measure", measure)
     if weighting not in WEIGHTINGS:
         raise FgmError(f"weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    if test_size is not None:
+        check_int("test_size", test_size, 1, MAX_TEST_SIZE)
+    if min_ess is not None:
+        check_number("min_ess", min_ess, 0, MAX_MIN_ESS)
     models = select_models(con, sel)
     mu, sub = measure_values(con, measure, models)
     sizes = np.full(len(mu), float(test_size)) if test_size else sub.test_size

@@ -25,7 +25,6 @@ except PackageNotFoundError:   # run from a source tree that was never installed
 
 __all__ = [
     "__version__",
-    "open",
     "Warehouse",
     "PsiResult",
     "CmiResult",
@@ -38,12 +37,14 @@ __all__ = [
     "FgmError",
     "InputError",
     "NotAWarehouse",
+    "NotStoredWarning",
     "ReadOnlyError",
     "SchemaVersionError",
     "UnsupportedModel",
     "WarehouseLocked",
 ]
 
+# `open` is not in __all__: `from fgm import *` would shadow the builtin open.
 # Imported on first use: `import fgm.warehouse` (every command line, every worker
 # process) stays as light as it was; torch, altair and the evaluation load only when
 # a notebook asks for them.
@@ -51,7 +52,7 @@ _LAZY = {
     "open": "fgm.library", "Warehouse": "fgm.library",
     "PsiResult": "fgm.results", "CmiResult": "fgm.results",
     "OracleResult": "fgm.results", "RobustResult": "fgm.results",
-    "ReadOnlyError": "fgm.results",
+    "ReadOnlyError": "fgm.results", "NotStoredWarning": "fgm.results",
     "measure": "fgm.measuring", "measure_details": "fgm.measuring",
     "list_measures": "fgm.measuring", "MeasureDetail": "fgm.measuring",
     "UnsupportedModel": "fgm.measuring",
@@ -59,7 +60,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from fgm.library import Warehouse, open
+    from fgm.library import Warehouse
+    from fgm.library import open as open  # noqa: A004  (not in __all__: see above)
     from fgm.measuring import (
         MeasureDetail,
         UnsupportedModel,
@@ -67,7 +69,14 @@ if TYPE_CHECKING:
         measure,
         measure_details,
     )
-    from fgm.results import CmiResult, OracleResult, PsiResult, ReadOnlyError, RobustResult
+    from fgm.results import (
+        CmiResult,
+        NotStoredWarning,
+        OracleResult,
+        PsiResult,
+        ReadOnlyError,
+        RobustResult,
+    )
     from fgm.warehouse.store import NotAWarehouse
 
 

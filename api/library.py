@@ -9,7 +9,10 @@ open does not keep a running grid from storing its models."""
 from __future__ import annotations
 
 import difflib
+import functools
 import os
+import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
@@ -21,7 +24,14 @@ from fgm.analysis.evaluate import Selection, table5, table6
 from fgm.warehouse import FgmError
 from fgm.warehouse.store import resolve_db
 
-from .results import CmiResult, OracleResult, PsiResult, ReadOnlyError, RobustResult
+from .results import (
+    CmiResult,
+    NotStoredWarning,
+    OracleResult,
+    PsiResult,
+    ReadOnlyError,
+    RobustResult,
+)
 
 if TYPE_CHECKING:
     import altair as alt
@@ -62,6 +72,27 @@ def _selection(options: dict, *, allowed: tuple[str, ...] = _OPTIONS) -> Selecti
     return queries.selection(**options)
 
 
+def _errors(method: Callable) -> Callable:
+    """FgmError as it is; a DuckDB or Polars error a user's input can cause (a query
+    of theirs, a malformed file) as an FgmError with its first line, as fgm-query
+    prints it."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        import duckdb
+        try:
+            return method(*args, **kwargs)
+        except FgmError:
+            raise
+        except (duckdb.Error, pl.exceptions.PolarsError) as exc:
+            text = str(exc).strip()
+            message = text.splitlines()[0] if text else type(exc).__name__
+        # raised outside the handler, so the new error carries no reference to the old
+        # one's frames: a notebook keeps its last error, and with it whatever those
+        # frames held (a query's result keeps the file's database open in the process)
+        raise FgmError(message)
+    return wrapper
+
+
 def open(path: str | os.PathLike | None = None, *, read_only: bool = True) -> Warehouse:  # noqa: A001
     """The warehouse at `path` (default: $FGM_DB, then ./fgm.duckdb).
 
@@ -77,10 +108,17 @@ class Warehouse:
     error. Results equal fgm-query's: both are the same library functions."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, read_only: bool = True):
+        if path is not None and not isinstance(path, str | os.PathLike):
+            raise FgmError(f"path {path!r}: expected a file name or a Path")
+        if not isinstance(read_only, bool):
+            raise FgmError(f"read_only {read_only!r}: expected True or False")
         self.path: Path = resolve_db(path)
         self.read_only = read_only
         self._closed = False
-        with self._reader():   # the checks of every later call, once now
+        _errors(self._check)()   # the checks of every later call, once now
+
+    def _check(self) -> None:
+        with self._reader():
             pass
 
     # ---------------------------------------------------------------- plumbing
@@ -107,7 +145,7 @@ class Warehouse:
     def _store(self, store: bool, con: duckdb.DuckDBPyConnection, sel: Selection, ids,
                scope: str | None):
         """The snapshot of what was read, taken on the connection that read it."""
-        if not store:
+        if not queries.check_flag("store", store):
             return None
         if self.read_only:
             raise ReadOnlyError(f"{self.path}: opened read-only; fgm.open(path, "
@@ -123,26 +161,28 @@ class Warehouse:
         try:
             store_evaluation(self.path, snap, command, sel, options, rows, **question)
         except WRITE_ERRORS as exc:
-            raise FgmError(f"{self.path}: evaluation not stored ("
-                           f"{' '.join(str(exc).split())})") from None
+            # as fgm-query: the answer stands without it; said, not lost
+            warnings.warn(f"{self.path}: evaluation not stored ("
+                          f"{' '.join(str(exc).split())})", NotStoredWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- listings
+    @_errors
     def models(self, **selection: Unpack[SelectionOptions]) -> pl.DataFrame:
         """Every model, as `fgm-query models`: dataset, seed, each axis's value and the
         outcomes (train_acc, test_acc, gap, converged), in the grid's order. With
         selection options: only the models they pick (all_models defaults to True
         here, so unconverged models are listed unless all_models=False)."""
         selection.setdefault("all_models", True)
-        sel = _selection(selection)
+        sel = _selection(selection, allowed=tuple(
+            o for o in _OPTIONS if o not in ("relevel", "pool_seeds", "converged_searches_only")))
         with self._reader() as con:
             frame = queries.models_frame(con)
-            if any(v not in (None, False) for k, v in selection.items() if k != "all_models") \
-                    or not sel.all_models:
-                from fgm.analysis.evaluate import select_models
-                ids = select_models(con, sel).ids.tolist()
-                frame = frame.filter(pl.col("model_id").is_in(ids))
+            if sel != Selection(all_models=True):
+                from fgm.analysis.evaluate import selected_model_ids
+                frame = frame.filter(pl.col("model_id").is_in(selected_model_ids(con, sel)))
         return frame
 
+    @_errors
     def measures(self) -> pl.DataFrame:
         """Every measure, as `fgm-query measures`: how many models have a value, failed
         or miss one; `reasons`: each stored reason with its status and model count."""
@@ -150,6 +190,7 @@ class Warehouse:
             return queries.measures_frame(con)
 
     # ---------------------------------------------------------------- evaluation
+    @_errors
     def psi(self, measure: str, *, ci: float | None = None, blocks: int = 20, seed: int = 0,
             convention: str = "spec", store: bool = False,
             **selection: Unpack[SelectionOptions]) -> PsiResult:
@@ -166,6 +207,7 @@ class Warehouse:
             convention)}, psi_rows(answer.res), ci=ci, blocks=blocks, seed=seed if ci else None)
         return PsiResult.of(answer.res)
 
+    @_errors
     def cmi(self, measure: str, *, pgdl: bool = False, ci: float | None = None,
             blocks: int = 20, seed: int = 0, convention: str = "spec", store: bool = False,
             **selection: Unpack[SelectionOptions]) -> CmiResult:
@@ -183,6 +225,7 @@ class Warehouse:
             seed=seed if ci else None)
         return CmiResult.of(answer.res)
 
+    @_errors
     def oracle(self, eps: float, *, draws: int = 20, seed: int = 0, store: bool = False,
                **selection: Unpack[SelectionOptions]) -> OracleResult:
         """The noisy oracle g + N(0, ε²), as `fgm-query oracle --eps EPS`."""
@@ -196,6 +239,7 @@ class Warehouse:
                    oracle_rows(answer.res), seed=seed)
         return OracleResult.of(answer.res)
 
+    @_errors
     def robust(self, measure: str, *, test_size: int | None = None,
                weighting: str = "published", min_ess: float | None = None,
                store: bool = False, **selection: Unpack[SelectionOptions]) -> RobustResult:
@@ -212,6 +256,7 @@ class Warehouse:
                    robust_rows(answer.res))
         return RobustResult.of(answer.res)
 
+    @_errors
     def table(self, *, ci: float | None = None, blocks: int = 20, seed: int = 0,
               convention: str = "spec", store: bool = False,
               **selection: Unpack[SelectionOptions]) -> pl.DataFrame:
@@ -220,6 +265,7 @@ class Warehouse:
         seeds, *_lo/*_hi with ci), as `fgm-query table`."""
         return self._table("psi", 10, ci, blocks, seed, convention, store, selection)
 
+    @_errors
     def table_cmi(self, *, draws: int = 10, ci: float | None = None, blocks: int = 20,
                   seed: int = 0, convention: str = "spec", store: bool = False,
                   **selection: Unpack[SelectionOptions]) -> pl.DataFrame:
@@ -228,7 +274,12 @@ class Warehouse:
         return self._table("cmi", draws, ci, blocks, seed, convention, store, selection)
 
     def _table(self, kind, draws, ci, blocks, seed, convention, store, selection):
-        pool_seeds = bool(selection.pop("pool_seeds", False))
+        pool_seeds = queries.check_flag("pool_seeds", selection.pop("pool_seeds", False))
+        queries.check_interval(ci, blocks, seed)
+        queries.check_int("draws", draws, 2, queries.MAX_DRAWS)
+        queries.check_flag("store", store)
+        if convention not in ("spec", "paper"):
+            raise FgmError(f"convention {convention!r}: expected one of spec, paper")
         sel = _selection(selection)
         with self._reader() as con:
             if kind == "psi":
@@ -250,6 +301,7 @@ class Warehouse:
                        table_rows(frame, kind, models.axes), ci=ci, blocks=blocks, seed=seed)
         return frame
 
+    @_errors
     def compare_paper(self, table: int | str | None = 5, *, pool_seeds: bool = False,
                       **selection: Unpack[SelectionOptions]) -> pl.DataFrame:
         """The paper's published figures beside this warehouse's, measure by measure
@@ -259,6 +311,7 @@ class Warehouse:
         `compare_summary()`."""
         return self._compare(table, pool_seeds, selection)[1]
 
+    @_errors
     def compare_summary(self, table: int | str | None = 5, *, pool_seeds: bool = False,
                         **selection: Unpack[SelectionOptions]) -> dict[str, Any]:
         """The whole comparison object of `fgm-query compare --paper --format json`."""
@@ -277,16 +330,22 @@ class Warehouse:
         return res, comparison_frame(res)
 
     # ---------------------------------------------------------------- SQL and charts
+    @_errors
     def sql(self, query: str, *, timeout: float | None = 60.0,
             memory_limit: str = "4GB") -> pl.DataFrame:
         """The rows of a SELECT, read-only exactly as `fgm-query sql`: anything that
         writes, attaches a file or reads one is refused (FgmError); timeout seconds
         (None or 0: none)."""
         from fgm.analysis.sql import readonly_batches
+        if not isinstance(query, str):
+            raise FgmError(f"query {query!r}: expected SQL text")
+        if timeout is not None:
+            queries.check_number("timeout", timeout, 0, queries.MAX_TIMEOUT)
         with self._reader(queries.memory_limit(memory_limit)) as con, \
                 readonly_batches(con, query, timeout=timeout or None) as frames:
             return pl.concat(list(frames), how="vertical")
 
+    @_errors
     def chart(self, kind: str, *, measure: str | None = None, color: str | None = None,
               draws: int = 10, log: bool | None = None,
               **selection: Unpack[SelectionOptions]) -> alt.TopLevelMixin:

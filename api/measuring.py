@@ -51,7 +51,11 @@ def list_measures(pattern: str = "*") -> pl.DataFrame:
     """The registry: name, the paper's equation, family, what each measure needs
     (final, init, epoch1 weights, the training data, the trace) and its definition,
     for the measures whose name matches a glob pattern (or a comma list of them)."""
+    if not isinstance(pattern, str):
+        raise FgmError(f"pattern {pattern!r}: expected a glob such as '*' or 'pacbayes_*'")
     specs = _registry(pattern)
+    if not specs and not any(c in pattern for c in "*?["):
+        _names(pattern)    # a plain name that is not a measure: say which was meant
     return pl.DataFrame({"measure": [s.name for s in specs], "equation": [s.eq for s in specs],
                          "family": [s.family for s in specs],
                          "needs": [list(s.needs) for s in specs],
@@ -63,6 +67,10 @@ def list_measures(pattern: str = "*") -> pl.DataFrame:
 
 def _names(measures: str | Sequence[str]) -> list[str]:
     every = [s.name for s in _registry("*")]
+    if not isinstance(measures, str) and not (isinstance(measures, Sequence)
+                                              and not isinstance(measures, bytes)):
+        raise FgmError(f"measures {measures!r}: expected a glob such as '*', a comma list "
+                       "or a list of names")
     patterns = ([p.strip() for p in measures.split(",") if p.strip()]
                 if isinstance(measures, str) else list(measures))
     if not patterns:
@@ -107,11 +115,11 @@ def _data(train: object) -> tuple[torch.Tensor, torch.Tensor]:
             raise FgmError("train: a Dataset without a length; give (x, y) tensors") from None
         if n == 0:
             raise FgmError("train: the Dataset is empty")
-        items = [train[i] for i in range(n)]
         try:
+            items = [train[i] for i in range(n)]
             x = torch.stack([torch.as_tensor(item[0]) for item in items])
-            y = torch.as_tensor([int(item[1]) for item in items])
-        except (TypeError, ValueError, IndexError, RuntimeError) as exc:
+            y = torch.stack([torch.as_tensor(item[1]).reshape(()) for item in items])
+        except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as exc:
             raise FgmError(f"train: the Dataset's items must be (image tensor, integer "
                            f"label) pairs of one shape ({exc})") from None
     else:
@@ -127,7 +135,7 @@ def _data(train: object) -> tuple[torch.Tensor, torch.Tensor]:
             raise FgmError(f"train: labels must be whole class numbers, got {y.dtype}")
     if len(x) == 0:
         raise FgmError("train: no examples")
-    return x.float(), y.long()
+    return x, y.long()
 
 
 def _init(model: NiN, init: object) -> NiN | None:
@@ -165,20 +173,29 @@ def measure_details(model: nn.Module, train: object, *, init: nn.Module | Mappin
         raise FgmError(f"train: images of {x.shape[1]} channel(s), shape {tuple(x.shape[1:])}, "
                        f"do not fit a model whose first layer takes "
                        f"{net.features[0].in_channels}")
-    if budget not in BUDGETS:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 10 ** 9:
+        raise FgmError(f"seed {seed!r}: expected a whole number from 0 (the searches' seed)")
+    if not isinstance(budget, str) or budget not in BUDGETS:
         close = difflib.get_close_matches(str(budget), list(BUDGETS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise FgmError(f"unknown budget {budget!r}.{hint} Budgets: {', '.join(BUDGETS)}")
     try:
         settings = Settings.preset(budget, seed=seed)
         dev = torch.device(device)
-    except (ValueError, RuntimeError) as exc:
-        raise FgmError(str(exc)) from None
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise FgmError(f"device {device!r} / budget {budget!r}: {exc}") from None
     initial = _init(net, init)
-    final = copy.deepcopy(net).to(dev)     # the caller's model is left as it was
+    dtype = next(net.parameters()).dtype     # images as the model's weights are
     try:
-        ctx = Context.from_models(final, x.to(dev), y.to(dev), classes,
-                                  init=initial.to(dev) if initial is not None else None,
+        final = copy.deepcopy(net).to(dev)   # the caller's model is left as it was
+        if initial is not None:
+            initial = initial.to(dev)
+        x, y = x.to(device=dev, dtype=dtype), y.to(dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise FgmError(f"device {device!r}: {' '.join(str(exc).split())[:200]}") from None
+    try:
+        ctx = Context.from_models(final, x, y, classes,
+                                  init=initial,
                                   settings=settings)
         with torch.no_grad():
             ctx.logits()

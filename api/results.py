@@ -16,6 +16,11 @@ class ReadOnlyError(FgmError):
     """A write (storing an evaluation) through a handle opened read-only."""
 
 
+class NotStoredWarning(UserWarning):
+    """store=True, and the evaluation could not be kept (the file held by another
+    process, a full disk): the answer is returned all the same."""
+
+
 def _spread(raw: dict, keys: tuple[str, ...]) -> list[tuple[str, Any]]:
     """Std over seeds and interval bounds, as fgm-query's table prints them."""
     rows: list[tuple[str, Any]] = []

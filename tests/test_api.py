@@ -53,6 +53,7 @@ def test_the_package_has_its_interface():
     assert issubclass(fgm.NotAWarehouse, fgm.FgmError)
     assert issubclass(fgm.ReadOnlyError, fgm.FgmError)
     assert issubclass(fgm.UnsupportedModel, fgm.FgmError)
+    assert "open" not in fgm.__all__ and callable(fgm.open)   # no shadowed builtin on *
     with pytest.raises(AttributeError):
         fgm.no_such_thing  # noqa: B018
 
@@ -184,6 +185,59 @@ def test_errors_are_fgm_errors_with_the_cli_messages(db, tmp_path):
         wh.models()
 
 
+def test_options_are_checked_as_the_cli_checks_them(db):
+    """The CLI's ranges hold for the API: no silent answer to a value out of range."""
+    with fgm.open(db) as wh:
+        for call in (lambda: wh.psi("path_norm", ci=1.5), lambda: wh.psi("path_norm", ci=0.0),
+                     lambda: wh.psi("path_norm", ci=0.9, blocks=1),
+                     lambda: wh.psi("path_norm", ci=0.9, seed=-1),
+                     lambda: wh.oracle(0.02, draws=0), lambda: wh.oracle(True),
+                     lambda: wh.oracle(2.0), lambda: wh.robust("path_norm", test_size=-5),
+                     lambda: wh.robust("path_norm", test_size=0),
+                     lambda: wh.robust("path_norm", test_size=100, min_ess=-1.0),
+                     lambda: wh.psi("path_norm", all_models="no"), lambda: wh.psi(3),
+                     lambda: wh.table(draws=10, ci=2.0), lambda: wh.table_cmi(draws=1),
+                     lambda: wh.sql("SELECT 1", timeout=-1), lambda: wh.psi("path_norm",
+                                                                             store="yes")):
+            with pytest.raises(fgm.FgmError):
+                call()
+        with pytest.raises(fgm.FgmError, match="more than once"):
+            wh.sql("SELECT 1 AS a, 2 AS a")
+
+
+def test_a_plain_connection_in_the_same_process_is_not_locked_down(db, tmp_path):
+    """DuckDB shares a file's database between the connections of a process: fgm's
+    lock-down must not reach a user's own connection (it is refused instead)."""
+    csv = tmp_path / "t.csv"
+    csv.write_text("x\n1\n")
+    mine = duckdb.connect(str(db), read_only=True)
+    try:
+        with pytest.raises(fgm.FgmError, match="another DuckDB connection"):
+            fgm.open(db)
+        assert mine.sql(f"SELECT x FROM read_csv('{csv}')").fetchall() == [(1,)]
+    finally:
+        mine.close()
+    with fgm.open(db) as wh:
+        assert wh.models().height == 54
+        assert wh.models().height == 54     # a second call: nothing left locked
+
+
+def test_a_store_that_fails_returns_the_answer_with_a_warning(db, tmp_path, monkeypatch):
+    import shutil
+
+    from fgm.analysis import stored
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(db, copy)
+
+    def full_disk(*args, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(stored, "store_evaluation", full_disk)
+    with fgm.open(copy, read_only=False) as wh, pytest.warns(fgm.NotStoredWarning,
+                                                            match="No space left"):
+        frame = wh.table(store=True)
+    assert frame.height > 0 and "path_norm" in frame["measure"].to_list()
+
+
 def test_a_read_write_handle_stores_what_the_cli_stores(db, tmp_path):
     import shutil
     copy = tmp_path / "copy.duckdb"
@@ -196,6 +250,39 @@ def test_a_read_write_handle_stores_what_the_cli_stores(db, tmp_path):
                      ).fetchall()
     con.close()
     assert stored == [("psi", res.Psi)]
+
+
+def test_hp_wide_comes_to_an_older_file_and_spares_a_table_of_that_name(db, tmp_path):
+    import shutil
+
+    from fgm.warehouse import connect
+    old = tmp_path / "old.duckdb"
+    shutil.copy(db, old)
+    con = duckdb.connect(str(old))
+    con.execute("DROP VIEW hp_wide")          # as a file written before fgm kept it
+    con.close()
+    connect(old).close()                      # the first writer adds it
+    con = duckdb.connect(str(old), read_only=True)
+    assert con.sql("SELECT count(*) FROM hp_wide").fetchall() == [(54,)]
+    con.close()
+    mine = tmp_path / "mine.duckdb"
+    shutil.copy(db, mine)
+    con = duckdb.connect(str(mine))
+    con.execute("DROP VIEW hp_wide")
+    con.execute("CREATE TABLE hp_wide AS SELECT 42 AS answer")   # a user's own table
+    con.close()
+    table = synthetic_table(3, 4, axes=AXES, seed=9).with_columns(
+        pl.Series("model_id", ["x1", "x2", "x3"]))
+    table.write_csv(tmp_path / "more.csv")
+    from fgm.ingest.cli import main as ingest
+    out = CliRunner().invoke(ingest, [str(tmp_path / "more.csv"), "--db", str(mine),
+                                      "--sweep", "grid", "--dataset", "cifar10"])
+    assert out.exit_code == 0, out.output
+    con = duckdb.connect(str(mine), read_only=True)
+    assert con.sql("SELECT * FROM hp_wide").fetchall() == [(42,)]     # theirs, untouched
+    con.close()
+    with fgm.open(mine) as wh:                 # fgm reads through its own view
+        assert wh.sql("SELECT count(*) AS n FROM hp_wide")["n"][0] == 57
 
 
 def test_hp_wide_exists_for_plain_duckdb_readers(db):
@@ -259,6 +346,17 @@ def test_measure_of_a_model_in_memory(small):
     assert moved["frobenius_distance"] > 0
 
 
+def test_measure_of_a_double_model(small):
+    net, init, x, y = small
+    double = NiN(1, 4, 8, 1).double()
+    double.load_state_dict({k: v.double() if v.is_floating_point() else v
+                            for k, v in net.state_dict().items()})
+    a = fgm.measure(net, (x, y), measures="cross_entropy,path_norm")
+    b = fgm.measure(double, (x.double(), y), measures="cross_entropy,path_norm")
+    assert b["cross_entropy"] == pytest.approx(a["cross_entropy"], rel=1e-5)
+    assert b["path_norm"] == pytest.approx(a["path_norm"], rel=1e-5)
+
+
 def test_measure_searches_and_a_dataset(small):
     net, init, x, y = small
     dataset = torch.utils.data.TensorDataset(x, y)
@@ -287,6 +385,30 @@ def test_measure_refuses_what_it_cannot_read(small):
         fgm.measure(net, (x, y), init=NiN(1, 4, 16, 1).state_dict(), measures="frobenius_distance")
     with pytest.raises(fgm.FgmError, match="unknown budget"):
         fgm.measure(net, (x, y), budget="quick", measures="path_norm")
+    if not torch.cuda.is_available():
+        with pytest.raises(fgm.FgmError, match="device 'cuda'"):
+            fgm.measure(net, (x, y), device="cuda", measures="path_norm")
+    with pytest.raises(fgm.FgmError, match="measures None"):
+        fgm.measure(net, (x, y), measures=None)
+    with pytest.raises(fgm.FgmError, match="seed"):
+        fgm.measure(net, (x, y), measures="path_norm", seed=1.5)
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"image": x[i], "label": y[i]}
+    with pytest.raises(fgm.FgmError, match="items must be"):
+        fgm.measure(net, Dicts(), measures="path_norm")
+    fractional = torch.utils.data.TensorDataset(x, y.double() + 0.7)
+    with pytest.raises(fgm.FgmError, match="whole class numbers"):
+        fgm.measure(net, fractional, measures="cross_entropy")
+    with pytest.raises(fgm.FgmError, match="pattern None"):
+        fgm.list_measures(None)
+    with pytest.raises(fgm.FgmError, match="'path_norm'"):
+        fgm.list_measures("path_nrom")
+    assert fgm.list_measures("nosuch*").height == 0
     listed = fgm.list_measures("pac*")
     assert listed.height > 0 and all(m.startswith("pac") for m in listed["measure"])
     every = fgm.list_measures()

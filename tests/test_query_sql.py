@@ -81,8 +81,8 @@ def test_missing_warehouse_is_a_clear_error(tmp_path):
 
 
 def test_a_writer_holding_the_file_gives_a_clear_message(wh, monkeypatch):
-    from fgm.analysis import cli
-    monkeypatch.setattr(cli, "READ_WAIT", 0.2)    # the holder keeps it past any wait
+    from fgm.analysis import queries
+    monkeypatch.setattr(queries, "READ_WAIT", 0.2)    # the holder keeps it past any wait
     with lock_held(wh):
         out = run("models", "--db", wh)
         assert out.exit_code == 1
@@ -95,7 +95,7 @@ def test_a_query_waits_for_a_brief_writer(wh, monkeypatch):
     the file held for a short write waits for it, instead of failing at once."""
     import threading
 
-    from fgm.analysis import cli, queries
+    from fgm.analysis import cli, queries  # noqa: F401  (cli: the command's own reader)
     from fgm.warehouse import WarehouseLocked
     monkeypatch.setattr(queries, "READ_WAIT", 120.0)   # longer than any loaded machine needs
     refused, answers, real = threading.Event(), [], queries.connect

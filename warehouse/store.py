@@ -104,8 +104,20 @@ def resolve_db(db: str | os.PathLike | None = None) -> Path:
 
 
 def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    # File access is off from the first moment, as a setting of the connection: DuckDB
+    # shares one database between the connections of a process to the same file, and
+    # this keeps fgm's lock-down off a plain connection a user has open to it (DuckDB
+    # refuses to mix the two configurations instead).
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        return duckdb.connect(str(path), read_only=read_only,
+                              config={"enable_external_access": False})
+    except duckdb.ConnectionException as exc:
+        if "different configuration" in str(exc):
+            raise FgmError(
+                f"{path}: this process has the file open through another DuckDB connection "
+                "(a plain duckdb.connect); close that connection first, or ask through fgm "
+                "(fgm.open(...).sql)") from None
+        raise FgmError(f"{path}: cannot open the warehouse: {exc}") from None
     except duckdb.IOException as exc:
         text = str(exc)
         if "lock" in text.lower():
@@ -256,6 +268,9 @@ def _schema_is_current(con: duckdb.DuckDBPyConnection) -> bool:
     so opening it for writing (even for a write that is then refused) changes no byte."""
     if stored_version(con) != SCHEMA_VERSION:
         return False
+    if not scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = "
+                  "'main' AND table_catalog = current_database() AND table_name = 'hp_wide'"):
+        return False    # a file written before fgm kept hp_wide in it (wide.py)
     return scalar(con, "SELECT value FROM fgm_meta WHERE key = 'views_sha256'") == \
         views_digest()
 

@@ -42,6 +42,14 @@ def hp_wide_select(con: duckdb.DuckDBPyConnection) -> str:
 
 
 def create_hp_wide(con: duckdb.DuckDBPyConnection, *, temp: bool = True) -> None:
-    """CREATE OR REPLACE the view: TEMP (this connection's), or in the file."""
+    """CREATE OR REPLACE the view: TEMP (this connection's), or in the file. In the file
+    only over a view of that name, never over a table someone made there: theirs stays,
+    and fgm's readers build their own TEMP view all the same."""
+    if not temp:
+        kind = con.execute("SELECT table_type FROM information_schema.tables "
+                           "WHERE table_schema = 'main' AND table_catalog = current_database() "
+                           "AND lower(table_name) = 'hp_wide'").fetchall()
+        if kind and kind[0][0] != "VIEW":
+            return
     kind = "TEMP VIEW" if temp else "VIEW"
     con.execute(f"CREATE OR REPLACE {kind} hp_wide AS {hp_wide_select(con)}")
