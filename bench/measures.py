@@ -20,9 +20,15 @@ perturbation searches' reproducibility.
 6. the smallest paper configuration (width 192, 2 blocks) on the CIFAR-10 subset
    in ../shared/data/cifar10-subset, on its first --paper-examples training
    images, trained for --paper-steps steps, with the fast budget.
+7. a network that is not a NiN, through the same code: a small ResNet (three
+   basic blocks of widths 26, 52, 104, two with 1x1 projection shortcuts, BatchNorm
+   folded; ~0.2M weights) on 2,000 random CIFAR-shaped images (3x32x32) labelled by
+   a fixed random linear rule on their 8x8-pooled pixels, trained --resnet-steps
+   steps; its suite's seconds with the fast budget, next to the demo NiN's
+   (--resnet: some 15 minutes on one CPU thread, most of it the four searches).
 
     python bench/measures.py [--threads 1] [--budgets] [--sweep] [--grid DB] [--batched]
-                             [--cifar-root DIR | --no-paper]
+                             [--cifar-root DIR | --no-paper] [--resnet]
 
 Timings depend on the machine's load: --threads 1 gives steadier figures on a
 machine shared with other jobs (torch's default uses every core, and two busy
@@ -32,6 +38,7 @@ processes on two cores slow each other down many times over).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import resource
 import statistics
@@ -41,6 +48,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fgm.measures import list_measures
 from fgm.measures.context import BUDGETS, Context, Settings
@@ -76,6 +85,82 @@ def train(dataset, width, depth, batch, steps, root=None, examples=None):
         nets[role] = NiN(data.shape[0], 10, width, depth)
         nets[role].load_state_dict(state)
     return data, nets, r.outcome, time.perf_counter() - t
+
+
+class Block(nn.Module):
+    """A basic residual block: two 3x3 conv-BN layers, a 1x1 conv-BN projection
+    shortcut where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, widths=(26, 52, 104), classes: int = 10):
+        super().__init__()
+        a, b, c = widths
+        self.stem = nn.Sequential(nn.Conv2d(3, a, 3, 1, 1, bias=False), nn.BatchNorm2d(a),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(Block(a, a, 1), Block(a, b, 2), Block(b, c, 2))
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def train_resnet(steps: int, examples: int = 2000, batch: int = 100):
+    """SmallResNet on `examples` random 3x32x32 images, labelled by a fixed random
+    linear rule on their 8x8-average-pooled pixels: (data, nets, outcome, seconds),
+    as train() gives them (init; epoch1 after one pass over the set; final)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(examples, 3, 32, 32, generator=gen)
+    rule = torch.randn(3 * 4 * 4, 10, generator=gen)
+    y = (F.avg_pool2d(x, 8).flatten(1) @ rule).argmax(1)
+    torch.manual_seed(0)
+    model = SmallResNet()
+    nets = {"init": copy.deepcopy(model)}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    t, order = time.perf_counter(), torch.randperm(examples, generator=gen)
+    reached: dict[float, int] = {}       # the first step whose minibatch loss was ≤ 0.1, 0.01
+    for step in range(steps):
+        if step * batch % examples == 0 and step:
+            order = torch.randperm(examples, generator=gen)
+        idx = order[step * batch % examples:][:batch]
+        loss = F.cross_entropy(model.train()(x[idx]), y[idx])
+        for level in (0.1, 0.01):
+            if float(loss) <= level:
+                reached.setdefault(level, step + 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step + 1 == examples // batch:
+            nets["epoch1"] = copy.deepcopy(model)
+    nets["final"] = model.eval()
+    nets.setdefault("epoch1", copy.deepcopy(model))
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + 500]) for i in range(0, examples, 500)])
+    data = type("Data", (), {})()
+    data.x_train, data.y_train, data.num_classes = x, y, 10
+    data.info = {"train_size": examples}
+    outcome = {"steps": steps, "converged": False, "steps_to_0.1": reached.get(0.1),
+               "steps_0.1_to_0.01": (reached[0.01] - reached[0.1]) if 0.01 in reached
+               else None,
+               "train_acc": float((logits.argmax(1) == y).double().mean()),
+               "train_loss": float(F.cross_entropy(logits, y))}
+    return data, nets, outcome, time.perf_counter() - t
 
 
 def context(data, nets, outcome, settings: Settings) -> Context:
@@ -232,6 +317,9 @@ def main() -> None:
     ap.add_argument("--no-paper", action="store_true", help="skip the paper configuration")
     ap.add_argument("--paper-steps", type=int, default=150)
     ap.add_argument("--paper-examples", type=int, default=500)
+    ap.add_argument("--resnet", action="store_true",
+                    help="the suite on a small ResNet, next to the NiN's (fast budget)")
+    ap.add_argument("--resnet-steps", type=int, default=200)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.threads:
@@ -256,6 +344,15 @@ def main() -> None:
                          args.paper_examples), settings=Settings.preset("fast"))
     elif not args.no_paper:
         print(f"\n(no CIFAR-10 subset at {args.cifar_root}: paper configuration skipped)")
+    if args.resnet:
+        fast = Settings.preset("fast")
+        nin = run_suite("demo model, budget 'fast'", *demo, settings=fast, quiet=True)
+        resnet = train_resnet(args.resnet_steps)
+        res = run_suite("small ResNet (3 basic blocks, widths 26/52/104, projection "
+                        "shortcuts; 2,000 random 3x32x32 images)", *resnet, settings=fast)
+        omega = context(*resnet[:3], fast).net.omega
+        print(f"\n  budget 'fast', one suite each: NiN (digits, width 48, depth 3) "
+              f"{nin:.2f} s; ResNet (ω = {omega:,}, 2,000 3x32x32 images) {res:.2f} s")
     print(f"\npeak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -1,9 +1,14 @@
-"""What a measure function gets: the folded network as a flat parameter vector,
-the initial and epoch-1 weights, the training data, the trace, and a cache.
+"""What a measure function gets: the folded network as a flat parameter vector
+(measures/network.py: any network of Conv2d / Linear layers, BatchNorm, pooling,
+activations and residual additions), the initial and epoch-1 weights in the same
+layout, the training data, the trace, and a cache.
 
 Everything a measure computes is on the folded network (App. C.1). `w` holds
 every parameter (kernels and biases), ω = dim(w); the norm measures use the
-kernels W_i of the d = 3·depth + 1 weight layers.
+kernels W_i of the d weight layers: every Conv2d and Linear, residual shortcut
+projections and the last layer included (d = 3·depth + 1 for a NiN).
+docs/measures.md, "Networks other than the NiN", has the choices made for
+networks that are not a chain.
 """
 
 from __future__ import annotations
@@ -14,9 +19,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 
-from .fold import Layer, fold, input_sizes
+from .network import Network, WeightLayer
 
 
 @dataclass
@@ -155,66 +159,6 @@ BUDGETS: dict[str, dict] = {
 }
 
 
-class FlatNet:
-    """The folded NiN as a function of one flat parameter vector."""
-
-    def __init__(self, layers: list[Layer]):
-        self.meta = [(tuple(layer.weight.shape), layer.stride, layer.padding)
-                     for layer in layers]
-        self.w = torch.cat([torch.cat([layer.weight.reshape(-1), layer.bias])
-                            for layer in layers]).detach()
-
-    @property
-    def omega(self) -> int:
-        return self.w.numel()
-
-    def split(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out, i = [], 0
-        for shape, _, _ in self.meta:
-            n = int(np.prod(shape))
-            out.append((w[i:i + n].reshape(shape), w[i + n:i + n + shape[0]]))
-            i += n + shape[0]
-        return out
-
-    def logits(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        params = self.split(w)
-        for (weight, bias), (_, stride, pad) in zip(params[:-1], self.meta[:-1], strict=True):
-            x = F.relu(F.conv2d(x, weight, bias, stride, pad))
-        (weight, bias), (_, stride, pad) = params[-1], self.meta[-1]
-        return F.conv2d(x, weight, bias, stride, pad).mean(dim=(2, 3))
-
-    def logits_many(self, ws: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The logits of B networks at once, (B, n, classes): ws (B, ω) the weights,
-        x (B, n, C, H, W) each network's own inputs or (n, C, H, W) shared by all.
-        One grouped convolution per layer (group b: network b) in place of B
-        forwards: the same arithmetic, a few large kernels instead of many small
-        ones (what a GPU needs to be busy)."""
-        count = ws.shape[0]
-        x = x.expand(count, *x.shape) if x.dim() == 4 else x
-        n = x.shape[1]
-        h = x.transpose(0, 1).reshape(n, count * x.shape[2], *x.shape[3:])
-        i = 0
-        for j, (shape, stride, pad) in enumerate(self.meta):
-            size = int(np.prod(shape))
-            weight = ws[:, i:i + size].reshape(count * shape[0], *shape[1:])
-            bias = ws[:, i + size:i + size + shape[0]].reshape(-1)
-            i += size + shape[0]
-            h = F.conv2d(h, weight, bias, stride, pad, groups=count)
-            if j < len(self.meta) - 1:
-                h = F.relu(h)
-        return h.mean(dim=(2, 3)).reshape(n, count, -1).transpose(0, 1)
-
-    def activation_floats(self, size: int, total: bool = False) -> int:
-        """The largest layer output of one n x n example, in floats (for batch sizes);
-        total: all layers' outputs together (what an autograd graph keeps)."""
-        most = added = 0
-        for shape, stride, pad in self.meta:
-            size = (size + 2 * pad - shape[-1]) // stride + 1
-            most = max(most, shape[0] * size * size)
-            added += shape[0] * size * size
-        return added if total else most
-
-
 def measure_layout(x: torch.Tensor) -> torch.Tensor:
     """Images as the measures' convolutions run fastest on them: channels_last on a
     CPU, where a forward and backward of a narrow NiN on CIFAR-shaped inputs takes
@@ -235,13 +179,12 @@ def memory_budget(device: torch.device) -> int:
 
 @dataclass
 class Context:
-    net: FlatNet
-    layers: list[Layer]
-    x: torch.Tensor                      # training inputs (m, C, n, n)
+    net: Network
+    x: torch.Tensor                      # training inputs (m, C, H, W), or (m, features)
     y: torch.Tensor
     num_classes: int
-    init_layers: list[Layer] | None = None
-    epoch1_layers: list[Layer] | None = None
+    init_w: torch.Tensor | None = None   # the initial weights, in net.w's layout
+    epoch1_w: torch.Tensor | None = None # the weights after epoch 1, the same
     trace: pl.DataFrame | None = None
     outcome: dict = field(default_factory=dict)
     settings: Settings = field(default_factory=Settings)
@@ -250,36 +193,75 @@ class Context:
     @classmethod
     def from_models(cls, final, x, y, num_classes, *, init=None, epoch1=None, trace=None,
                     outcome=None, settings=None) -> Context:
+        """The folded network of `final` (traced on two training inputs), and the
+        initial and epoch-1 weights of the same architecture in its layout."""
         for m in (final, init, epoch1):
             if m is not None:
                 m.eval()
-        layers = fold(final)
-        return cls(FlatNet(layers), layers, measure_layout(x), y, num_classes,
-                   fold(init) if init is not None else None,
-                   fold(epoch1) if epoch1 is not None else None,
+        laid = measure_layout(x)
+        try:
+            net = Network.from_module(final, laid[:2])
+            x = laid
+        except RuntimeError:
+            if laid is x:
+                raise
+            # a model that cannot take channels_last activations (x.view(n, -1) after a
+            # convolution): its inputs as they were
+            net = Network.from_module(final, x[:2])
+        return cls(net, x, y, num_classes,
+                   net.weights_of(init) if init is not None else None,
+                   net.weights_of(epoch1) if epoch1 is not None else None,
                    trace, outcome or {}, settings or Settings())
 
     # ------------------------------------------------------------------ basics
+    @property
+    def layers(self) -> list[WeightLayer]:
+        return self.net.layers
+
     @property
     def m(self) -> int:
         return len(self.x)
 
     @property
     def d(self) -> int:
-        return len(self.layers)
+        """Every Conv2d and Linear of the folded network (shortcuts, last layer)."""
+        return self.net.d
 
     @property
-    def n(self) -> int:
-        return int(self.x.shape[-1])
+    def n(self) -> float:
+        """The input's side n (n×n images): √(H·W) for an H×W input, 1 for a flat one."""
+        if self.x.dim() < 4:
+            return 1
+        h, w = int(self.x.shape[-2]), int(self.x.shape[-1])
+        return h if h == w else math.sqrt(h * w)
 
     @property
     def w0(self) -> torch.Tensor:
-        if self.init_layers is None:
+        if self.init_w is None:
             raise ValueError("needs the initial weights")
-        return FlatNet(self.init_layers).w.to(self.net.w.device)
+        return self.init_w
 
-    def sizes(self) -> list[int]:
-        return input_sizes(self.layers, self.n)
+    @property
+    def w_epoch1(self) -> torch.Tensor:
+        if self.epoch1_w is None:
+            raise ValueError("needs the weights after epoch 1")
+        return self.epoch1_w
+
+    def sizes(self) -> list[tuple[int, int] | None]:
+        """Each layer's input (H, W) (None: a Linear)."""
+        return self.net.input_sizes()
+
+    def require_folded(self, what: str) -> None:
+        """ValueError naming each BatchNorm that could not be folded (net.unfolded):
+        with one, w is not every parameter of the network (γ, β stay outside it), so
+        a measure defined on w, or on the layers' kernels, is not computed."""
+        self.net.require_folded(what)
+
+    def layer_params(self) -> dict:
+        """How d counts (docs/measures.md, "Networks other than the NiN"): stored with
+        each measure that uses d."""
+        return {"d": self.d, "d_counts": "every_conv_and_linear",
+                "shortcut_layers": sum(layer.shortcut for layer in self.layers)}
 
     def memo(self, key: str, compute):
         if key not in self.cache:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .context import Context, FlatNet
+from .context import Context
 from .registry import measure
 
 
@@ -34,72 +33,24 @@ def steps_01_to_001(ctx: Context) -> float:
     return _steps(ctx, "steps_0.1_to_0.01", 0.01)
 
 
-def gradient_noise(net: FlatNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
+def gradient_noise(ctx: Context, w: torch.Tensor) -> float:
     """Σ over parameters of the variance over examples of ∇_w ℓ(f_w(x_i), y_i)
-    = (1/m) Σ_i ‖g_i‖² − ‖ḡ‖².
-
-    Per-example gradients come layer by layer, without a loop over examples:
-    one backward pass gives each layer's output gradient δ_i (o × P positions)
-    for every example, and a convolution's weight gradient for example i is
-    G_i = δ_i U_iᵀ, U_i its unfolded input (c·k² × P); its bias gradient, δ_i
-    summed over positions. ‖G_i‖² = ⟨δ_iᵀδ_i, U_iᵀU_i⟩ (two P × P Gram
-    matrices) where P² (o + c·k²) < o·c·k·P, as in the deep layers of a strided
-    net: G_i itself is never formed there. All of it in float64 (the difference
-    of two sums that can be close)."""
-    params = net.split(net.w)
-    sum_sq = torch.zeros((), dtype=torch.float64, device=net.w.device)
-    grad_sum = [(torch.zeros_like(w, dtype=torch.float64), torch.zeros_like(b, dtype=torch.float64))
-                for w, b in params]
-    for i in range(0, len(x), chunk):
-        inputs, outputs = [], []
-        h = x[i:i + chunk]
-        for j, ((w, b), (_, stride, pad)) in enumerate(zip(params, net.meta, strict=True)):
-            inputs.append(h)
-            z = F.conv2d(h, w, b, stride, pad)
-            if j == 0:
-                z = z.detach().requires_grad_(True)
-            outputs.append(z)
-            h = F.relu(z) if j < len(params) - 1 else z
-        loss = F.cross_entropy(h.mean(dim=(2, 3)), y[i:i + chunk], reduction="sum")
-        deltas = torch.autograd.grad(loss, outputs)
-        for j, (shape, stride, pad) in enumerate(net.meta):
-            k = shape[-1]
-            unfolded = F.unfold(inputs[j].detach(), k, padding=pad, stride=stride).double()
-            delta = deltas[j].flatten(2).double()                        # (b, o, P)
-            o, ck, positions = delta.shape[1], unfolded.shape[1], delta.shape[2]
-            if positions * (o + ck) < o * ck:      # Gram matrices: (b, P, P) each
-                sum_sq += torch.einsum("bpq,bpq->", delta.transpose(1, 2) @ delta,
-                                       unfolded.transpose(1, 2) @ unfolded)
-            else:                                  # the per-example gradients: (b, o, c·k²)
-                sum_sq += (delta @ unfolded.transpose(1, 2)).pow(2).sum()
-            g_b = delta.sum(2)                                           # (b, o)
-            sum_sq += g_b.pow(2).sum()
-            grad_sum[j][0].view(-1).add_(torch.einsum("bop,bkp->ok", delta, unfolded)
-                                         .reshape(-1))
-            grad_sum[j][1].add_(g_b.sum(0))
-    m = len(x)
-    mean_sq = sum(float(gw.pow(2).sum() + gb.pow(2).sum()) for gw, gb in grad_sum) / m ** 2
-    return float(sum_sq) / m - mean_sq
-
-
-def _chunk(net: FlatNet) -> int:
-    widest = max(int(np.prod(shape)) for shape, _, _ in net.meta)
-    return max(1, min(512, 20_000_000 // widest))   # per-example gradients of one layer: ~160 MB
+    = (1/m) Σ_i ‖g_i‖² − ‖ḡ‖² at the weights w (Network.gradient_noise: per-example
+    gradients layer by layer, from one backward pass per chunk, in float64)."""
+    ctx.require_folded("the gradient noise")
+    return ctx.net.gradient_noise(ctx.x, ctx.y, ctx.net.gradient_chunk(), w=w)
 
 
 @measure(eq="65", needs=("epoch1", "data"))
 def grad_noise_epoch1(ctx: Context) -> float:
     """Variance over training examples of ∇_w ℓ at the weights after epoch 1 (Eq. 65)."""
-    if ctx.epoch1_layers is None:
-        raise ValueError("needs the weights after epoch 1")
-    net = FlatNet(ctx.epoch1_layers)
-    return gradient_noise(net, ctx.x, ctx.y, _chunk(net))
+    return gradient_noise(ctx, ctx.w_epoch1)
 
 
 @measure(eq="66", needs=("final", "data"))
 def grad_noise_final(ctx: Context) -> float:
     """Variance over training examples of ∇_w ℓ at the final weights (Eq. 66)."""
-    return gradient_noise(ctx.net, ctx.x, ctx.y, _chunk(ctx.net))
+    return gradient_noise(ctx, ctx.net.w)
 
 
 @measure(eq="", needs=("final", "data"))

@@ -30,11 +30,12 @@ def neg_entropy(ctx: Context) -> float:
 
 
 @measure(eq="45", needs=("final", "data"))
-def fisher_rao(ctx: Context) -> float:
+def fisher_rao(ctx: Context):
     """((d+1)²/m) Σ_i ⟨w, ∇_w ℓ(f_w(X_i), y_i)⟩² (Eq. 45).
 
     ⟨w, ∇_w ℓ_i⟩ is the derivative of ℓ_i along w: one forward-mode pass (jvp)
     gives it for every example of a batch at once."""
+    ctx.require_folded("the Fisher–Rao norm")
     w = ctx.net.w
     total = 0.0
     for i in range(0, ctx.m, ctx.settings.batch):
@@ -43,4 +44,4 @@ def fisher_rao(ctx: Context) -> float:
             return F.cross_entropy(ctx.net.logits(v, xb), yb, reduction="none")
         _, directional = jvp(losses, (w,), (w,))
         total += float(directional.double().pow(2).sum())
-    return (ctx.d + 1) ** 2 / ctx.m * total
+    return (ctx.d + 1) ** 2 / ctx.m * total, ctx.layer_params()

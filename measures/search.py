@@ -213,7 +213,8 @@ def draws_at_once(ctx: Context, examples: int) -> int:
     """How many perturbed networks one batched forward evaluates, each on `examples`
     inputs: their weights, noise and activations (×3: a layer's input, output and
     ReLU) within the device's memory budget."""
-    per_draw = 4 * (2 * ctx.net.omega + 3 * examples * ctx.net.activation_floats(ctx.n))
+    per_draw = 4 * (2 * ctx.net.omega + 3 * examples
+                    * ctx.net.activation_floats(tuple(ctx.x.shape[1:])))
     return max(1, min(1024, memory_budget(ctx.net.w.device) // per_draw))
 
 
@@ -222,7 +223,7 @@ def perturbed_accuracies(ctx: Context, perturbations: torch.Tensor,
                          batched: bool | None = None) -> list[float]:
     """Training accuracy of w + u for each row u of a (B, ω) stack: on all examples,
     or on row b of `examples` (B, k) for perturbation b. batched: as few grouped
-    forwards as memory allows (FlatNet.logits_many); False: one forward per row,
+    forwards as memory allows (Network.logits_many); False: one forward per row,
     the reference the batched path is tested against; None: batched on a GPU only
     (on a CPU, grouped convolutions measured no faster, often slower: bench/measures.py)."""
     w = ctx.net.w
@@ -265,6 +266,7 @@ def sigma_search(ctx: Context, magnitude: bool,
     in params: the draws scored, each on `examples_per_draw` examples. batched:
     the draws of a probe scored by grouped forwards (perturbed_accuracies); the
     same values as one forward per draw (batched=False); None: on a GPU only."""
+    ctx.require_folded("the σ' search" if magnitude else "the σ search")
     s = ctx.settings
     w = ctx.net.w
     base = ctx.accuracy()
@@ -410,7 +412,8 @@ class Ascent:
         for in the device's memory budget, at least 1."""
         ctx = self.ctx
         examples = min(ctx.settings.batch, ctx.m) if self.full else self.batch
-        per_row = 4 * 3 * examples * ctx.net.activation_floats(ctx.n, total=True)
+        per_row = 4 * 3 * examples * ctx.net.activation_floats(tuple(ctx.x.shape[1:]),
+                                                               total=True)
         return max(1, memory_budget(ctx.net.w.device) // per_row)
 
     def _loss(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -500,7 +503,7 @@ class Ascent:
     def _worst_side_by_side(self, alpha: float, stop_below: float, restarts: int,
                             warm: bool) -> float:
         """worst_accuracy with the restarts run side by side: each step one grouped
-        forward and backward (FlatNet.logits_many) for all of them. The same value,
+        forward and backward (Network.logits_many) for all of them. The same value,
         perturbation kept, counts and generator state as running them one after
         another, which stops at the first restart that finds an accuracy below
         `stop_below`: restart r's outcome is used only if restarts 0..r−1 found none,
@@ -590,6 +593,7 @@ def alpha_search(ctx: Context, magnitude: bool,
     """Algorithm 3, with gradient ascent on the cross-entropy as the surrogate.
     batched: a probe's restarts run side by side (Ascent); the same value and params
     as one after another (batched=False); None: on a GPU only."""
+    ctx.require_folded("the α' search" if magnitude else "the α search")
     s = ctx.settings
     base = ctx.accuracy()
     ascent = Ascent(ctx, magnitude, ctx.generator(4 if magnitude else 3), batched)

@@ -14,51 +14,95 @@ kernel. Two ways, chosen per run (Settings.spectral):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
 from .context import Context
-from .fold import Layer
-from .norms import dist_sq, fro_sq, prod_pow
+from .network import WeightLayer, _explicit
+from .norms import dist_sq, fro_sq, init_kernels, prod_pow
 from .registry import measure
 
 
-def fold_taps(weight: torch.Tensor, n: int) -> torch.Tensor:
-    """The kernel as a circular convolution on n×n inputs sees it: a k×k kernel with
-    k > n wraps around, tap (a, b) acting at offset (a mod n, b mod n); taps that land
-    on one offset add up. (c_out, c_in, min(k, n), min(k, n))."""
-    k = weight.shape[-1]
-    if k <= n:
+def _size(n: int | tuple[int, int]) -> tuple[int, int]:
+    return (n, n) if isinstance(n, int) else (int(n[0]), int(n[1]))
+
+
+def fold_taps(weight: torch.Tensor, n: int | tuple[int, int]) -> torch.Tensor:
+    """The kernel as a circular convolution on h×w inputs sees it: a kernel larger
+    than its input wraps around, tap (a, b) acting at offset (a mod h, b mod w); taps
+    that land on one offset add up. (c_out, c_in, min(kh, h), min(kw, w))."""
+    h, w = _size(n)
+    kh, kw = weight.shape[-2:]
+    if kh <= h and kw <= w:
         return weight
-    folded = weight.new_zeros((*weight.shape[:2], n, n))
-    for a in range(k):
-        for b in range(k):
-            folded[:, :, a % n, b % n] += weight[:, :, a, b]
+    folded = weight.new_zeros((*weight.shape[:2], min(kh, h), min(kw, w)))
+    for a in range(kh):
+        for b in range(kw):
+            folded[:, :, a % h, b % w] += weight[:, :, a, b]
     return folded
 
 
-def spectral_norm_fft(weight: torch.Tensor, n: int) -> float:
-    """Largest singular value of the circular stride-1 convolution on n×n inputs."""
-    kernel = fold_taps(weight.double(), n)
-    transfer = torch.fft.fft2(kernel, s=(n, n))                      # (c_out, c_in, n, n)
-    blocks = transfer.permute(2, 3, 0, 1)                            # (n, n, c_out, c_in)
+def dilate(weight: torch.Tensor, dilation: tuple[int, int]) -> torch.Tensor:
+    """A dilated kernel as the plain kernel it is: its taps dilation apart, zeros
+    between them."""
+    dh, dw = dilation
+    if (dh, dw) == (1, 1):
+        return weight
+    kh, kw = weight.shape[-2:]
+    out = weight.new_zeros((*weight.shape[:2], dh * (kh - 1) + 1, dw * (kw - 1) + 1))
+    out[:, :, ::dh, ::dw] = weight
+    return out
+
+
+def spectral_norm_fft(weight: torch.Tensor, n: int | tuple[int, int],
+                      dilation: tuple[int, int] = (1, 1), groups: int = 1) -> float:
+    """Largest singular value of the circular stride-1 convolution on n×n (or h×w)
+    inputs. A grouped convolution is block diagonal over its groups: the largest of
+    the groups' norms."""
+    h, w = _size(n)
+    kernel = fold_taps(dilate(weight.double(), dilation), (h, w))
+    transfer = torch.fft.fft2(kernel, s=(h, w))                      # (c_out, c_in, h, w)
+    blocks = transfer.permute(2, 3, 0, 1)                            # (h, w, c_out, c_in)
+    if groups > 1:                                                   # (h, w, g, o/g, c_in/g)
+        blocks = blocks.reshape(h, w, groups, blocks.shape[2] // groups, blocks.shape[3])
     return float(torch.linalg.matrix_norm(blocks, ord=2).max())
 
 
-def spectral_norm_exact(weight: torch.Tensor, stride: int, padding: int, n: int,
-                        iterations: int = 200, seed: int = 0) -> float:
-    """Largest singular value of x ↦ conv2d(x, W, stride, padding) on n×n inputs."""
+def spectral_norm_exact(weight: torch.Tensor, stride, padding, n: int | tuple[int, int],
+                        iterations: int = 200, seed: int = 0,
+                        dilation: tuple[int, int] = (1, 1), groups: int = 1,
+                        padding_mode: str = "zeros") -> float:
+    """Largest singular value of x ↦ conv2d(x, W, stride, padding, dilation, groups)
+    on n×n (or h×w) inputs, with the layer's padding mode."""
     gen = torch.Generator(device=weight.device).manual_seed(seed)
     w = weight.double()
-    v = torch.randn((1, w.shape[1], n, n), generator=gen, dtype=torch.float64,
+    h, wd = _size(n)
+    kernel = tuple(w.shape[-2:])
+    if isinstance(padding, str) or padding_mode != "zeros":
+        pads = []
+        for pad in reversed(_explicit(padding if isinstance(padding, str) else _size(padding),
+                                      kernel, _size(dilation))):
+            pads += pad
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+
+        def conv(v):
+            return F.conv2d(F.pad(v, pads, mode=mode), w, None, stride, 0, dilation, groups)
+    elif dilation in (1, (1, 1)) and groups == 1:
+        def conv(v):   # (the arithmetic before dilation and groups were known)
+            return F.conv2d(v, w, None, stride, padding)
+    else:
+        def conv(v):
+            return F.conv2d(v, w, None, stride, padding, dilation, groups)
+    v = torch.randn((1, w.shape[1] * groups, h, wd), generator=gen, dtype=torch.float64,
                     device=w.device)
     v /= v.norm()
     sigma = 0.0
     for _ in range(iterations):
         v.requires_grad_(True)
-        u = F.conv2d(v, w, None, stride, padding)
+        u = conv(v)
         (grad,) = torch.autograd.grad(u, v, grad_outputs=u.detach())   # Aᵀ A v
         v = grad.detach()
         norm = v.norm()
@@ -72,15 +116,23 @@ def spectral_norm_exact(weight: torch.Tensor, stride: int, padding: int, n: int,
     return sigma
 
 
-def layer_spectral_norm(ctx: Context, layer: Layer, n: int) -> float:
+def layer_spectral_norm(ctx: Context, layer: WeightLayer,
+                        n: tuple[int, int] | None) -> float:
+    """‖W‖₂ of one layer as an operator on its input: a Linear's largest singular
+    value; a convolution's at its input size n (Settings.spectral: the FFT method,
+    or power iteration on the strided, padded operator)."""
+    if layer.kind == "linear":
+        return float(torch.linalg.matrix_norm(layer.weight.double(), ord=2))
     if ctx.settings.spectral == "exact":
         return spectral_norm_exact(layer.weight, layer.stride, layer.padding, n,
-                                   ctx.settings.power_iterations, ctx.settings.seed)
-    return spectral_norm_fft(layer.weight, n)
+                                   ctx.settings.power_iterations, ctx.settings.seed,
+                                   layer.dilation, layer.groups, layer.padding_mode)
+    return spectral_norm_fft(layer.weight, n, layer.dilation, layer.groups)
 
 
 def spec_sq(ctx: Context) -> list[float]:
     """‖W_i‖_2² of each folded layer at its own input size."""
+    ctx.require_folded("the spectral norm")
     return ctx.memo("spec_sq", lambda: [layer_spectral_norm(ctx, layer, n) ** 2
                                         for layer, n in zip(ctx.layers, ctx.sizes(),
                                                             strict=True)])
@@ -91,11 +143,13 @@ def _log_prod(values: list[float]) -> float:
 
 
 def _params(ctx: Context) -> dict:
+    """The method, and how the products read a network that is not a chain: over
+    every weight layer, shortcut projections included (docs/measures.md)."""
     p = {"spectral": ctx.settings.spectral}
     if ctx.settings.spectral == "exact":
         p["power_iterations"] = ctx.settings.power_iterations
         p["seed"] = ctx.settings.seed      # of the power iteration's start
-    return p
+    return {**p, "spectral_product": "every_conv_and_linear", **ctx.layer_params()}
 
 
 @measure(eq="32")
@@ -149,7 +203,9 @@ def spectral_init_main(ctx: Context):
 def _bound(ctx: Context, numerators: list[float]) -> float:
     """((84B Σ k_i √c_i + √ln(4n²d))² · main + ln(m/δ)) / γ² (Eqs. 25, 26)."""
     b = float(ctx.x.flatten(1).norm(dim=1).max())
-    k_c = sum(layer.weight.shape[-1] * math.sqrt(layer.weight.shape[0]) for layer in ctx.layers)
+    # k_i: √(kh·kw), the side of a square kernel (k_i² its taps, as in Eq. 20); 1: a Linear
+    k_c = sum(math.sqrt(layer.kernel[0] * layer.kernel[1]) * math.sqrt(layer.weight.shape[0])
+              for layer in ctx.layers)
     front = (84 * b * k_c + math.sqrt(math.log(4 * ctx.n ** 2 * ctx.d))) ** 2
     return ((front * _main_term(ctx, numerators) + math.log(ctx.m / ctx.settings.delta))
             / ctx.margin() ** 2)
@@ -171,8 +227,9 @@ def spectral_init(ctx: Context):
 @measure(eq="41", needs=("final", "init"))
 def dist_spec_init(ctx: Context):
     """Σ ‖W_i − W_i^0‖_2² (Eq. 41)."""
+    ctx.require_folded("the spectral distance to initialisation")
     total = 0.0
-    for a, b, n in zip(ctx.layers, ctx.init_layers, ctx.sizes(), strict=True):
-        diff = Layer(a.weight - b.weight.to(a.weight.device), a.bias, a.stride, a.padding)
+    for a, b, n in zip(ctx.layers, init_kernels(ctx), ctx.sizes(), strict=True):
+        diff = dataclasses.replace(a, weight=a.weight - b)
         total += layer_spectral_norm(ctx, diff, n) ** 2
     return total, _params(ctx)

@@ -1,5 +1,6 @@
 """Measures against independent references on tiny networks (SPEC §4)."""
 
+import dataclasses
 import json
 import math
 
@@ -9,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fgm.measures import list_measures
-from fgm.measures.context import Context, FlatNet, Settings
-from fgm.measures.fold import Layer, fold, forward
+from fgm.measures.context import Context, Settings
+from fgm.measures.network import Network
 from fgm.measures.norms import path_norm_value
 from fgm.measures.registry import REGISTRY, measure
 from fgm.measures.search import project_box, sigma_search, worst_accuracy
@@ -68,11 +69,10 @@ def test_folded_and_unfolded_networks_give_the_same_logits(depth, size):
     x = torch.randn(5, 3, size, size)
     with torch.no_grad():
         ref = model(x)
-        ours = forward(fold(model), x)
-        flat = FlatNet(fold(model))
-        via_flat = flat.logits(flat.w, x)
+        net = Network.from_module(model, x)
+        ours = net.logits(net.w, x)
+    assert net.d == 3 * depth + 1 and net.folded
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(via_flat, ref, atol=1e-5, rtol=1e-5)
 
 
 def numpy_fold(state: dict, depth: int) -> list[np.ndarray]:
@@ -104,8 +104,9 @@ def test_norm_measures_against_numpy_on_the_state_dict():
     assert REGISTRY["frobenius_distance"].fn(ctx) == pytest.approx(dist_ref, rel=1e-5)
     assert REGISTRY["num_params"].fn(ctx) == params_ref
     assert REGISTRY["prod_of_fro"].fn(ctx) == pytest.approx(np.prod(fro_ref), rel=1e-5)
-    assert REGISTRY["sum_of_fro"].fn(ctx) == pytest.approx(d * np.prod(fro_ref) ** (1 / d),
-                                                            rel=1e-5)
+    value, params = REGISTRY["sum_of_fro"].fn(ctx)
+    assert value == pytest.approx(d * np.prod(fro_ref) ** (1 / d), rel=1e-5)
+    assert params["d"] == d == 7
 
 
 def test_distance_to_initialisation_is_zero_at_initialisation():
@@ -171,13 +172,24 @@ def test_spectral_norm_is_not_the_reshaped_kernel_norm():
 
 # --------------------------------------------------------------------------- path norm, margin
 
-def test_path_norm_against_enumeration_of_every_path():
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_path_norm_against_enumeration_of_every_path(kind):
     rng = np.random.default_rng(4)
     w1, b1 = rng.normal(size=(5, 3)), rng.normal(size=5)      # hidden x input
     w2, b2 = rng.normal(size=(4, 5)), rng.normal(size=4)      # output x hidden
-    layers = [Layer(torch.tensor(w1)[:, :, None, None], torch.tensor(b1), 1, 0),
-              Layer(torch.tensor(w2)[:, :, None, None], torch.tensor(b2), 1, 0)]
-    net = FlatNet(layers)
+    if kind == "conv":     # 1x1 convolutions on a 1x1 input
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 1), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(5, 4, 1), torch.nn.Flatten())
+    else:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 5),
+                                    torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    first, second = (m for m in model if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
+    model = model.double()
+    with torch.no_grad():
+        for m, w, b in ((first, w1, b1), (second, w2, b2)):
+            m.weight.copy_(torch.tensor(w).reshape(m.weight.shape))
+            m.bias.copy_(torch.tensor(b))
+    net = Network.from_module(model, torch.zeros(1, 3, 1, 1, dtype=torch.float64))
     total = 0.0
     for o in range(4):
         total += b2[o] ** 2                                   # path: output bias
@@ -214,7 +226,7 @@ def test_path_norm_of_a_deep_net_with_small_batchnorm_variances_is_finite():
     ctx = Context.from_models(model, torch.zeros(2, 3, 1, 1), torch.zeros(2, dtype=torch.long),
                               10)
     # folding itself is float32 (its rounding, ~1e-7 a layer, is all that differs)
-    assert REGISTRY["path_norm"].fn(ctx) == pytest.approx(ref, rel=1e-6)
+    assert REGISTRY["path_norm"].fn(ctx)[0] == pytest.approx(ref, rel=1e-6)
 
 
 def test_margin_is_the_signed_tenth_percentile(trained):
@@ -228,7 +240,7 @@ def test_margin_is_the_signed_tenth_percentile(trained):
     ref = margins[lo] + (pos - lo) * (margins[lo + 1] - margins[lo])
     assert ctx.margin() == pytest.approx(ref, rel=1e-9)
     # signed: flip the labels and the margin must go negative, not stay positive
-    bad = Context(ctx.net, ctx.layers, ctx.x, (ctx.y + 1) % 10, 10)
+    bad = dataclasses.replace(ctx, y=(ctx.y + 1) % 10, cache={})
     assert bad.margin() < 0
 
 
@@ -319,7 +331,8 @@ def test_cross_entropy_matches_training_and_fisher_rao_matches_a_loop(trained):
         (g,) = torch.autograd.grad(loss, w)
         total += float(torch.dot(w.detach(), g)) ** 2
     ref = (ctx.d + 1) ** 2 / len(x) * total
-    assert REGISTRY["fisher_rao"].fn(ctx) == pytest.approx(ref, rel=1e-4)
+    value, params = REGISTRY["fisher_rao"].fn(ctx)
+    assert value == pytest.approx(ref, rel=1e-4) and params["d"] == ctx.d == 7
 
 
 def test_grad_noise_matches_per_example_loop(trained):
