@@ -23,13 +23,10 @@ import torch
 from torch import nn
 
 from fgm.measures.context import BUDGETS, Context, Settings
+from fgm.measures.network import UnsupportedNetwork
 from fgm.measures.registry import list_measures as _registry
 from fgm.measures.runner import run_one
-from fgm.train.nin import NiN
 from fgm.warehouse.errors import FgmError
-
-# The layers fgm's measures know how to read (the Network-in-Network of the paper).
-_NIN_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Sequential, NiN)
 
 
 class UnsupportedModel(FgmError):
@@ -88,18 +85,11 @@ def _names(measures: str | Sequence[str]) -> list[str]:
     return chosen
 
 
-def _check_model(model: object) -> NiN:
+def _check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UnsupportedModel(f"model: expected a torch nn.Module, got {type(model).__name__}")
-    for name, layer in model.named_modules():
-        if not isinstance(layer, _NIN_LAYERS):
-            raise UnsupportedModel(
-                f"model: layer {name or '(the model)'!r} is a {type(layer).__name__}, which "
-                "the measures cannot read; fgm measures its Network-in-Network "
-                "(fgm.train.nin.NiN: Conv2d, BatchNorm2d, ReLU, Dropout) so far")
-    if not isinstance(model, NiN):
-        raise UnsupportedModel(f"model: a {type(model).__name__}; fgm measures its "
-                               "Network-in-Network (fgm.train.nin.NiN) so far")
+    if not any(True for _ in model.parameters()):
+        raise UnsupportedModel(f"model: a {type(model).__name__} without parameters")
     return model
 
 
@@ -138,7 +128,7 @@ def _data(train: object) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y.long()
 
 
-def _init(model: NiN, init: object) -> NiN | None:
+def _init(model: nn.Module, init: object) -> nn.Module | None:
     if init is None:
         return None
     if isinstance(init, nn.Module):
@@ -165,14 +155,6 @@ def measure_details(model: nn.Module, train: object, *, init: nn.Module | Mappin
     net = _check_model(model)
     names = _names(measures)
     x, y = _data(train)
-    classes = net.classifier.out_channels
-    if int(y.min()) < 0 or int(y.max()) >= classes:
-        raise FgmError(f"train: labels must be in [0, {classes}) for a model of {classes} "
-                       f"classes; found {int(y.min())} to {int(y.max())}")
-    if x.shape[1] != net.features[0].in_channels:
-        raise FgmError(f"train: images of {x.shape[1]} channel(s), shape {tuple(x.shape[1:])}, "
-                       f"do not fit a model whose first layer takes "
-                       f"{net.features[0].in_channels}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 10 ** 9:
         raise FgmError(f"seed {seed!r}: expected a whole number from 0 (the searches' seed)")
     if not isinstance(budget, str) or budget not in BUDGETS:
@@ -193,15 +175,25 @@ def measure_details(model: nn.Module, train: object, *, init: nn.Module | Mappin
         x, y = x.to(device=dev, dtype=dtype), y.to(dev)
     except (RuntimeError, AssertionError) as exc:
         raise FgmError(f"device {device!r}: {' '.join(str(exc).split())[:200]}") from None
+    final.eval()
     try:
-        ctx = Context.from_models(final, x, y, classes,
-                                  init=initial,
-                                  settings=settings)
         with torch.no_grad():
-            ctx.logits()
-    except RuntimeError as exc:
+            out = final(x[:2])
+    except Exception as exc:  # the model's own forward: any error is the input's fit
         raise FgmError(f"train: images of shape {tuple(x.shape[1:])} do not fit the model "
-                       f"({' '.join(str(exc).split())[:300]})") from None
+                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UnsupportedModel(f"model: not an image classifier: its output for 2 images is "
+                               f"{shape}, where (2, classes) was expected")
+    classes = int(out.shape[1])
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise FgmError(f"train: labels must be in [0, {classes}) for a model of {classes} "
+                       f"classes; found {int(y.min())} to {int(y.max())}")
+    try:
+        ctx = Context.from_models(final, x, y, classes, init=initial, settings=settings)
+    except UnsupportedNetwork as exc:
+        raise UnsupportedModel(f"model: {exc}") from None
     given = {"final", "data"} | ({"init"} if initial is not None else set())
     why = {"init": "the initial weights were not given (init=...)",
            "epoch1": "the weights after epoch 1 are not known to fgm.measure",
@@ -231,6 +223,9 @@ def measure(model: nn.Module, train: object, *, init: nn.Module | Mapping | None
 
     train: an (x, y) pair of tensors, x (N, C, H, W) images as the model takes them
     (normalised), y (N,) integer labels; or a torch Dataset of (image, label) items.
+    model: any network of Conv2d / Linear layers, BatchNorm, pooling, activations,
+    dropout, flatten and residual additions (traced with torch.fx, BatchNorm folded);
+    one it cannot read raises UnsupportedModel naming the layer.
     init: the initial weights, a module of the same architecture or its state dict.
     measures: a glob ("*", "pacbayes_*"), a comma list or a list of names.
     budget: the σ/α searches' budget, "fast", "paper" or "thorough"; seed: the

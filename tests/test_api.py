@@ -346,6 +346,32 @@ def test_measure_of_a_model_in_memory(small):
     assert moved["frobenius_distance"] > 0
 
 
+def test_measure_of_any_network_a_vgg_with_bn_and_an_mlp(small):
+    """Networks other than the NiN: the values a plain computation gives."""
+    _, _, x, y = small
+    torch.manual_seed(1)
+    vgg = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+    for model in (vgg, mlp):
+        for _ in range(3):       # BN statistics that are not the defaults
+            model.train()(x)
+        values = fgm.measure(model, (x, y), measures="cross_entropy,num_params,param_norm")
+        model.eval()
+        with torch.no_grad():
+            ce = float(F.cross_entropy(model(x), y))
+        assert values["cross_entropy"] == pytest.approx(ce, rel=1e-5)
+        layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        k2 = [m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1
+              for m in layers]
+        c_in = [m.in_channels if isinstance(m, nn.Conv2d) else m.in_features for m in layers]
+        c_out = [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for m in layers]
+        # Eq. 20: Σ k_i² c_{i−1} (c_i + 1)
+        assert values["num_params"] == sum(a * b * (c + 1) for a, b, c in zip(k2, c_in, c_out, strict=True))
+        assert values["param_norm"] > 0
+
+
 def test_measure_of_a_double_model(small):
     net, init, x, y = small
     double = NiN(1, 4, 8, 1).double()
@@ -370,12 +396,16 @@ def test_measure_searches_and_a_dataset(small):
 
 def test_measure_refuses_what_it_cannot_read(small):
     net, init, x, y = small
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
-    with pytest.raises(fgm.UnsupportedModel, match="'0' is a Flatten"):
-        fgm.measure(mlp, (x, y))
+    normed = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16), nn.ReLU(),
+                           nn.Linear(16, 4))
+    with pytest.raises(fgm.UnsupportedModel, match="LayerNorm"):
+        fgm.measure(normed, (x, y), measures="path_norm")
+    segmenter = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1))
+    with pytest.raises(fgm.UnsupportedModel, match="not an image classifier"):
+        fgm.measure(segmenter, (x, y), measures="path_norm")
     with pytest.raises(fgm.FgmError, match=r"labels must be in \[0, 4\)"):
         fgm.measure(net, (x, y + 4))
-    with pytest.raises(fgm.FgmError, match="3 channel"):
+    with pytest.raises(fgm.FgmError, match="do not fit the model"):
         fgm.measure(net, (torch.randn(8, 3, 8, 8), y[:8]))
     with pytest.raises(fgm.FgmError, match="images must be"):
         fgm.measure(net, (x[:, 0], y))
