@@ -325,6 +325,16 @@ def ingest_finished(out: Path, model_ids: list[str], db, console: Console) -> No
                       f"warehouse lacked")
 
 
+def _largest_first(job: tuple) -> float:
+    """A model's work, roughly: NiN blocks grow as width² (the 1x1 convolutions), one
+    per depth; the same order for equal sizes as the grid's (sorted is stable)."""
+    values = job[0].values
+    try:
+        return -float(values.get("width", 1)) ** 2 * float(values.get("depth", 1))
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class GridRun:
     def __init__(self, plan: GridPlan, backend: Backend):
         from fgm.measures.runner import JobReport
@@ -354,8 +364,10 @@ class GridRun:
             return
         self.data = b.data(DataSpec(g.dataset, p.data_root, p.download))
         self.queue.extend(measure_jobs)
+        # the largest models first: the last to finish are then small ones, and no
+        # worker waits long on the others at the end (longest processing time first)
         self.queue.extend(Job("train", mid, f"{short(c)} seed {s}", c, s)
-                          for c, s, mid in p.todo)
+                          for c, s, mid in sorted(p.todo, key=_largest_first))
         total = len(p.todo) + len(measure_jobs)
         start = time.perf_counter()
         with Display(p.console, g.name, total) as self.display:
