@@ -70,10 +70,6 @@ TABLE_ROWS = 1000
 MAX_ROWS = 10**12         # --max-rows: more than any result prints
 
 
-# The warehouse opened read-only, hp_wide built, locked down (analysis/queries.py).
-_readonly = readonly
-
-
 @main.command()
 @click.argument("query")
 @click.option("--timeout", type=click.FloatRange(min=0, max=86_400), default=60.0,
@@ -101,7 +97,7 @@ def sql(query: str, timeout: float, memory_limit: str, max_rows: int | None, db:
     answer; --timeout covers the whole command, printing included."""
     if max_rows is None:
         max_rows = TABLE_ROWS if fmt == "table" else 0
-    with _readonly(db, memory_limit=memory_limit) as con, \
+    with readonly(db, memory_limit=memory_limit) as con, \
             readonly_batches(con, query, timeout=timeout or None) as frames, \
             alarm(timeout):
         shown, left, counted = emit_stream(frames, fmt, max_rows or None)
@@ -119,7 +115,7 @@ def sql(query: str, timeout: float, memory_limit: str, max_rows: int | None, db:
 @friendly_errors
 def models(db: str | None, fmt: str) -> None:
     """List the models: hyperparameters, gap, convergence."""
-    with _readonly(db) as con:
+    with readonly(db) as con:
         frame = queries.models_frame(con)
     emit_frame(frame, fmt)
 
@@ -133,7 +129,7 @@ def measures(db: str | None, fmt: str) -> None:
     each reason stored with a failed or missing value (its error), with how many
     models it holds for. Table: a second table below; JSON and CSV: a column
     `reasons`, a list of {status, reason, n_models} (CSV: as JSON text)."""
-    with _readonly(db) as con:
+    with readonly(db) as con:
         frame = con.sql("SELECT * FROM measure_summary").pl()
         reasons = con.sql("SELECT * FROM measure_reasons").pl()
     if fmt == "table":
@@ -246,27 +242,12 @@ store_option = click.option(
          "be written (read-only, or held by another process).")
 
 
-def _spread_rows(res: dict, keys: tuple[str, ...]) -> list[tuple[str, object]]:
-    rows = []
-    if "seeds" in res:
-        n = res["seeds"]["n"]
-        rows += [(f"{k} std over {n} seeds", res["seeds"]["std"].get(k)) for k in keys]
-    if "ci" in res:
-        pct = f"{100 * res['ci']['level']:g}%"
-        for k in keys:
-            lo, hi = res["ci"].get(k) or (None, None)
-            rows += [(f"{k} {pct} CI low", lo), (f"{k} {pct} CI high", hi)]
-    return rows
-
-
 def _emit_object(obj: dict, fmt: str, rows: list[tuple[str, object]]) -> None:
     """JSON: the object itself (SPEC §5). Table / CSV: quantity, value rows."""
     if fmt == "json":
         click.echo(to_json(obj))
         return
-    frame = pl.DataFrame({"quantity": [r[0] for r in rows],
-                          "value": [None if r[1] is None else float(r[1]) for r in rows]},
-                         schema={"quantity": pl.String, "value": pl.Float64})
+    frame = queries.quantity_frame(rows)
     title = ", ".join(f"{k} {obj[k]}" for k in ("measure", "eps", "n_models") if k in obj)
     emit_frame(frame, fmt, title=title)
     _emit_notes([obj.get("note"), (obj.get("cmi") or {}).get("note"),
@@ -300,27 +281,15 @@ def psi(measure, ci, boot, seed, pool_seeds, convention, converged_searches_only
     values come from searches that did not converge (JSON: "unconverged_searches")."""
     sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds,
                      converged_searches_only, seeds)
-    with _readonly(db) as con:
+    with readonly(db) as con:
         answer = queries.psi(con, sel, measure, ci=ci, blocks=boot, seed=seed,
                              convention=convention)
         snap = None if no_store else snapshot(con, sel, answer.models.ids, measure)
-    res, sub = answer.res, answer.values
-    _emit_object(res, fmt, [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in
-                                                  res["psi"].items()), ("Psi", res["Psi"]),
-                            *_spread_rows(res, ("tau", "Psi")),
-                            ("values from unconverged searches"
-                             + (" (left out)" if converged_searches_only else ""),
-                             sub.unconverged_searches)])
+    res = answer.res
+    _emit_object(res, fmt, queries.psi_quantities(res, left_out=converged_searches_only))
     keep(db, snap, "psi", sel, {"measure": measure, **_convention(convention)}, psi_rows(res),
          ci=ci, blocks=boot,
          seed=seed if ci else None)
-
-
-def _cmi_rows(res: dict) -> list[tuple[str, object]]:
-    return [*((f"cmi[{a}]", v) for a, v in res["per_axis"].items()),
-            ("|S|=0", res["s0"]), ("min |S|=1", res["s1"]), ("min |S|=2", res["s2"]),
-            (f"K (S = {{{', '.join(res['argmin'])}}})" if res["argmin"] is not None
-             else "K", res["K"])]
 
 
 @main.command()
@@ -346,13 +315,12 @@ def cmi(measure, pgdl, ci, boot, seed, pool_seeds, convention,
         raise click.BadParameter("--pgdl is the PGDL scorer's own convention; leave out "
                                  "--convention paper", param_hint="--convention")
     sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds, seeds=seeds)
-    with _readonly(db) as con:
+    with readonly(db) as con:
         answer = queries.cmi(con, sel, measure, pgdl=pgdl, ci=ci, blocks=boot, seed=seed,
                              convention=convention)
         snap = None if no_store else snapshot(con, sel, answer.models.ids, measure)
     res = answer.res
-    entropy = [(f"H(V_g | {a}) bits", v) for a, v in res.get("conditional_entropy", {}).items()]
-    _emit_object(res, fmt, _cmi_rows(res) + entropy + _spread_rows(res, ("K",)))
+    _emit_object(res, fmt, queries.cmi_result_quantities(res))
     keep(db, snap, "cmi", sel, {"measure": measure, **_convention(convention)}, cmi_rows(res),
          pgdl=pgdl, ci=ci, blocks=boot, seed=seed if ci else None)
 
@@ -374,13 +342,11 @@ def oracle(eps, draws, seed, pool_seeds,
            where, dataset, sweep, all_models, seeds, relevel, no_store, db, fmt):
     """The noisy oracle g + N(0, ε²): exact expected τ and ψ, Monte Carlo CMI."""
     sel = _selection(where, dataset, sweep, all_models, relevel, pool_seeds, seeds=seeds)
-    with _readonly(db) as con:
+    with readonly(db) as con:
         answer = queries.oracle(con, sel, eps, draws=draws, seed=seed)
         snap = None if no_store else snapshot(con, sel, answer.models.ids, None)
     res = answer.res
-    rows = [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in res["psi"].items()),
-            ("Psi", res["Psi"]), *_cmi_rows(res["cmi"]), ("K stderr", res["cmi"]["stderr"]["K"])]
-    _emit_object(res, fmt, rows)
+    _emit_object(res, fmt, queries.oracle_quantities(res))
     keep(db, snap, "oracle", sel, {"eps": eps, "draws": draws}, oracle_rows(res), seed=seed)
 
 
@@ -405,7 +371,7 @@ def table(kind, draws, ci, boot, seed, pool_seeds, convention, converged_searche
     not converge (with --converged-searches-only: how many were left out)."""
     sel = _selection(where, dataset, sweep, all_models, relevel,
                      converged_searches_only=converged_searches_only, seeds=seeds)
-    with _readonly(db) as con:
+    with readonly(db) as con:
         if kind == "psi":
             frame = table5(con, sel, seed=seed, ci=ci, blocks=boot, pool_seeds=pool_seeds,
                            convention=convention)
@@ -456,7 +422,7 @@ def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, 
         raise click.UsageError("compare needs --paper: the paper's published figures are "
                                "what it compares with")
     tables = (paper_table_,) if paper_table_ else DEFAULT_TABLES
-    with _readonly(db) as con:
+    with readonly(db) as con:
         res = compare_paper(con, _selection(where, dataset, sweep, all_models, relevel,
                                             seeds=seeds),
                             tables, pool_seeds=pool_seeds or None, db=db)
@@ -472,10 +438,7 @@ def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, 
                     + summary_lines(res), fmt)
         return
     if rows:
-        emit_frame(pl.DataFrame({"quantity": [r[0] for r in rows],
-                                 "value": [None if r[1] is None else float(r[1])
-                                           for r in rows]},
-                                schema={"quantity": pl.String, "value": pl.Float64}), fmt)
+        emit_frame(queries.quantity_frame(rows), fmt)
     for line in summary_lines(res):
         click.echo(line)
 
@@ -508,7 +471,7 @@ def robust(measure, test_size, weighting, min_ess,
     combination of two configurations is a pair of the environment, so seeds are
     never split (no --pool-seeds). When no environment is kept, a note says why."""
     sel = _selection(where, dataset, sweep, all_models, relevel, seeds=seeds)
-    with _readonly(db) as con:
+    with readonly(db) as con:
         answer = queries.robust(con, sel, measure, test_size=test_size, weighting=weighting,
                                 min_ess=min_ess)
         snap = None if no_store else snapshot(con, sel, answer.models.ids, measure)
@@ -519,17 +482,14 @@ def robust(measure, test_size, weighting, min_ess,
         click.echo(to_json(res))
         keep(db, snap, "robust", sel, options, robust_rows(res))
         return
-    rows = [{"axis": a, **v} for a, v in res["per_axis"].items()]
-    rows.append({"axis": "overall", **res["overall"]})
-    schema = {"axis": pl.String, "environments": pl.Int64, "mean": pl.Float64,
-              "p90": pl.Float64, "max": pl.Float64, "note": pl.String}
-    frame = pl.DataFrame(rows, schema=schema)
+    full = queries.robust_frame(res)
+    frame = full
     if fmt != "csv":   # the table prints its notes below it; CSV keeps them as a column
         frame = frame.drop("note")
     emit_frame(frame, fmt, title=f"robust sign-error of {measure}, {res['n_models']} models, "
                                  f"{weighting} weighting, min_ess {res['min_ess']:g}")
     if fmt != "csv":
-        for r in rows:
+        for r in full.iter_rows(named=True):
             if r["note"]:
                 click.echo(f"note [{r['axis']}]: {r['note']}")
     _emit_notes([_constant_note(res.get("constant_axes"))], fmt)
@@ -579,7 +539,7 @@ def report(out, draws, color, pool_seeds, where, dataset, sweep, all_models, see
     training curves; plus a PNG and an SVG of every chart. --format: how the list of
     files written is printed."""
     from .report import build_report
-    with _readonly(db) as con:
+    with readonly(db) as con:
         page = build_report(con, _made(out), _selection(where, dataset, sweep, all_models, relevel,
                                                         pool_seeds=pool_seeds, seeds=seeds),
                             draws=draws, color=color)
@@ -606,7 +566,7 @@ def plot(measure, color, out, log, where, dataset, sweep, all_models, seeds, rel
     """Draw a measure against the generalization gap, coloured by an axis. --format:
     how the list of files written is printed."""
     from .report import plot_measure
-    with _readonly(db) as con:
+    with readonly(db) as con:
         files = plot_measure(con, measure, color, _made(out),
                              _selection(where, dataset, sweep, all_models, relevel,
                                         seeds=seeds), log)

@@ -220,7 +220,7 @@ def searches_note(n: int, filtered: bool, what: str = "the values") -> str | Non
             "(--converged-searches-only leaves them out)")
 
 
-def _convention(convention: str) -> None:
+def check_convention(convention: str) -> None:
     if not isinstance(convention, str) or convention not in CONVENTIONS:
         raise FgmError(f"convention {convention!r}: expected one of {', '.join(CONVENTIONS)}")
 
@@ -231,7 +231,7 @@ def psi(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
     """Kendall's τ, ψ_i per axis and Ψ (Eqs. 2, 4, 5): fgm-query psi."""
     check_name("measure", measure)
     check_interval(ci, blocks, seed)
-    _convention(convention)
+    check_convention(convention)
     models = select_models(con, sel)
     mu, sub = measure_values(con, measure, models)
     res = with_constant(with_seeds(sub, mu, lambda m, s: psi_result(measure, m, s), ci=ci,
@@ -252,7 +252,7 @@ def cmi(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
     check_name("measure", measure)
     check_interval(ci, blocks, seed)
     check_flag("pgdl", pgdl)
-    _convention(convention)
+    check_convention(convention)
     if pgdl and convention != "spec":
         raise FgmError("pgdl is the PGDL scorer's own convention; leave out "
                        "convention='paper' (--convention paper)")
@@ -299,3 +299,68 @@ def robust(con: duckdb.DuckDBPyConnection, sel: Selection, measure: str, *,
            **robust_sign_error(mu, sub.gap, sub.levels, sub.axes, sizes, weighting=weighting,
                                min_ess=min_ess)}
     return Answer(with_constant(res, models), models, sub)
+
+
+# --------------------------------------------------------------------------- as tables
+# The rows fgm-query's table format prints for a result object; the Python API's
+# to_frame() gives the same.
+
+def quantity_frame(rows: list[tuple[str, object]]) -> pl.DataFrame:
+    """(quantity, value) rows as a frame of those two columns."""
+    return pl.DataFrame({"quantity": [r[0] for r in rows],
+                         "value": [None if r[1] is None else float(r[1]) for r in rows]},
+                        schema={"quantity": pl.String, "value": pl.Float64})
+
+
+def spread_quantities(res: dict, keys: tuple[str, ...]) -> list[tuple[str, object]]:
+    """Std over seeds and interval bounds of the overall figures."""
+    rows: list[tuple[str, object]] = []
+    if "seeds" in res:
+        n = res["seeds"]["n"]
+        rows += [(f"{k} std over {n} seeds", res["seeds"]["std"].get(k)) for k in keys]
+    if "ci" in res:
+        pct = f"{100 * res['ci']['level']:g}%"
+        for k in keys:
+            lo, hi = res["ci"].get(k) or (None, None)
+            rows += [(f"{k} {pct} CI low", lo), (f"{k} {pct} CI high", hi)]
+    return rows
+
+
+def psi_quantities(res: dict, left_out: bool = False) -> list[tuple[str, object]]:
+    """τ, ψ per axis, Ψ, their spread, and the values of unconverged searches (left
+    out of the figures with --converged-searches-only)."""
+    rows = [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in res["psi"].items()),
+            ("Psi", res["Psi"]), *spread_quantities(res, ("tau", "Psi"))]
+    if "unconverged_searches" in res:
+        rows.append(("values from unconverged searches" + (" (left out)" if left_out else ""),
+                     res["unconverged_searches"]))
+    return rows
+
+
+def cmi_quantities(res: dict) -> list[tuple[str, object]]:
+    """Î per axis, the least over |S| = 0, 1, 2, K with its set."""
+    return [*((f"cmi[{a}]", v) for a, v in res["per_axis"].items()),
+            ("|S|=0", res["s0"]), ("min |S|=1", res["s1"]), ("min |S|=2", res["s2"]),
+            (f"K (S = {{{', '.join(res['argmin'])}}})" if res["argmin"] is not None
+             else "K", res["K"])]
+
+
+def cmi_result_quantities(res: dict) -> list[tuple[str, object]]:
+    """fgm-query cmi: the CMI rows, H(V_g | axis) with --convention paper, the spread."""
+    entropy = [(f"H(V_g | {a}) bits", v) for a, v in res.get("conditional_entropy", {}).items()]
+    return cmi_quantities(res) + entropy + spread_quantities(res, ("K",))
+
+
+def oracle_quantities(res: dict) -> list[tuple[str, object]]:
+    return [("tau", res["tau"]), *((f"psi[{a}]", v) for a, v in res["psi"].items()),
+            ("Psi", res["Psi"]), *cmi_quantities(res["cmi"]),
+            ("K stderr", res["cmi"]["stderr"]["K"])]
+
+
+def robust_frame(res: dict) -> pl.DataFrame:
+    """One row per axis and one overall: environments, mean, p90, max, note."""
+    rows = [{"axis": a, **v} for a, v in res["per_axis"].items()]
+    rows.append({"axis": "overall", **res["overall"]})
+    schema = {"axis": pl.String, "environments": pl.Int64, "mean": pl.Float64,
+              "p90": pl.Float64, "max": pl.Float64, "note": pl.String}
+    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)

@@ -205,7 +205,7 @@ class Warehouse:
         from fgm.analysis.stored import psi_rows
         self._keep(snap, "psi", sel, {"measure": measure, **queries.convention_option(
             convention)}, psi_rows(answer.res), ci=ci, blocks=blocks, seed=seed if ci else None)
-        return PsiResult.of(answer.res)
+        return PsiResult.of(answer.res, left_out=sel.converged_searches_only)
 
     @_errors
     def cmi(self, measure: str, *, pgdl: bool = False, ci: float | None = None,
@@ -278,8 +278,7 @@ class Warehouse:
         queries.check_interval(ci, blocks, seed)
         queries.check_int("draws", draws, 2, queries.MAX_DRAWS)
         queries.check_flag("store", store)
-        if convention not in ("spec", "paper"):
-            raise FgmError(f"convention {convention!r}: expected one of spec, paper")
+        queries.check_convention(convention)
         sel = _selection(selection)
         with self._reader() as con:
             if kind == "psi":

@@ -5,10 +5,10 @@ with the rows fgm-query's table prints."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import polars as pl
 
+from fgm.analysis import queries
 from fgm.warehouse.errors import FgmError
 
 
@@ -19,33 +19,6 @@ class ReadOnlyError(FgmError):
 class NotStoredWarning(UserWarning):
     """store=True, and the evaluation could not be kept (the file held by another
     process, a full disk): the answer is returned all the same."""
-
-
-def _spread(raw: dict, keys: tuple[str, ...]) -> list[tuple[str, Any]]:
-    """Std over seeds and interval bounds, as fgm-query's table prints them."""
-    rows: list[tuple[str, Any]] = []
-    if "seeds" in raw:
-        n = raw["seeds"]["n"]
-        rows += [(f"{k} std over {n} seeds", raw["seeds"]["std"].get(k)) for k in keys]
-    if "ci" in raw:
-        pct = f"{100 * raw['ci']['level']:g}%"
-        for k in keys:
-            lo, hi = raw["ci"].get(k) or (None, None)
-            rows += [(f"{k} {pct} CI low", lo), (f"{k} {pct} CI high", hi)]
-    return rows
-
-
-def _frame(rows: list[tuple[str, Any]]) -> pl.DataFrame:
-    return pl.DataFrame({"quantity": [r[0] for r in rows],
-                         "value": [None if r[1] is None else float(r[1]) for r in rows]},
-                        schema={"quantity": pl.String, "value": pl.Float64})
-
-
-def _cmi_rows(raw: dict) -> list[tuple[str, Any]]:
-    return [*((f"cmi[{a}]", v) for a, v in raw["per_axis"].items()),
-            ("|S|=0", raw["s0"]), ("min |S|=1", raw["s1"]), ("min |S|=2", raw["s2"]),
-            (f"K (S = {{{', '.join(raw['argmin'])}}})" if raw["argmin"] is not None
-             else "K", raw["K"])]
 
 
 @dataclass
@@ -83,18 +56,14 @@ class PsiResult(_Result):
     tau: float | None = None
     psi: dict[str, float | None] = field(default_factory=dict)
     Psi: float | None = None
+    left_out: bool = field(default=False, repr=False)  # converged_searches_only=True
 
     @classmethod
-    def of(cls, raw: dict) -> PsiResult:
-        return cls(raw, raw["measure"], raw["tau"], dict(raw["psi"]), raw["Psi"])
+    def of(cls, raw: dict, left_out: bool = False) -> PsiResult:
+        return cls(raw, raw["measure"], raw["tau"], dict(raw["psi"]), raw["Psi"], left_out)
 
     def to_frame(self) -> pl.DataFrame:
-        raw = self.raw
-        rows = [("tau", raw["tau"]), *((f"psi[{a}]", v) for a, v in raw["psi"].items()),
-                ("Psi", raw["Psi"]), *_spread(raw, ("tau", "Psi"))]
-        if "unconverged_searches" in raw:
-            rows.append(("values from unconverged searches", raw["unconverged_searches"]))
-        return _frame(rows)
+        return queries.quantity_frame(queries.psi_quantities(self.raw, self.left_out))
 
 
 @dataclass
@@ -116,9 +85,7 @@ class CmiResult(_Result):
                    raw["s1"], raw["s2"], raw["argmin"])
 
     def to_frame(self) -> pl.DataFrame:
-        entropy = [(f"H(V_g | {a}) bits", v)
-                   for a, v in self.raw.get("conditional_entropy", {}).items()]
-        return _frame(_cmi_rows(self.raw) + entropy + _spread(self.raw, ("K",)))
+        return queries.quantity_frame(queries.cmi_result_quantities(self.raw))
 
 
 @dataclass
@@ -141,10 +108,7 @@ class OracleResult(_Result):
         return self.raw["cmi"]
 
     def to_frame(self) -> pl.DataFrame:
-        raw = self.raw
-        return _frame([("tau", raw["tau"]), *((f"psi[{a}]", v) for a, v in raw["psi"].items()),
-                       ("Psi", raw["Psi"]), *_cmi_rows(raw["cmi"]),
-                       ("K stderr", raw["cmi"]["stderr"]["K"])])
+        return queries.quantity_frame(queries.oracle_quantities(self.raw))
 
 
 @dataclass
@@ -160,8 +124,4 @@ class RobustResult(_Result):
         return cls(raw, raw["measure"], dict(raw["per_axis"]), dict(raw["overall"]))
 
     def to_frame(self) -> pl.DataFrame:
-        rows = [{"axis": a, **v} for a, v in self.raw["per_axis"].items()]
-        rows.append({"axis": "overall", **self.raw["overall"]})
-        schema = {"axis": pl.String, "environments": pl.Int64, "mean": pl.Float64,
-                  "p90": pl.Float64, "max": pl.Float64, "note": pl.String}
-        return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
+        return queries.robust_frame(self.raw)

@@ -30,7 +30,7 @@ def test_quickstart_notebook_runs_and_shows_its_answers(tmp_path):
     assert "model_id" in shown[1] and "depth" in shown[1]
     assert "path_norm" in shown[2] and "oracle" in shown[2] and "Psi" in shown[2]
     assert "tau = " in shown[3] and "'depth':" in shown[3]
-    assert "K (S = " in shown[4] or "K" in shown[4]
+    assert "cmi[depth]" in shown[4] and "min |S|=2" in shown[4]
     svg = [o["data"]["image/svg+xml"] for o in outputs[5] if "image/svg+xml" in o.get("data", {})]
     assert svg and "<svg" in svg[0] and "Kendall" in svg[0], outputs[5]
     assert "mean_gap" in shown[6]

@@ -109,7 +109,7 @@ def test_a_query_waits_for_a_brief_writer(wh, monkeypatch):
     monkeypatch.setattr(queries, "connect", connect)
 
     def query():
-        with cli._readonly(str(wh)) as con:
+        with cli.readonly(str(wh)) as con:
             answers.append(con.sql("SELECT count(*) FROM models").fetchall()[0][0])
     reader = threading.Thread(target=query)
     with lock_held(wh):
