@@ -108,11 +108,11 @@ def test_an_axis_that_does_not_vary_takes_no_part_and_is_said_once(db):
 
 
 def test_k_without_a_set_is_not_labelled_with_an_empty_set():
-    from fgm.analysis.cli import _cmi_rows
-    rows = _cmi_rows({"per_axis": {}, "s0": None, "s1": None, "s2": None, "K": None,
+    from fgm.analysis.queries import cmi_quantities
+    rows = cmi_quantities({"per_axis": {}, "s0": None, "s1": None, "s2": None, "K": None,
                       "argmin": None})
     assert rows[-1][0] == "K"
-    rows = _cmi_rows({"per_axis": {}, "s0": 0.1, "s1": 0.1, "s2": 0.1, "K": 0.1,
+    rows = cmi_quantities({"per_axis": {}, "s0": 0.1, "s1": 0.1, "s2": 0.1, "K": 0.1,
                       "argmin": ["depth", "width"]})
     assert rows[-1][0] == "K (S = {depth, width})"
 
