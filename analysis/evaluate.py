@@ -552,7 +552,7 @@ def table5(con, sel: Selection, *, measures: list[str] | None = None,
                                            models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "tau", "Psi",
                          "tau_std", "Psi_std", "tau_lo", "tau_hi", "Psi_lo", "Psi_hi", "seeds",
-                         "unconverged_searches"])
+                         "unconverged_searches", "failed", "not_applicable"])
 
 
 def table6(con, sel: Selection, *, measures: list[str] | None = None,
@@ -580,17 +580,26 @@ def table6(con, sel: Selection, *, measures: list[str] | None = None,
     rows.append({"kind": "random", **_flat_cmi(res, models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "s0", "s1", "s2", "K",
                          "argmin", "K_std", "K_lo", "K_hi", "K_stderr", "draws", "seeds",
-                         "unconverged_searches"])
+                         "unconverged_searches", "failed", "not_applicable"])
 
 
 def _per_measure(con, models: Models, measures: list[str] | None, progress, row) -> list[dict]:
     """One table row per measure: row(name, μ, models with a value)."""
     rows = []
     known = measure_names(con)
+    # the selected models without a value: failed, or not applicable (an input they
+    # lack, an architecture the measure is not defined for), counted apart
+    counts = {m: (f, n) for m, f, n in con.execute(
+        "SELECT measure, count(*) FILTER (WHERE status = 'failed'), "
+        "count(*) FILTER (WHERE status = 'not_applicable') FROM measures "
+        "WHERE value IS NULL AND list_contains(?::VARCHAR[], model_id) GROUP BY measure",
+        [models.id_frame()["model_id"].to_list()]).fetchall()}
     for name in measures or known:
         mu, sub = measure_values(con, name, models, known)
+        failed, not_applicable = counts.get(name, (0, 0))
         rows.append({"kind": "measure", **row(name, mu, sub),
-                     "unconverged_searches": sub.unconverged_searches})
+                     "unconverged_searches": sub.unconverged_searches,
+                     "failed": failed, "not_applicable": not_applicable})
         if progress:
             progress()
     return rows
@@ -626,7 +635,8 @@ def _flat_cmi(res: dict, axes: list[str]) -> dict:
 def _frame(rows: list[dict], columns: list[str]) -> pl.DataFrame:
     present = [c for c in columns if any(c in r for r in rows)]
     schema = {c: (pl.String if c in ("kind", "measure", "argmin") else
-                  pl.Int64 if c in ("n_models", "draws", "seeds", "unconverged_searches")
+                  pl.Int64 if c in ("n_models", "draws", "seeds", "unconverged_searches",
+                                    "failed", "not_applicable")
                   else pl.Float64)
               for c in present}
     return pl.DataFrame([{c: r.get(c) for c in present} for r in rows], schema=schema)

@@ -98,7 +98,8 @@ def _header(column: str) -> str:
 
 # Counts that describe how a row was computed rather than what it found: when one value
 # holds for every row, it is said once under the table instead of filling a column.
-BOOKKEEPING = ("n_models", "draws", "seeds", "unconverged_searches")
+BOOKKEEPING = ("n_models", "draws", "seeds", "unconverged_searches", "failed",
+               "not_applicable")
 
 
 def _table_html(frame: pl.DataFrame) -> str:

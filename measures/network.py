@@ -42,6 +42,12 @@ class UnsupportedNetwork(ValueError):
     """The model has a part the protocol cannot represent (named in the message)."""
 
 
+class NotDefined(ValueError):
+    """A measure the paper does not define for this network (a max-pooling for the
+    path norm, a BatchNorm that cannot be folded): a property of the architecture,
+    stored as 'not_applicable' with this reason, not as a failure."""
+
+
 # ------------------------------------------------------------------ what is allowed
 
 WEIGHT_MODULES = (nn.Conv2d, nn.Linear)
@@ -423,7 +429,7 @@ class Network:
 
     def require_folded(self, what: str = "this measure") -> None:
         if self.unfolded:
-            raise ValueError(f"{what} needs every BatchNorm folded; not folded: " + "; ".join(
+            raise NotDefined(f"{what} needs every BatchNorm folded; not folded: " + "; ".join(
                 f"{name}: {reason}" for name, reason in self.unfolded))
 
     def input_sizes(self) -> list[tuple[int, int] | None]:

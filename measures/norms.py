@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import Context
-from .network import ELEMENTWISE_FUNCTIONS, Network
+from .network import ELEMENTWISE_FUNCTIONS, Network, NotDefined
 from .registry import measure
 
 
@@ -169,7 +169,7 @@ def path_norm_value(net: Network, w: torch.Tensor, shape: tuple[int, ...]) -> fl
     among them. ValueError where that is not the path norm (path_norm_problem)."""
     problem = path_norm_problem(net)
     if problem is not None:
-        raise ValueError(f"the path norm is not defined for this network: {problem}")
+        raise NotDefined(f"the path norm is not defined for this network: {problem}")
     with torch.no_grad():
         ones = torch.ones((1, *shape), dtype=torch.float64, device=w.device)
         return float(net.logits(w.double().pow(2), ones).sum())

@@ -9,14 +9,26 @@ from .context import Context
 from .registry import measure
 
 
+def _first_step(ctx: Context, threshold: float) -> float | None:
+    hit = ctx.trace.filter(ctx.trace["train_loss"] <= threshold)
+    return float(hit["step"].min()) if hit.height else None
+
+
 def _steps(ctx: Context, key: str, threshold: float) -> float:
+    """From the run's outcome (fgm's own models: counted on the minibatch losses as
+    they trained), else from the trace (a model fgm did not train: the first step
+    whose traced loss is at or below the threshold)."""
     value = ctx.outcome.get(key)
     if value is not None:
         return float(value)
     if ctx.trace is not None and key == "steps_to_0.1":
-        hit = ctx.trace.filter(ctx.trace["train_loss"] <= threshold)
-        if hit.height:
-            return float(hit["step"].min())
+        first = _first_step(ctx, threshold)
+        if first is not None:
+            return first
+    if ctx.trace is not None and key == "steps_0.1_to_0.01" and key not in ctx.outcome:
+        start, end = _first_step(ctx, 0.1), _first_step(ctx, 0.01)
+        if start is not None and end is not None:
+            return end - start
     raise ValueError(f"the training cross-entropy never reached {threshold} "
                      "within the step budget")
 
