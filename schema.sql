@@ -9,7 +9,7 @@ CREATE TABLE IF NOT EXISTS fgm_meta (
     key   VARCHAR PRIMARY KEY,
     value VARCHAR NOT NULL
 );
-INSERT INTO fgm_meta VALUES ('schema_version', '2') ON CONFLICT DO NOTHING;
+INSERT INTO fgm_meta VALUES ('schema_version', '3') ON CONFLICT DO NOTHING;
 
 -- One row: a grid of models trained or ingested together.
 CREATE TABLE IF NOT EXISTS sweeps (
@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS traces (
     model_id   VARCHAR NOT NULL,
     step       BIGINT NOT NULL,
-    epoch      DOUBLE NOT NULL,
+    epoch      DOUBLE,                  -- NULL: not known (a trace of a model fgm did not train)
     train_loss DOUBLE,                  -- cross-entropy estimated while training
     lr         DOUBLE,
     seconds    DOUBLE,                  -- wall time since the start of training
@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS measures (
     model_id     VARCHAR NOT NULL,
     measure      VARCHAR NOT NULL,
     value        DOUBLE,
-    status       VARCHAR NOT NULL,      -- 'ok' | 'missing' | 'failed'
+    status       VARCHAR NOT NULL,      -- 'ok' | 'missing' | 'failed' | 'not_applicable'
+                                        -- (the model lacks an input it needs: init, trace)
     error        VARCHAR,
     params       JSON,                  -- search budgets, seeds, ... used for this value
     computed_at  TIMESTAMP NOT NULL,
@@ -139,4 +140,36 @@ CREATE TABLE IF NOT EXISTS evaluation_values (
     value    DOUBLE,                     -- NULL: undefined in this selection
     detail   VARCHAR,                    -- K: the conditioning set that attains it
     PRIMARY KEY (evaluation_id, measure, axis, quantity)
+);
+
+-- (version 3) One row: an architecture of models fgm did not train (fgm-ingest TABLE
+-- --models models.toml): how to build it again, from the warehouse alone.
+CREATE TABLE IF NOT EXISTS architectures (
+    arch_id     VARCHAR PRIMARY KEY,      -- sha256 prefix of source, kwargs and code_sha256
+    name        VARCHAR NOT NULL,         -- its [arch.NAME] in models.toml
+    source      VARCHAR NOT NULL,         -- python:FILE:CLASS | torchvision:NAME | timm:NAME
+    code_path   VARCHAR,                  -- python: the file (run to build the model)
+    code_sha256 VARCHAR,                  -- python: its sha256 at ingest; checked before each build
+    spec        JSON NOT NULL             -- everything above, and the kwargs as written
+);
+
+-- (version 3) One row: a dataset of models fgm did not train, with its preprocessing.
+CREATE TABLE IF NOT EXISTS datasets (
+    dataset_id  VARCHAR PRIMARY KEY,      -- sha256 prefix of name, arrays' sha256, mean, std
+    name        VARCHAR NOT NULL,         -- models.dataset of its models
+    source      VARCHAR NOT NULL,         -- npz:FILE | torchvision:CLASS
+    sha256      VARCHAR NOT NULL,         -- of the arrays as read; checked before each use
+    train_size  BIGINT NOT NULL,
+    test_size   BIGINT NOT NULL,
+    spec        JSON NOT NULL             -- source, location, mean, std, layout
+);
+
+-- (version 3) One row: how one model fgm did not train is built: its architecture, the
+-- architecture's keyword arguments for this model ("hp.<axis>" filled in), its dataset.
+CREATE TABLE IF NOT EXISTS model_builds (
+    model_id    VARCHAR PRIMARY KEY,
+    arch_id     VARCHAR NOT NULL,
+    kwargs      JSON NOT NULL,
+    dataset_id  VARCHAR,                  -- NULL: one of fgm's own datasets (models.dataset)
+    num_classes INTEGER NOT NULL          -- the model's outputs
 );

@@ -26,9 +26,11 @@ perturbation searches' reproducibility.
    a fixed random linear rule on their 8x8-pooled pixels, trained --resnet-steps
    steps; its suite's seconds with the fast budget, next to the demo NiN's
    (--resnet: some 15 minutes on one CPU thread, most of it the four searches).
+   --resnet-only: the ResNet alone, with the fast and the default budget, and the
+   process's peak memory after each.
 
     python bench/measures.py [--threads 1] [--budgets] [--sweep] [--grid DB] [--batched]
-                             [--cifar-root DIR | --no-paper] [--resnet]
+                             [--cifar-root DIR | --no-paper] [--resnet] [--resnet-only]
 
 Timings depend on the machine's load: --threads 1 gives steadier figures on a
 machine shared with other jobs (torch's default uses every core, and two busy
@@ -320,11 +322,24 @@ def main() -> None:
     ap.add_argument("--resnet", action="store_true",
                     help="the suite on a small ResNet, next to the NiN's (fast budget)")
     ap.add_argument("--resnet-steps", type=int, default=200)
+    ap.add_argument("--resnet-only", action="store_true",
+                    help="only the small ResNet, with the fast and the default (paper) "
+                         "budget, and the process's peak memory (issue #21: below 2 GiB)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.resnet_only:
+        resnet = train_resnet(args.resnet_steps)
+        for name in ("fast", "paper"):
+            run_suite(f"small ResNet, budget {name!r} (3 basic blocks, widths 26/52/104, "
+                      "projection shortcuts; 2,000 random 3x32x32 images)", *resnet,
+                      settings=Settings.preset(name))
+            print(f"  peak memory so far: "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
+                  flush=True)
+        return
     demo = train("digits", 48, 3, 64, 3000)
     run_suite("demo model (digits, width 48, depth 3, batch 64)", *demo)
     print_spread(spread(*demo[:3], Settings()), "the searches over seeds 0-3, budget 'paper':")

@@ -57,7 +57,7 @@ TRAINING_MEASURES = {  # measure name -> outcome key (SPEC §4, Eqs. 21, 63, 64)
 TRACE_SCHEMA = {"step": pl.Int64, "epoch": pl.Float64, "train_loss": pl.Float64,
                 "lr": pl.Float64, "seconds": pl.Float64}
 PER_MODEL_TABLES = ("models", "hyperparameters", "outcomes", "checkpoints", "traces",
-                    "measures")
+                    "measures", "model_builds")
 INT64_MAX = 2**63 - 1
 FLOAT_MAX = 1e300  # a JSON integer beyond this does not become a finite float
 GAP_TOLERANCE = 1e-6

@@ -28,16 +28,45 @@ from .table import prepare_table, write_table
                    "another configuration, seed or dataset; all rows of the stored model "
                    "go, its measures included. Without it such a model is refused and "
                    "nothing of it is written.")
+@click.option("--models", "models_toml", type=click.Path(path_type=Path), default=None,
+              help="models.toml: the architectures and datasets of a table of models fgm "
+                   "did not train (columns arch, checkpoint.final, optional checkpoint.init, "
+                   "checkpoint.epoch1, trace). Its python: files are run to build the models. "
+                   "README: Bring your own models.")
+@click.option("--checkpoint-root", type=click.Path(path_type=Path), default=None,
+              help="With --models: the folder the table's checkpoint and trace paths are "
+                   "relative to, and stay inside (default: the table's folder).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="With --models: where fgm's own datasets (cifar10, svhn, fashion_mnist) "
+                   "are, for a table whose dataset column names one (default: ./data).")
 @friendly_errors
 def main(path: Path, db: str | None, sweep: str | None, dataset: str | None,
-         replace: bool) -> None:
+         replace: bool, models_toml: Path | None, checkpoint_root: Path | None,
+         data_root: Path | None) -> None:
     """Ingest PATH: a results table (.csv / .parquet, one row per model) or a
     directory tree of run bundles written by fgm-train (on this or any machine).
+    With --models, the table's rows are models of your own: each is built from
+    models.toml, its checkpoints loaded and checked, and fgm-measure measures them.
 
     A bad bundle is reported by path and the rest still land; the exit status
     is 1 when any bundle failed."""
     if not path.exists():
         raise FgmError(f"{path}: no such file or directory")
+    if models_toml is not None:
+        if path.is_dir():
+            raise FgmError(f"{path}: --models goes with a results table (.csv / .parquet) "
+                           "whose rows name the checkpoints, not a directory")
+        from .foreign import prepare_foreign  # imports torch: only for models
+        prepared = prepare_foreign(path, models_toml, sweep=sweep, dataset=dataset,
+                                   checkpoint_root=checkpoint_root, data_root=data_root)
+        with briefly(db) as con:
+            summary = write_table(con, prepared, replace=replace)
+        click.echo(f"{summary}\n{prepared.foreign.checkpoints.height} checkpoints of "
+                   f"{prepared.parsed.models.height} models checked and recorded; "
+                   "fgm-measure computes their measures")
+        return
+    if checkpoint_root is not None or data_root is not None:
+        raise FgmError("--checkpoint-root and --data-root go with --models")
     if path.is_dir():
         from .bundles import ingest_tree  # imports torch: only when there are bundles
         report = ingest_tree(db, path, replace=replace)

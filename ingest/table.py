@@ -13,6 +13,7 @@ transaction, so a bad table leaves the warehouse exactly as it was.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,6 +55,7 @@ class ParsedTable:
     axes: list[str]
     measure_names: list[str]
     ignored_columns: list[str] = field(default_factory=list)
+    frame: pl.DataFrame | None = None      # the table as read
 
 
 @dataclass
@@ -222,8 +224,14 @@ def _canonical(value: float) -> str:
 
 # --------------------------------------------------------------------------- parsing
 
+# the columns of a table of models fgm did not train (ingest/foreign.py)
+MODEL_COLUMNS = ("arch", "checkpoint.final", "checkpoint.init", "checkpoint.epoch1", "trace")
+
+
 def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
-                dataset: str | None = None, sweep_id: str = "") -> ParsedTable:
+                dataset: str | None = None, sweep_id: str = "",
+                extra_columns: tuple[str, ...] = ()) -> ParsedTable:
+    """`extra_columns`: columns a caller reads itself (not reported as ignored)."""
     path = Path(path)
     frame = read_table(path) if frame is None else frame
     cols = frame.columns
@@ -232,7 +240,14 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
     hp_cols = [c for c in cols if c.startswith("hp.")]
     level_cols = [c for c in cols if c.startswith("level.")]
     measure_cols = [c for c in cols if c.startswith("complexity.")]
-    ignored = [c for c in cols if c not in KNOWN and c not in hp_cols + level_cols + measure_cols]
+    models_named = [c for c in MODEL_COLUMNS if c in cols and c not in extra_columns]
+    if models_named:
+        raise InputError(path, f"the table names models' files ({', '.join(models_named)}): "
+                         "pass --models models.toml to ingest the models themselves "
+                         "(README: Bring your own models), or drop the column",
+                         column=models_named[0])
+    ignored = [c for c in cols if c not in KNOWN and c not in hp_cols + level_cols + measure_cols
+               and c not in extra_columns]
     axes = [c[3:] for c in hp_cols]
     for axis in axes:
         problem = axis_name_problem(axis)
@@ -383,7 +398,7 @@ def parse_table(path: Path | str, frame: pl.DataFrame | None = None, *,
         measures = pl.DataFrame(schema={"model_id": pl.String, "measure": pl.String,
                                         "value": pl.Float64})
     return ParsedTable(path, models, hyperparameters, outcomes, measures, axes, measure_names,
-                       ignored)
+                       ignored, frame)
 
 
 # --------------------------------------------------------------------------- writing
@@ -428,20 +443,45 @@ def _check_levels_in_sweep(con: duckdb.DuckDBPyConnection, prepared: PreparedTab
 @dataclass
 class PreparedTable:
     """A results table parsed and checked, with every frame ready to write: made
-    before the warehouse is opened, so the write lock is held only to write."""
+    before the warehouse is opened, so the write lock is held only to write.
+    `foreign`: the checkpoints, traces, architectures, datasets and builds of a
+    table of models fgm did not train (ingest/foreign.py)."""
     parsed: ParsedTable
     sweeps: pl.DataFrame
     measures: pl.DataFrame
+    foreign: object | None = None
+
+    def with_ids(self, ids: list[str], foreign, train_sizes: list[int]) -> PreparedTable:
+        """The same table with each row's model under ids[row] (foreign models' ids
+        derive from their architecture and final checkpoint), and its files."""
+        p = self.parsed
+        old = p.models["model_id"].to_list()
+        mapping = pl.DataFrame({"model_id": old, "_new": ids})
+
+        def moved(frame: pl.DataFrame) -> pl.DataFrame:
+            order = frame.columns
+            return (frame.join(mapping, on="model_id", how="left")
+                    .with_columns(pl.col("_new").alias("model_id")).drop("_new")
+                    .select(order))
+        outcomes = moved(p.outcomes).with_columns(
+            pl.Series("train_size", [train_sizes[old.index(m)] for m in
+                                     p.outcomes["model_id"].to_list()], pl.Int64))
+        parsed = dataclasses.replace(p, models=moved(p.models),
+                                     hyperparameters=moved(p.hyperparameters),
+                                     outcomes=outcomes, measures=moved(p.measures))
+        return PreparedTable(parsed, self.sweeps, moved(self.measures), foreign)
 
 
 def prepare_table(path: Path | str, frame: pl.DataFrame | None = None, *,
-                  sweep: str | None = None, dataset: str | None = None) -> PreparedTable:
+                  sweep: str | None = None, dataset: str | None = None,
+                  extra_columns: tuple[str, ...] = ()) -> PreparedTable:
     """Read and check a results table (`frame` gives it in memory; then `path` only
     names it in messages). Needs no warehouse."""
     path = Path(path)
     name = sweep or path.stem
     sid = sweep_id_for(name)
-    parsed = parse_table(path, frame, dataset=dataset, sweep_id=sid)
+    parsed = parse_table(path, frame, dataset=dataset, sweep_id=sid,
+                         extra_columns=extra_columns)
     now = datetime.now().replace(microsecond=0)
     version = code_version()
     datasets = parsed.models["dataset"].unique().to_list()
@@ -460,7 +500,8 @@ def prepare_table(path: Path | str, frame: pl.DataFrame | None = None, *,
     return PreparedTable(parsed, sweeps, measures)
 
 
-MODEL_TABLES = ("hyperparameters", "outcomes", "measures", "checkpoints", "traces")
+MODEL_TABLES = ("hyperparameters", "outcomes", "measures", "checkpoints", "traces",
+                "model_builds")
 
 
 def _check_identities(con: duckdb.DuckDBPyConnection, parsed: ParsedTable,
@@ -532,6 +573,8 @@ def write_table(con: duckdb.DuckDBPyConnection, prepared: PreparedTable, *,
             if replaced:
                 con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
                             [replaced])
+        if prepared.foreign is not None:
+            replaced += _check_same_models(con, prepared, replace, replaced)
         _check_levels_against_warehouse(con, parsed)
         _check_levels_in_sweep(con, prepared)
         measures = _check_same_results(con, prepared, replace)
@@ -541,13 +584,107 @@ def write_table(con: duckdb.DuckDBPyConnection, prepared: PreparedTable, *,
                    upsert(con, "outcomes", parsed.outcomes, ["model_id"])]
         values = upsert(con, "measures", measures, ["model_id", "measure"],
                         ignore=("computed_at", "code_version", "params"))
+        files_changed = _write_foreign(con, prepared) if prepared.foreign is not None \
+            else set()
     added = set(touched[0].added["model_id"].to_list())
     changed = set().union(*(t.updated["model_id"].to_list() for t in touched),
-                          touched[1].added["model_id"].to_list(), replaced) - added
+                          touched[1].added["model_id"].to_list(), replaced,
+                          files_changed) - added
     n = parsed.models.height
     return IngestSummary(parsed.path, (len(added), len(changed),
                                        n - len(added) - len(changed)),
                          len(parsed.measure_names), values.counts(), parsed.ignored_columns)
+
+
+def _check_same_models(con: duckdb.DuckDBPyConnection, prepared: PreparedTable,
+                       replace: bool, replaced: list[str]) -> list[str]:
+    """Foreign models: a stored model of another id with the same architecture,
+    hyperparameters, dataset and seed in this sweep (its weights changed: retrained),
+    and a stored model of this id with other checkpoints (a given model_id whose
+    files changed), are refused unless `replace`; then they are dropped first (their
+    measures were computed from other weights). The ids to drop."""
+    parsed, foreign = prepared.parsed, prepared.foreign
+    rows = {m: i + 1 for i, m in enumerate(parsed.models["model_id"].to_list())}
+    incoming = parsed.models.join(foreign.model_builds, on="model_id").select(
+        "model_id", "sweep_id", "config_hash", "dataset", "seed", "arch_id", "dataset_id")
+    con.register("_incoming_builds", incoming)
+    con.register("_incoming_checkpoints", foreign.checkpoints)
+    try:
+        retrained = con.sql("""
+            SELECT i.model_id, m.model_id AS stored FROM _incoming_builds AS i
+            JOIN models AS m USING (sweep_id, config_hash, dataset, seed)
+            JOIN model_builds AS b ON b.model_id = m.model_id
+            WHERE b.arch_id = i.arch_id AND b.dataset_id IS NOT DISTINCT FROM i.dataset_id
+              AND m.model_id NOT IN (SELECT model_id FROM _incoming_builds)
+            ORDER BY i.model_id""").fetchall()
+        changed = con.sql("""
+            SELECT i.model_id, i.role, c.sha256, i.sha256 FROM _incoming_checkpoints AS i
+            JOIN checkpoints AS c USING (model_id, role) WHERE c.sha256 <> i.sha256
+            UNION ALL
+            SELECT c.model_id, c.role, c.sha256, NULL FROM checkpoints AS c
+            WHERE c.model_id IN (SELECT model_id FROM _incoming_builds)
+              AND (c.model_id, c.role) NOT IN (SELECT (model_id, role) FROM _incoming_checkpoints)
+            ORDER BY 1, 2""").fetchall()
+    finally:
+        unregister_quietly(con, "_incoming_builds")
+        unregister_quietly(con, "_incoming_checkpoints")
+    if not replace and retrained:
+        mid, stored = retrained[0]
+        raise InputError(parsed.path, f"the warehouse holds model {stored!r} with this row's "
+                         "architecture, hyperparameters, dataset and seed in this sweep, but "
+                         "other final weights (retrained?). Nothing was written: pass --replace "
+                         "to drop the stored model, or ingest this table as another --sweep",
+                         row=rows[mid])
+    if not replace and changed:
+        mid, role, old, new = changed[0]
+        now = f"sha256 {new[:16]}…" if new else "no such checkpoint"
+        raise InputError(parsed.path, f"model {mid!r} is in the warehouse with another "
+                         f"{role} checkpoint (sha256 {old[:16]}… stored, {now} here); its "
+                         "stored measures are of those weights. Nothing was written: pass "
+                         "--replace to drop the stored model and ingest this one",
+                         row=rows[mid], column=f"checkpoint.{role}")
+    drop = sorted({stored for _, stored in retrained} | {m for m, *_ in changed}
+                  - set(replaced))
+    for table in ("models", *MODEL_TABLES):
+        if drop:
+            con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
+                        [drop])
+    return drop
+
+
+def _write_foreign(con: duckdb.DuckDBPyConnection, prepared: PreparedTable) -> set[str]:
+    """The files, architectures, datasets and builds of foreign models. A model's
+    measures that were not applicable (no init checkpoint, no trace) are cleared:
+    the files given now may have what they lacked."""
+    foreign = prepared.foreign
+    ids = prepared.parsed.models["model_id"].to_list()
+    upsert(con, "architectures", foreign.architectures, ["arch_id"])
+    upsert(con, "datasets", foreign.datasets, ["dataset_id"])
+    ck = upsert(con, "checkpoints", foreign.checkpoints, ["model_id", "role"])
+    traced = foreign.traces["model_id"].unique().to_list()
+    changed = set()
+    if traced:   # a trace given is the whole trace of its model
+        con.register("_incoming_traces", foreign.traces)
+        try:
+            changed |= {r[0] for r in con.execute(
+                "SELECT DISTINCT model_id FROM ((SELECT * FROM traces WHERE list_contains("
+                "?::VARCHAR[], model_id)) EXCEPT (SELECT model_id, step, epoch, train_loss, lr, "
+                "seconds FROM _incoming_traces))", [traced]).fetchall()}
+            changed |= {r[0] for r in con.execute(
+                "SELECT DISTINCT model_id FROM ((SELECT model_id, step, epoch, train_loss, lr, "
+                "seconds FROM _incoming_traces) EXCEPT (SELECT * FROM traces))").fetchall()}
+            con.execute("DELETE FROM traces WHERE list_contains(?::VARCHAR[], model_id)",
+                        [traced])
+            con.execute("INSERT INTO traces BY NAME SELECT * FROM _incoming_traces")
+        finally:
+            unregister_quietly(con, "_incoming_traces")
+    builds = upsert(con, "model_builds", foreign.model_builds, ["model_id"])
+    con.execute("DELETE FROM measures WHERE status = 'not_applicable' AND "
+                "list_contains(?::VARCHAR[], model_id)", [ids])
+    for result in (ck, builds):
+        changed |= set(result.added["model_id"].to_list())
+        changed |= set(result.updated["model_id"].to_list())
+    return changed
 
 
 def ingest_table(con: duckdb.DuckDBPyConnection, path: Path | str, *,

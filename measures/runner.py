@@ -28,6 +28,7 @@ from fgm.warehouse.store import Warehouse, briefly
 from fgm.warehouse.upsert import upsert
 
 from .context import Context, Settings
+from .network import NotDefined
 from .registry import MeasureSpec, list_measures
 
 
@@ -38,10 +39,12 @@ class JobReport:
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # model, measure, error
     skipped: list[tuple[str, str]] = field(default_factory=list)      # model, reason
     seconds: float = 0.0
+    not_applicable: int = 0     # values a model's missing inputs (init, trace) rule out
 
     def __str__(self) -> str:
+        na = f"{self.not_applicable} not applicable, " if self.not_applicable else ""
         lines = [f"{self.models} models, {self.values} values computed, "
-                 f"{len(self.failed)} failed, {len(self.skipped)} models skipped "
+                 f"{len(self.failed)} failed, {na}{len(self.skipped)} models skipped "
                  f"({self.seconds:.1f} s)"]
         lines += [f"  FAILED {m} {name}: {err}" for m, name, err in self.failed[:20]]
         lines += [f"  SKIPPED {m}: {why}" for m, why in self.skipped[:20]]
@@ -74,7 +77,11 @@ def models_to_measure(con: duckdb.DuckDBPyConnection, specs: list[MeasureSpec],
     missing ones only, whatever settings the stored ones had)."""
     from fgm.analysis.predicate import model_ids_where
     from fgm.analysis.sql import create_hp_wide
-    sql = ("SELECT m.model_id, m.dataset FROM models AS m WHERE model_id IN "
+    # a foreign model's dataset comes with its spec (ingest/zoo.py); fgm's own by name
+    sql = ("SELECT m.model_id, m.dataset, coalesce(b.dataset_id, m.dataset) AS data_key, "
+           "CAST(d.spec AS VARCHAR) AS dataset_spec, d.sha256 AS dataset_sha256 "
+           "FROM models AS m LEFT JOIN model_builds AS b USING (model_id) "
+           "LEFT JOIN datasets AS d ON d.dataset_id = b.dataset_id WHERE model_id IN "
            "(SELECT model_id FROM checkpoints WHERE role = 'final')")
     params: list = []
     if where is not None:
@@ -99,15 +106,24 @@ def models_to_measure(con: duckdb.DuckDBPyConnection, specs: list[MeasureSpec],
     todo = models.join(pl.DataFrame({"measure": names}), how="cross")
     if not recompute:
         todo = todo.join(done, on=["model_id", "measure"], how="anti")
-    return todo.group_by("model_id", "dataset", maintain_order=True).agg(pl.col("measure"))
+    return todo.group_by("model_id", "dataset", "data_key", "dataset_spec", "dataset_sha256",
+                         maintain_order=True).agg(pl.col("measure"))
 
 
-def _load_net(path: str, sha: str, hp: dict, data: Data) -> NiN:
+def _load_net(path: str, sha: str, hp: dict, data: Data, build: dict | None = None):
+    """The checkpoint in its network: a NiN of the model's hyperparameters (fgm's
+    own models), or the architecture it was ingested with (`build`: ingest/zoo.py)."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: checkpoint not found (moved? re-ingest its bundle)")
+        raise FileNotFoundError(f"{file}: checkpoint not found (moved? ingest its bundle "
+                                "or table again)")
     if sha256_file(file) != sha:
         raise ValueError(f"{file}: checkpoint differs from the warehouse's sha256")
+    if build is not None:
+        from fgm.ingest.zoo import build_model, load_weights
+        model = build_model(build["spec"], build["kwargs"])
+        load_weights(model, file)
+        return model
     model = NiN(data.shape[0], data.num_classes, int(float(hp["width"])), int(float(hp["depth"])),
                 float(hp["dropout"]))
     model.load_state_dict(load_file(str(file)))
@@ -116,10 +132,12 @@ def _load_net(path: str, sha: str, hp: dict, data: Data) -> NiN:
 
 @dataclass
 class ModelInputs:
-    """What the warehouse says about one model: enough to rebuild it without it."""
+    """What the warehouse says about one model: enough to rebuild it without it.
+    `build`: a model fgm did not train: {spec, kwargs, num_classes} (ingest/zoo.py)."""
     hp: dict[str, str]
     checkpoints: dict[str, tuple[str, str]]   # role -> (path, sha256)
     trace: pl.DataFrame
+    build: dict | None = None
 
 
 def model_inputs(con: duckdb.DuckDBPyConnection, model_id: str) -> ModelInputs:
@@ -130,18 +148,40 @@ def model_inputs(con: duckdb.DuckDBPyConnection, model_id: str) -> ModelInputs:
         params=[model_id]).fetchall()}
     trace = con.sql("SELECT step, train_loss FROM traces WHERE model_id = ? ORDER BY step",
                     params=[model_id]).pl()
-    return ModelInputs(hp, ck, trace)
+    build = con.sql("SELECT CAST(a.spec AS VARCHAR), CAST(b.kwargs AS VARCHAR), b.num_classes "
+                    "FROM model_builds AS b JOIN architectures AS a USING (arch_id) "
+                    "WHERE b.model_id = ?", params=[model_id]).fetchall()
+    return ModelInputs(hp, ck, trace, {"spec": json.loads(build[0][0]),
+                                       "kwargs": json.loads(build[0][1]),
+                                       "num_classes": int(build[0][2])} if build else None)
 
 
 def build_context(inputs: ModelInputs, data: Data, settings: Settings,
                   device: torch.device) -> Context:
     ck = inputs.checkpoints
-    nets = {role: _load_net(*ck[role], inputs.hp, data).to(device) for role in ck}
-    manifest = Path(ck["final"][0]).parent / "manifest.json"
-    outcome = json.loads(manifest.read_text()).get("outcome", {}) if manifest.is_file() else {}
-    return Context.from_models(nets["final"], data.x_train, data.y_train, data.num_classes,
+    nets = {role: _load_net(*ck[role], inputs.hp, data, inputs.build).to(device) for role in ck}
+    outcome = {}
+    if inputs.build is None:    # fgm's own: the run bundle's outcome (steps to 0.1, ...)
+        manifest = Path(ck["final"][0]).parent / "manifest.json"
+        outcome = json.loads(manifest.read_text()).get("outcome", {}) \
+            if manifest.is_file() else {}
+    classes = inputs.build["num_classes"] if inputs.build is not None else data.num_classes
+    return Context.from_models(nets["final"], data.x_train, data.y_train, classes,
                                init=nets.get("init"), epoch1=nets.get("epoch1"),
-                               trace=inputs.trace, outcome=outcome, settings=settings)
+                               trace=inputs.trace if inputs.trace.height else None,
+                               outcome=outcome, settings=settings)
+
+
+# why a measure does not apply to a model that lacks one of its inputs
+LACKING = {"init": "no initial weights (checkpoint.init) were given for this model",
+           "epoch1": "no weights after epoch 1 (checkpoint.epoch1) were given for this model",
+           "trace": "no training trace was given for this model"}
+
+
+def lacking_inputs(spec: MeasureSpec, given: set[str]) -> list[str]:
+    """The inputs `spec` needs that a model lacks (`given`: final, init, epoch1, data,
+    trace as the model has them)."""
+    return [n for n in spec.needs if n not in given]
 
 
 def run_one(spec: MeasureSpec, ctx: Context) -> tuple[float | None, str, str | None, dict]:
@@ -163,6 +203,8 @@ def run_one(spec: MeasureSpec, ctx: Context) -> tuple[float | None, str, str | N
         if not math.isfinite(value):
             return None, "failed", f"not finite ({value})", params
         return value, "ok", None, params
+    except NotDefined as exc:   # the architecture's, not a failure: nothing to retry
+        return None, "not_applicable", str(exc), {}
     except Exception as exc:  # a measure's failure is data, not a crash
         where = traceback.extract_tb(exc.__traceback__)[-1]
         # the settings it failed with: a run with others (a bigger budget) tries again
@@ -185,11 +227,19 @@ def compute_model_measures(model_id: str, inputs: ModelInputs, data: Data, names
     (ROW_KEYS; params as JSON text). Needs no warehouse, so a Ray worker runs it as
     it is. Raises one of SKIP_ERRORS when the model itself cannot be rebuilt."""
     specs = specs or {s.name: s for s in list_measures()}
+    given = {"final", "data", *(r for r in ("init", "epoch1") if r in inputs.checkpoints),
+             *(("trace",) if inputs.trace.height or inputs.build is None else ())}
     ctx = build_context(inputs, data, settings, device)
     rows = []
     for i, name in enumerate(names, 1):
         if progress:
             progress(name, i, len(names))
+        lacking = lacking_inputs(specs[name], given)
+        if lacking:   # not a failure: the model was given without that input
+            rows.append({"model_id": model_id, "measure": name, "value": None,
+                         "status": "not_applicable",
+                         "error": "; ".join(LACKING[n] for n in lacking), "params": "{}"})
+            continue
         value, status, error, params = run_one(specs[name], ctx)
         rows.append({"model_id": model_id, "measure": name, "value": value, "status": status,
                      "error": error, "params": json.dumps(params, default=str)})
@@ -222,11 +272,12 @@ def check_measure_rows(rows: object, model_id: str, names: list[str]) -> list[di
             if not finite or error is not None:
                 raise ValueError(f"{where}: status 'ok' needs a finite number and no error, "
                                  f"got {value!r}")
-        elif status == "failed":
+        elif status in ("failed", "not_applicable"):
             if value is not None or not isinstance(error, str) or not error:
-                raise ValueError(f"{where}: status 'failed' needs no value and an error")
+                raise ValueError(f"{where}: status {status!r} needs no value and an error")
         else:
-            raise ValueError(f"{where}: status {status!r}; expected 'ok' or 'failed'")
+            raise ValueError(f"{where}: status {status!r}; expected 'ok', 'failed' or "
+                             "'not_applicable'")
         try:   # strict JSON: NaN and Infinity are Python's, not JSON's
             params = (json.loads(r["params"], parse_constant=_not_json)
                       if isinstance(r["params"], str) else None)
@@ -257,6 +308,7 @@ def store_measure_rows(db: Warehouse, rows: list[dict], report: JobReport) -> No
     report.values += sum(r["status"] == "ok" for r in rows)
     report.failed += [(r["model_id"], r["measure"], r["error"]) for r in rows
                       if r["status"] == "failed"]
+    report.not_applicable += sum(r["status"] == "not_applicable" for r in rows)
 
 
 def measure_models(db: Warehouse, *, pattern: str = "*",

@@ -219,6 +219,34 @@ def test_fgm_measure_on_ray_computes_what_the_grid_did(on_ray, head, tmp_path):
     assert len(got) >= 4 * 5 and got == want
 
 
+def test_models_of_your_own_are_measured_on_ray_as_locally(head, tmp_path):
+    """A foreign zoo (issue #21): the workers rebuild each model from the warehouse's
+    architecture (the user's zoo.py, checked by its sha256) and the dataset's spec."""
+    from fgm.ingest.cli import main as ingest_cli
+    from fgm.ingest.example_zoo import make_zoo
+    zoo = make_zoo(tmp_path / "zoo", steps=60, log=lambda *_: None)
+    measures = "cross_entropy,param_norm,path_norm,frobenius_distance,steps_to_0.1_loss"
+    values = {}
+    for executor in ("local", "ray"):
+        db = tmp_path / f"{executor}.duckdb"
+        out = CliRunner().invoke(ingest_cli, [str(zoo / "results.csv"), "--models",
+                                              str(zoo / "models.toml"), "--db", str(db)])
+        assert out.exit_code == 0, out.output
+        extra = ["--executor", "ray", "--address", head.address] if executor == "ray" else []
+        run = CliRunner().invoke(measure_cli, ["--measures", measures, "--db", str(db), *extra])
+        assert run.exit_code == 0 and "8 models" in run.output, run.output
+        assert "0 models skipped" in run.output, run.output
+        con = connect(db, read_only=True)
+        values[executor] = con.sql("SELECT model_id, measure, value, status FROM measures "
+                                   "ORDER BY ALL").fetchall()
+        con.close()
+    assert len(values["ray"]) == 8 * 5 and values["ray"] == values["local"]
+    ok = [r[1] for r in values["ray"] if r[3] == "ok"]
+    assert all(ok.count(m) == 8 for m in ("cross_entropy", "param_norm", "frobenius_distance"))
+    assert ok.count("path_norm") == 4        # the ResNets and MLPs; the VGGs' max-pooling:
+    assert sum(r[1] == "path_norm" and r[3] == "not_applicable" for r in values["ray"]) == 4
+
+
 def test_the_default_is_a_local_ray_instance_of_its_own(grid_file, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")   # else Ray turns it on in this process
     out = invoke(["--grid", grid_file, "--set", "width=24", "--set", "depth=2",

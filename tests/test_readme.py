@@ -79,3 +79,28 @@ def python_quickstart(folder: Path, env: dict) -> None:
     assert "shape: (" in out and "measure_00" in out          # Table 5
     assert out.count("alt.") + out.count("Chart") >= 1        # the chart
     assert "'path_norm': " in out and "'frobenius_distance': " in out
+
+
+def test_bring_your_own_models_runs_as_written_in_an_empty_folder(tmp_path):
+    """The README's "Bring your own models" block, literally: a zoo written, ingested
+    with its models.toml, every measure computed, the table printed."""
+    section = next(s for s in re.split(r"^## ", README.read_text(), flags=re.M)
+                   if s.startswith("Bring your own models"))
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    assert "--models my-zoo/models.toml" in block and "fgm-measure" in block
+    env = {k: v for k, v in os.environ.items() if k != "FGM_DB"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    run = subprocess.run(["bash", "-c", "set -euo pipefail\n" + block], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert "8 models (8 added" in out and "24 checkpoints of 8 models checked" in out
+    # all 41 measures of each model: a value, or a failure or not_applicable with why
+    assert re.search(r"8 models, \d+ values computed, \d+ failed", out), out
+    header = next(line for line in out.splitlines() if line.startswith("kind"))
+    assert "failed" in header and "not_applicable" in header
+    rows = [line.split() for line in out.splitlines() if line.startswith("measure ")]
+    assert len(rows) == 41
+    path_norm = next(r for r in rows if r[1] == "path_norm")
+    assert path_norm[2] == "4" and path_norm[-1] == "4"     # the VGGs' max-pooling
+    assert (tmp_path / "zoo.duckdb").is_file() and "Traceback" not in run.stderr

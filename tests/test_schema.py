@@ -145,12 +145,16 @@ def test_a_version_1_warehouse_is_read_as_it_is_and_migrated_by_the_first_writer
     out = CliRunner().invoke(query, ["psi", "-m", "m", "--db", str(db)])
     assert out.exit_code == 0 and "note" not in out.output, out.output
     after = dump(db)
-    assert dict(after["fgm_meta"])["schema_version"] == str(SCHEMA_VERSION) == "2"
+    assert dict(after["fgm_meta"])["schema_version"] == str(SCHEMA_VERSION) == "3"
     assert {t: v for t, v in after.items() if t != "fgm_meta"} == \
         {t: v for t, v in before.items() if t != "fgm_meta"}
     con = connect(db, read_only=True)
     assert con.sql("SELECT command, n_models, stale FROM evaluation_status").fetchall() == [
         ("psi", 6, False)]
+    # version 3: the tables of models fgm did not train, and traces that may lack the epoch
+    assert con.sql("SELECT count(*) FROM architectures").fetchall() == [(0,)]
+    assert con.sql("SELECT is_nullable FROM information_schema.columns WHERE table_name = "
+                   "'traces' AND column_name = 'epoch'").fetchall() == [("YES",)]
     con.close()
 
 

@@ -15,7 +15,8 @@ from fgm.ingest.table import ingest_table
 from fgm.warehouse import connect
 
 TABLES = ["fgm_meta", "sweeps", "models", "hyperparameters", "checkpoints", "traces",
-          "outcomes", "measures", "measure_definitions"]
+          "outcomes", "measures", "measure_definitions", "architectures", "datasets",
+          "model_builds"]
 
 
 def build_warehouse(path: Path, table: pl.DataFrame | dict, *, sweep: str = "fixture",

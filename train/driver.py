@@ -584,18 +584,20 @@ def measure_run(db, console: Console, backend: Backend, *, pattern: str = "*",
         mirror_definitions(con)
     report, start = JobReport(), time.perf_counter()
     data: dict[str, object] = {}
-    for name in todo["dataset"].unique(maintain_order=True).to_list():
-        try:
-            data[name] = backend.data(DataSpec(name, data_root))
+    for row in todo.unique(["data_key"], maintain_order=True).iter_rows(named=True):
+        try:   # fgm's own datasets by name; a foreign model's as ingested (its spec)
+            data[row["data_key"]] = backend.data(DataSpec(
+                row["dataset"], data_root, spec=row["dataset_spec"],
+                sha256=row["dataset_sha256"]))
         except SKIP_ERRORS as exc:     # its models are skipped, with why
-            data[name] = exc
+            data[row["data_key"]] = exc
     queue: deque[Job] = deque()
     for row in todo.iter_rows(named=True):
-        if isinstance(data[row["dataset"]], Exception):
-            report.skipped.append((row["model_id"], str(data[row["dataset"]])))
+        if isinstance(data[row["data_key"]], Exception):
+            report.skipped.append((row["model_id"], str(data[row["data_key"]])))
         else:
             queue.append(Job("measure", row["model_id"], row["model_id"],
-                             names=list(row["measure"]), dataset=row["dataset"]))
+                             names=list(row["measure"]), dataset=row["data_key"]))
     if queue:
         console.print(f"{len(queue)} models to measure on {backend.describe()}",
                       soft_wrap=True)

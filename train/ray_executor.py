@@ -296,8 +296,8 @@ class RayBackend:
 
     def data(self, spec):
         """The dataset, loaded here and put into Ray's object store once."""
-        from .data import load_dataset
-        return self.ray.put(load_dataset(spec.name, spec.root, spec.download))
+        from .tasks import load_data
+        return self.ray.put(load_data(spec))
 
     def submit(self, fn: Callable, *args):
         name = fn.__name__

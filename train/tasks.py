@@ -26,21 +26,47 @@ from .grid import Config, Grid
 @dataclass(frozen=True)
 class DataSpec:
     """A dataset as a task receives it from a local pool: loaded once per worker
-    process (the arrays themselves never cross a pipe)."""
+    process (the arrays themselves never cross a pipe). `spec`: the JSON of a
+    dataset of models fgm did not train (warehouse table datasets), checked against
+    `sha256` when it is loaded; else `name` is one of fgm's own."""
     name: str
     root: Path | None = None
     download: bool = False
+    spec: str | None = None
+    sha256: str | None = None
 
 
-_loaded: dict[DataSpec, Data] = {}
+_loaded: dict[tuple, Data] = {}
+
+
+def _signature(data: DataSpec) -> tuple:
+    """What says a cached dataset is still the file's: an npz file's size and time
+    (a process that lives across runs, fgm-measure's in-process worker or a notebook,
+    reads a changed file again, and its sha256 check then speaks)."""
+    if data.spec is None:
+        return ()
+    location = json.loads(data.spec).get("location")
+    try:
+        st = os.stat(location)
+    except (OSError, TypeError):
+        return ()
+    return (st.st_size, st.st_mtime_ns)
+
+
+def load_data(data: DataSpec) -> Data:
+    if data.spec is not None:
+        from fgm.ingest.zoo import load_dataset_spec
+        return load_dataset_spec(json.loads(data.spec), data.sha256)
+    from .data import load_dataset
+    return load_dataset(data.name, data.root, data.download)
 
 
 def _resolve(data: Data | DataSpec) -> Data:
     if isinstance(data, DataSpec):
-        if data not in _loaded:
-            from .data import load_dataset
-            _loaded[data] = load_dataset(data.name, data.root, data.download)
-        return _loaded[data]
+        key = (data, _signature(data))
+        if key not in _loaded:
+            _loaded[key] = load_data(data)
+        return _loaded[key]
     return data
 
 

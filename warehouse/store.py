@@ -47,6 +47,9 @@ LOCK_WAIT = 10.0
 # empty; a change that alters an existing table must put its ALTERs here.
 MIGRATIONS: dict[int, str] = {
     1: "",   # version 2 adds evaluations and evaluation_values (fgm-query's stored results)
+    # version 3 adds architectures, datasets and model_builds (models fgm did not train),
+    # whose traces may not know the epoch
+    2: "ALTER TABLE traces ALTER COLUMN epoch DROP NOT NULL",
 }
 
 
