@@ -28,7 +28,10 @@ from fgm.warehouse import FgmError, InputError
 
 from .table import PreparedTable, _as_text, _row_label, prepare_table
 from .zoo import (
+    OWN_DATASETS,
     ModelsToml,
+    arch_id,
+    build_model,
     classifier_classes,
     confined,
     dataset_id,
@@ -38,11 +41,15 @@ from .zoo import (
     load_weights,
     read_models_toml,
     sha256_file,
+    user_imports,
 )
 
 ROLES = ("init", "epoch1", "final")
 FOREIGN_COLUMNS = ("arch", *(f"checkpoint.{r}" for r in ROLES), "trace")
-OWN_DATASETS = ("digits", "cifar10", "svhn", "fashion_mnist")
+# a model's accuracy on the first images of its training set, as models.toml
+# preprocesses them, against the table's train_acc: further apart than this, the
+# data, mean, std or layout are not what the model was trained on
+ACCURACY_SAMPLE, ACCURACY_TOLERANCE = 500, 0.1
 
 
 @dataclass
@@ -54,6 +61,14 @@ class ForeignFrames:
     datasets: pl.DataFrame
     model_builds: pl.DataFrame
     same_model: list[tuple[int, dict]] = field(default_factory=list)
+
+
+def _header(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 def foreign_model_id(arch_id: str, config: str, dataset: str, seed: int, final: str) -> str:
@@ -109,7 +124,7 @@ def _read_trace(path: Path, table: Path, row: int) -> pl.DataFrame:
 
 def _file(base: Path, cell: str, table: Path, row: int, column: str) -> Path:
     try:
-        path = confined(base, cell, column, table)
+        path = confined(base, cell, "the path", table)
     except InputError as exc:
         raise InputError(table, str(exc).split(": ", 1)[1], row=row, column=column) from None
     if not path.is_file():
@@ -128,8 +143,16 @@ def prepare_foreign(path: Path | str, models_toml: Path | str, *, sweep: str | N
 
     path = Path(path)
     toml: ModelsToml = read_models_toml(Path(models_toml))
-    prepared = prepare_table(path, sweep=sweep, dataset=dataset,
-                             extra_columns=FOREIGN_COLUMNS)
+    try:
+        prepared = prepare_table(path, sweep=sweep, dataset=dataset,
+                                 extra_columns=FOREIGN_COLUMNS)
+    except InputError as exc:
+        if "duplicate configuration" in str(exc) and "arch" in _header(path):
+            raise InputError(path, f"{str(exc).split(': ', 1)[1]}. Rows that differ only "
+                             "in their architecture are models of another hyperparameter: "
+                             "name the column hp.arch, so that evaluation can tell them "
+                             "apart", row=exc.row) from None
+        raise
     parsed = prepared.parsed
     frame = parsed.frame
     base = Path(checkpoint_root) if checkpoint_root is not None else path.parent
@@ -195,7 +218,12 @@ def prepare_foreign(path: Path | str, models_toml: Path | str, *, sweep: str | N
             specs[name], digests[name] = spec, d.info["sha256"]
         elif name in OWN_DATASETS:
             from fgm.train.data import load_dataset
-            d = load_dataset(name, data_root)
+            try:
+                d = load_dataset(name, data_root)
+            except FgmError as exc:
+                raise InputError(path, f"dataset {name!r}: {str(exc).split('; pass')[0]}; "
+                                 "give fgm-ingest --data-root DIR", row=i + 1,
+                                 column="dataset" if "dataset" in cols else None) from None
         else:
             where = "no dataset column and no --dataset" if name == "unknown" else \
                 f"dataset {name!r} is neither a [dataset.NAME] of {toml.path} nor one of " \
@@ -209,20 +237,23 @@ def prepare_foreign(path: Path | str, models_toml: Path | str, *, sweep: str | N
     checkpoints, traces, builds, arch_rows = [], [], [], {}
     new_ids = []
     given_ids = "model_id" in cols
+    arch_specs: dict[str, tuple[dict, str]] = {}
+    train_acc = parsed.outcomes["train_acc"].to_list()
     for i in range(n):
         row = _row_label(i)
         arch = toml.architectures[arch_names[i]]
-        spec = {**arch.spec()}
-        arch_rows[arch.arch_id] = {"arch_id": arch.arch_id, "name": arch.name,
-                                   "source": arch.source, "code_path": arch.code_path,
-                                   "code_sha256": arch.code_sha256,
-                                   "spec": json.dumps(spec, sort_keys=True)}
         kwargs = fill_kwargs(arch.kwargs, values[i])
         try:
-            from .zoo import build_model
-            model = build_model(spec, kwargs)
+            model = build_model(arch.spec(), kwargs)
+            if arch.name not in arch_specs:   # the files its file imports, once built
+                spec = {**arch.spec(), "imports": user_imports(arch.spec())}
+                arch_specs[arch.name] = (spec, arch_id(spec))
         except FgmError as exc:
             raise InputError(path, str(exc), row=row, column="arch") from None
+        spec, aid = arch_specs[arch.name]
+        arch_rows[aid] = {"arch_id": aid, "name": arch.name, "source": arch.source,
+                          "code_path": arch.code_path, "code_sha256": arch.code_sha256,
+                          "spec": json.dumps(spec, sort_keys=True)}
         files = {}
         for role in ROLES:      # final last: the model keeps its weights for the check
             cell = ck_cells[role][i] if role in ck_cells else None
@@ -245,13 +276,24 @@ def prepare_foreign(path: Path | str, models_toml: Path | str, *, sweep: str | N
                                          f"{names[i]!r}")
         except FgmError as exc:
             raise InputError(path, str(exc), row=row) from None
+        if train_acc[i] is not None:
+            k = min(ACCURACY_SAMPLE, len(d.x_train))
+            with torch.no_grad():
+                acc = float((model(d.x_train[:k]).argmax(1) == d.y_train[:k]).double().mean())
+            if abs(acc - train_acc[i]) > ACCURACY_TOLERANCE:
+                raise InputError(path, f"the model's accuracy on the first {k} training "
+                                 f"images of dataset {names[i]!r}, as {toml.path.name} "
+                                 f"preprocesses them, is {acc:.3f}, but train_acc says "
+                                 f"{train_acc[i]:.3f}: are the data, mean, std and layout "
+                                 "those it was trained on, and the checkpoint its final "
+                                 "weights?", row=row, column="train_acc")
         del model
         hashes = {role: (sha256_file(f), f.stat().st_size) for role, f in files.items()}
         ds_id = dataset_id(specs[names[i]], digests[names[i]]) if names[i] in specs else None
         if given_ids:
             mid = parsed.models["model_id"][i]
         else:
-            mid = foreign_model_id(arch.arch_id, parsed.models["config_hash"][i],
+            mid = foreign_model_id(aid, parsed.models["config_hash"][i],
                                    ds_id or names[i], parsed.models["seed"][i],
                                    hashes["final"][0])
         new_ids.append(mid)
@@ -261,12 +303,11 @@ def prepare_foreign(path: Path | str, models_toml: Path | str, *, sweep: str | N
         if trace_cells is not None and trace_cells[i] is not None:
             trace = _read_trace(_file(base, trace_cells[i], path, row, "trace"), path, row)
             traces.append(trace.with_columns(pl.lit(mid).alias("model_id")))
-        builds.append({"model_id": mid, "arch_id": arch.arch_id,
+        builds.append({"model_id": mid, "arch_id": aid,
                        "kwargs": json.dumps(kwargs, sort_keys=True), "dataset_id": ds_id,
                        "num_classes": classes})
         if progress:
             progress(i + 1, n)
-    torch.set_grad_enabled(True)
     dup = {}
     for i, mid in enumerate(new_ids):
         if mid in dup:
@@ -297,4 +338,5 @@ def prepare_foreign(path: Path | str, models_toml: Path | str, *, sweep: str | N
                                      "kwargs": pl.String, "dataset_id": pl.String,
                                      "num_classes": pl.Int32}))
     train_sizes = [len(data[nm].x_train) for nm in names]
+    prepared.foreign_toml = toml.path
     return prepared.with_ids(new_ids, foreign, train_sizes)

@@ -450,6 +450,7 @@ class PreparedTable:
     sweeps: pl.DataFrame
     measures: pl.DataFrame
     foreign: object | None = None
+    foreign_toml: Path | None = None     # the models.toml of a foreign table
 
     def with_ids(self, ids: list[str], foreign, train_sizes: list[int]) -> PreparedTable:
         """The same table with each row's model under ids[row] (foreign models' ids
@@ -469,7 +470,8 @@ class PreparedTable:
         parsed = dataclasses.replace(p, models=moved(p.models),
                                      hyperparameters=moved(p.hyperparameters),
                                      outcomes=outcomes, measures=moved(p.measures))
-        return PreparedTable(parsed, self.sweeps, moved(self.measures), foreign)
+        return PreparedTable(parsed, self.sweeps, moved(self.measures), foreign,
+                             self.foreign_toml)
 
 
 def prepare_table(path: Path | str, frame: pl.DataFrame | None = None, *,
@@ -598,53 +600,99 @@ def write_table(con: duckdb.DuckDBPyConnection, prepared: PreparedTable, *,
 
 def _check_same_models(con: duckdb.DuckDBPyConnection, prepared: PreparedTable,
                        replace: bool, replaced: list[str]) -> list[str]:
-    """Foreign models: a stored model of another id with the same architecture,
-    hyperparameters, dataset and seed in this sweep (its weights changed: retrained),
-    and a stored model of this id with other checkpoints (a given model_id whose
-    files changed), are refused unless `replace`; then they are dropped first (their
-    measures were computed from other weights). The ids to drop."""
+    """Foreign models whose stored measures the incoming rows would leave wrong are
+    refused unless `replace`; with it they are dropped first (measures and all) and
+    written afresh. The ids to drop. Refused:
+    - a stored model of this id built differently (architecture, its code, kwargs,
+      dataset or its preprocessing), with other weights in a checkpoint it has, or
+      with another trace (files the stored model lacked may be added: what they
+      make computable is computed by the next fgm-measure);
+    - a stored model of another id with this row's configuration, dataset name and
+      seed in this sweep (retrained, or re-ingested with another architecture or
+      preprocessing): two models where evaluation expects one;
+    - a dataset name the warehouse holds with other data or preprocessing, for a
+      model that stays."""
     parsed, foreign = prepared.parsed, prepared.foreign
     rows = {m: i + 1 for i, m in enumerate(parsed.models["model_id"].to_list())}
     incoming = parsed.models.join(foreign.model_builds, on="model_id").select(
-        "model_id", "sweep_id", "config_hash", "dataset", "seed", "arch_id", "dataset_id")
-    con.register("_incoming_builds", incoming)
-    con.register("_incoming_checkpoints", foreign.checkpoints)
+        "model_id", "sweep_id", "config_hash", "dataset", "seed", "arch_id", "kwargs",
+        "dataset_id", "num_classes")
+    names = {"_incoming_builds": incoming, "_incoming_checkpoints": foreign.checkpoints,
+             "_incoming_traces": foreign.traces, "_incoming_datasets": foreign.datasets}
+    for name, frame in names.items():
+        con.register(name, frame)
     try:
-        retrained = con.sql("""
+        problems = con.sql("""
+            SELECT i.model_id, 'arch' AS col, 'its architecture, kwargs or dataset' AS what
+            FROM _incoming_builds AS i JOIN model_builds AS b USING (model_id)
+            WHERE b.arch_id <> i.arch_id OR CAST(b.kwargs AS VARCHAR) <> i.kwargs
+               OR b.dataset_id IS DISTINCT FROM i.dataset_id OR b.num_classes <> i.num_classes
+            UNION ALL
+            SELECT i.model_id, 'arch', 'no architecture (a model fgm trained, or a table''s)'
+            FROM _incoming_builds AS i JOIN models AS m USING (model_id)
+            WHERE i.model_id NOT IN (SELECT model_id FROM model_builds)
+            UNION ALL
+            SELECT i.model_id, 'checkpoint.' || i.role, 'another ' || i.role || ' checkpoint'
+            FROM _incoming_checkpoints AS i JOIN checkpoints AS c USING (model_id, role)
+            WHERE c.sha256 <> i.sha256
+            UNION ALL
+            SELECT c.model_id, 'checkpoint.' || c.role, 'a ' || c.role || ' checkpoint this '
+                   || 'table does not give'
+            FROM checkpoints AS c JOIN _incoming_builds USING (model_id)
+            WHERE (c.model_id, c.role) NOT IN (SELECT (model_id, role) FROM _incoming_checkpoints)
+            UNION ALL
+            SELECT s.model_id, 'trace', 'another trace'
+            FROM (SELECT model_id, list((step, epoch, train_loss) ORDER BY step) AS rows
+                  FROM traces WHERE model_id IN (SELECT model_id FROM _incoming_traces)
+                  GROUP BY model_id) AS s
+            JOIN (SELECT model_id, list((step, epoch, train_loss) ORDER BY step) AS rows
+                  FROM _incoming_traces GROUP BY model_id) AS n USING (model_id)
+            WHERE s.rows IS DISTINCT FROM n.rows
+            UNION ALL
+            SELECT DISTINCT t.model_id, 'trace', 'a trace this table does not give'
+            FROM traces AS t JOIN _incoming_builds USING (model_id)
+            WHERE t.model_id NOT IN (SELECT model_id FROM _incoming_traces)
+            ORDER BY 1, 2""").fetchall()
+        twins = con.sql("""
             SELECT i.model_id, m.model_id AS stored FROM _incoming_builds AS i
             JOIN models AS m USING (sweep_id, config_hash, dataset, seed)
-            JOIN model_builds AS b ON b.model_id = m.model_id
-            WHERE b.arch_id = i.arch_id AND b.dataset_id IS NOT DISTINCT FROM i.dataset_id
-              AND m.model_id NOT IN (SELECT model_id FROM _incoming_builds)
-            ORDER BY i.model_id""").fetchall()
-        changed = con.sql("""
-            SELECT i.model_id, i.role, c.sha256, i.sha256 FROM _incoming_checkpoints AS i
-            JOIN checkpoints AS c USING (model_id, role) WHERE c.sha256 <> i.sha256
-            UNION ALL
-            SELECT c.model_id, c.role, c.sha256, NULL FROM checkpoints AS c
-            WHERE c.model_id IN (SELECT model_id FROM _incoming_builds)
-              AND (c.model_id, c.role) NOT IN (SELECT (model_id, role) FROM _incoming_checkpoints)
-            ORDER BY 1, 2""").fetchall()
+            WHERE m.model_id NOT IN (SELECT model_id FROM _incoming_builds)
+            ORDER BY i.model_id, m.model_id""").fetchall()
+        drop = sorted({m for m, *_ in problems} | {stored for _, stored in twins}
+                      - set(replaced)) if replace else []
+        clash = con.execute("""
+            SELECT i.name, d.dataset_id FROM _incoming_datasets AS i
+            JOIN datasets AS d USING (name)
+            JOIN model_builds AS b ON b.dataset_id = d.dataset_id
+            WHERE d.dataset_id <> i.dataset_id
+              AND NOT list_contains(?::VARCHAR[], b.model_id)
+              AND b.model_id NOT IN (SELECT model_id FROM _incoming_builds)
+            LIMIT 1""", [drop]).fetchall()
     finally:
-        unregister_quietly(con, "_incoming_builds")
-        unregister_quietly(con, "_incoming_checkpoints")
-    if not replace and retrained:
-        mid, stored = retrained[0]
+        for name in names:
+            unregister_quietly(con, name)
+    if not replace and problems:
+        mid, column, what = problems[0]
+        more = f" ({len({p[0] for p in problems})} such models in all)" \
+            if len({p[0] for p in problems}) > 1 else ""
+        raise InputError(parsed.path, f"model {mid!r} is in the warehouse with {what} than "
+                         f"this row gives{more}; its stored measures are of that model. "
+                         "Nothing was written: pass --replace to drop the stored model and "
+                         "ingest this one", row=rows[mid], column=column)
+    if not replace and twins:
+        mid, stored = twins[0]
         raise InputError(parsed.path, f"the warehouse holds model {stored!r} with this row's "
-                         "architecture, hyperparameters, dataset and seed in this sweep, but "
-                         "other final weights (retrained?). Nothing was written: pass --replace "
-                         "to drop the stored model, or ingest this table as another --sweep",
+                         "hyperparameters, dataset and seed in this sweep, but another "
+                         "architecture, code, preprocessing or weights. Nothing was written: "
+                         "pass --replace to drop the stored model (retrained, or corrected), "
+                         "or ingest the table with --sweep NAME as a sweep of its own",
                          row=rows[mid])
-    if not replace and changed:
-        mid, role, old, new = changed[0]
-        now = f"sha256 {new[:16]}…" if new else "no such checkpoint"
-        raise InputError(parsed.path, f"model {mid!r} is in the warehouse with another "
-                         f"{role} checkpoint (sha256 {old[:16]}… stored, {now} here); its "
-                         "stored measures are of those weights. Nothing was written: pass "
-                         "--replace to drop the stored model and ingest this one",
-                         row=rows[mid], column=f"checkpoint.{role}")
-    drop = sorted({stored for _, stored in retrained} | {m for m, *_ in changed}
-                  - set(replaced))
+    if clash:
+        name, _ = clash[0]
+        raise InputError(prepared.foreign_toml or parsed.path, f"[dataset.{name}]: the "
+                         "warehouse holds models of a dataset of this name with other data "
+                         "or preprocessing; give this one another name (a model's dataset "
+                         "name is how evaluation groups and selects it)")
     for table in ("models", *MODEL_TABLES):
         if drop:
             con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
@@ -679,11 +727,15 @@ def _write_foreign(con: duckdb.DuckDBPyConnection, prepared: PreparedTable) -> s
         finally:
             unregister_quietly(con, "_incoming_traces")
     builds = upsert(con, "model_builds", foreign.model_builds, ["model_id"])
-    con.execute("DELETE FROM measures WHERE status = 'not_applicable' AND "
-                "list_contains(?::VARCHAR[], model_id)", [ids])
     for result in (ck, builds):
         changed |= set(result.added["model_id"].to_list())
         changed |= set(result.updated["model_id"].to_list())
+    # a model given a file it lacked: what was not applicable for want of it is
+    # computed by the next fgm-measure (the others are measured as they were)
+    added = sorted(changed & set(ids))
+    if added:
+        con.execute("DELETE FROM measures WHERE status = 'not_applicable' AND "
+                    "list_contains(?::VARCHAR[], model_id)", [added])
     return changed
 
 

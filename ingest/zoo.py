@@ -41,6 +41,9 @@ DATASET_SOURCES = ("npz", "torchvision")
 # (root, train=, download=) signature and .data / .targets is read the same way
 TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST", "SVHN")
 HP_PREFIX = "hp."
+# torchvision's and timm's keyword arguments that fetch or read weights of their own
+FETCHING_KWARGS = frozenset({"weights", "weights_backbone", "pretrained", "checkpoint_path",
+                             "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict"})
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -58,7 +61,7 @@ def sha256_file(path: Path) -> str:
 def confined(base: Path, name: str, what: str, source: Path) -> Path:
     """`name` (a path written in a file) resolved against `base`, which it may not
     leave (no absolute paths, no `..` out of it, no symbolic link pointing out)."""
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
         raise InputError(source, f"{what}: expected a path relative to {base}, got {name!r}")
     raw = Path(name)
     if raw.is_absolute():
@@ -110,6 +113,8 @@ def fill_kwargs(value: object, hp: dict[str, object]) -> object:
         v = hp[value[len(HP_PREFIX):]]
         if isinstance(v, float) and v.is_integer():
             return int(v)
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"     # a flag: the text "false" would be truthy
         return v
     return value
 
@@ -132,16 +137,20 @@ class Architecture:
     def spec(self) -> dict:
         return {"name": self.name, "source": self.source, "kind": self.kind,
                 "target": self.target, "kwargs": self.kwargs, "code_path": self.code_path,
-                "code_sha256": self.code_sha256}
+                "code_sha256": self.code_sha256,
+                "library_version": library_version(self.kind)}
 
-    @property
-    def arch_id(self) -> str:
-        """The architecture's id: its source, kwargs and code hash (not its name, nor
-        where the file lies)."""
-        key = json.dumps({"source": self.source.split(":", 1)[0] + ":" + self.target,
-                          "kwargs": self.kwargs, "code_sha256": self.code_sha256},
-                         sort_keys=True)
-        return sha256_bytes(key.encode())[:16]
+
+
+def arch_id(spec: dict) -> str:
+    """An architecture's id: its source, kwargs, the sha256 of its file and of the files
+    of its folder that it imports, and the library version (not its name, nor where
+    the file lies)."""
+    key = json.dumps({"source": f"{spec['kind']}:{spec['target']}", "kwargs": spec["kwargs"],
+                      "code_sha256": spec["code_sha256"],
+                      "imports": sorted((spec.get("imports") or {}).values()),
+                      "library_version": spec.get("library_version")}, sort_keys=True)
+    return sha256_bytes(key.encode())[:16]
 
 
 def parse_architecture(name: str, entry: object, toml_path: Path) -> Architecture:
@@ -165,6 +174,12 @@ def parse_architecture(name: str, entry: object, toml_path: Path) -> Architectur
         raise InputError(toml_path, f"{where}: kwargs must be a table, e.g. "
                          "kwargs = { num_classes = 10 }")
     _check_kwargs(kwargs, f"{where} kwargs", toml_path)
+    if kind in ("torchvision", "timm"):
+        fetch = sorted(set(kwargs) & FETCHING_KWARGS)
+        if fetch:
+            raise InputError(toml_path, f"{where}: kwargs {', '.join(fetch)} would download "
+                             "or read weights of their own; the weights are the table's "
+                             "checkpoints")
     code_path = code_sha = None
     if kind == "python":
         file, sep, target = rest.rpartition(":")
@@ -182,12 +197,28 @@ def parse_architecture(name: str, entry: object, toml_path: Path) -> Architectur
                         code_path, code_sha)
 
 
-_user_modules: dict[tuple[str, str], object] = {}
+_user_modules: dict[tuple[str, str], tuple[object, dict[str, str]]] = {}
 
 
-def _user_module(path: str, sha: str):
-    """The user's file, run once per process per content (the module is cached by
-    its path and sha256)."""
+def _local_modules(folder: Path) -> dict[str, object]:
+    """Modules of sys.modules whose file lies in `folder` or below it."""
+    out = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file:
+            try:
+                if Path(file).resolve().is_relative_to(folder):
+                    out[name] = module
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def _user_module(path: str, sha: str) -> tuple[object, dict[str, str]]:
+    """The user's file, run once per process per content (cached by its path and
+    sha256), and the files of its folder it imported, {path: sha256}. Those modules
+    are taken out of sys.modules again, so that another architecture's file of the
+    same folder name imports its own neighbours, not these."""
     key = (path, sha)
     if key not in _user_modules:
         module_name = f"fgm_user_{sha[:16]}"
@@ -195,20 +226,37 @@ def _user_module(path: str, sha: str):
         if spec is None or spec.loader is None:
             raise FgmError(f"{path}: cannot be loaded as Python")
         module = importlib.util.module_from_spec(spec)
-        folder = str(Path(path).parent)
-        sys.path.insert(0, folder)       # so that it may import its neighbours
+        folder = Path(path).parent.resolve()
+        before = set(_local_modules(folder))
+        sys.path.insert(0, str(folder))       # so that it may import its neighbours
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             sys.modules.pop(module_name, None)
-            raise FgmError(f"{path}: running it raised {type(exc).__name__}: "
-                           f"{' '.join(str(exc).split())[:300]}") from None
+            what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else \
+                f"raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            raise FgmError(f"{path}: running it {what} (it is run to build the model: a "
+                           "file that parses a command line at import cannot be)") from None
         finally:
-            if sys.path and sys.path[0] == folder:
+            if sys.path and sys.path[0] == str(folder):
                 sys.path.pop(0)
-        _user_modules[key] = module
+            imported = {n: m for n, m in _local_modules(folder).items()
+                        if n not in before and n != module_name}
+            for name in imported:
+                sys.modules.pop(name, None)
+        files = {str(Path(m.__file__).resolve()): sha256_file(Path(m.__file__))
+                 for m in imported.values()}
+        _user_modules[key] = (module, files)
     return _user_modules[key]
+
+
+def user_imports(spec: dict) -> dict[str, str]:
+    """The files of a python: architecture's folder that its file imports, with their
+    sha256 ({} for torchvision and timm): recorded at ingest, checked at each build."""
+    if spec["kind"] != "python":
+        return {}
+    return dict(_user_module(spec["code_path"], spec["code_sha256"])[1])
 
 
 def builder(spec: dict):
@@ -226,7 +274,18 @@ def builder(spec: dict):
                            f"ingested (sha256 {spec['code_sha256'][:16]}… then, {now[:16]}… "
                            "now): the stored models may not be what it builds. Ingest the "
                            "table again (a changed architecture is a new one)")
-        module = _user_module(str(path), now)
+        module, imports = _user_module(str(path), now)
+        for file, sha in (spec.get("imports") or {}).items():
+            current = sha256_file(Path(file)) if Path(file).is_file() else None
+            if current != sha:
+                raise FgmError(f"architecture {spec['name']!r}: {file}, which {path.name} "
+                               f"imports, changed since it was ingested (sha256 {sha[:16]}… "
+                               f"then, {(current or 'no file')[:16]}… now). Ingest the table "
+                               "again (a changed architecture is a new one)")
+        if spec.get("imports") is not None and set(imports) != set(spec["imports"]):
+            raise FgmError(f"architecture {spec['name']!r}: {path.name} imports other files "
+                           f"of its folder than when it was ingested ("
+                           f"{', '.join(sorted(set(imports) ^ set(spec['imports'])))})")
         fn = getattr(module, target, None)
         if not callable(fn):
             names = [n for n in vars(module) if not n.startswith("_")]
@@ -242,6 +301,7 @@ def builder(spec: dict):
             raise FgmError(f"architecture {spec['name']!r}: torchvision has no model "
                            f"{target!r}" + (f"; did you mean {', '.join(close)}?" if close
                                             else "; see torchvision.models.list_models()"))
+        _check_version(spec, "torchvision", torchvision.__version__)
         return lambda **kw: torchvision.models.get_model(target, weights=None, **kw)
     if kind == "timm":
         try:
@@ -253,8 +313,34 @@ def builder(spec: dict):
             close = difflib.get_close_matches(target, timm.list_models(), n=3)
             raise FgmError(f"architecture {spec['name']!r}: timm has no model {target!r}"
                            + (f"; did you mean {', '.join(close)}?" if close else ""))
+        _check_version(spec, "timm", timm.__version__)
         return lambda **kw: timm.create_model(target, pretrained=False, **kw)
     raise FgmError(f"architecture {spec['name']!r}: unknown source kind {kind!r}")
+
+
+def library_version(kind: str) -> str | None:
+    """The version of the library a torchvision: or timm: architecture comes from."""
+    try:
+        if kind == "torchvision":
+            import torchvision
+            return torchvision.__version__
+        if kind == "timm":
+            import timm
+            return timm.__version__
+    except ImportError:
+        return None
+    return None
+
+
+def _check_version(spec: dict, library: str, now: str) -> None:
+    """A library other than the one an architecture was ingested with may build
+    another network under the same name (the checkpoint's keys and shapes are
+    checked; its forward is not): refused, naming both versions."""
+    then = spec.get("library_version")
+    if then is not None and then != now:
+        raise FgmError(f"architecture {spec['name']!r}: ingested with {library} {then}, "
+                       f"this is {library} {now}; its models may not be the networks they "
+                       f"were. Install {library}=={then}, or ingest the table again")
 
 
 def build_model(spec: dict, kwargs: dict):
@@ -263,6 +349,9 @@ def build_model(spec: dict, kwargs: dict):
     fn = builder(spec)
     try:
         model = fn(**kwargs)
+    except SystemExit as exc:
+        raise FgmError(f"architecture {spec['name']!r}: building it called sys.exit("
+                       f"{exc.code!r})") from None
     except Exception as exc:   # the user's constructor: any error is the kwargs' fault
         raise FgmError(f"architecture {spec['name']!r}: building it with "
                        f"{json.dumps(kwargs, sort_keys=True)[:200]} raised "
@@ -298,6 +387,9 @@ def read_state_dict(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # UnpicklingError for objects weights_only refuses
         text = " ".join(str(exc).split())
+        if _looks_like_safetensors(path):
+            raise FgmError(f"{path}: a safetensors file under a {suffix} name: rename it "
+                           "to .safetensors") from None
         if "weights_only" in text or "Unsupported global" in text:
             raise FgmError(f"{path}: holds pickled objects (a whole model?), which fgm does "
                            f"not unpickle; {SAVE_STATE_DICT}") from None
@@ -309,7 +401,21 @@ def read_state_dict(path: Path) -> dict:
     if bad:
         raise FgmError(f"{path}: not a plain state dict (entries that are not tensors: "
                        f"{', '.join(map(str, bad[:5]))}); {SAVE_STATE_DICT}")
+    odd = [k for k, v in state.items() if v.layout != torch.strided or v.is_quantized]
+    if odd:
+        raise FgmError(f"{path}: sparse or quantized tensors ({', '.join(odd[:5])}): fgm "
+                       "reads dense float weights; save the float model's state dict")
     return state
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """An 8-byte little-endian header length, then a JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 10**8
 
 
 def load_weights(model, path: Path) -> None:
@@ -322,10 +428,15 @@ def load_weights(model, path: Path) -> None:
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(own[k].shape)})"
               for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
+    # a float parameter from integers or booleans, or from complex numbers (whose
+    # imaginary part load_state_dict would drop), is not these weights
+    kinds = [f"{k} {state[k].dtype} (the model's: {own[k].dtype})" for k in own if k in state
+             and (state[k].is_complex() or state[k].is_floating_point()
+                  != own[k].is_floating_point())]
+    if missing or unexpected or shapes or kinds:
         parts = []
         for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shapes that differ", shapes)):
+                            ("shapes that differ", shapes), ("dtypes that differ", kinds)):
             if keys:
                 more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
                 parts.append(f"{label}: {', '.join(keys[:5])}{more}")
@@ -333,7 +444,11 @@ def load_weights(model, path: Path) -> None:
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise FgmError(f"{path}: {k} has values that are not finite")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise FgmError(f"{path}: does not load into the architecture "
+                       f"({' '.join(str(exc).split())[:300]})") from None
 
 
 # --------------------------------------------------------------------------- datasets
@@ -373,8 +488,15 @@ def _floats(entry: dict, key: str, where: str, toml_path: Path, positive: bool) 
     return tuple(float(v) for v in value)
 
 
+OWN_DATASETS = ("digits", "cifar10", "svhn", "fashion_mnist")
+
+
 def parse_dataset(name: str, entry: object, toml_path: Path) -> DatasetDef:
     where = f"[dataset.{name}]"
+    if name in OWN_DATASETS:
+        raise InputError(toml_path, f"{where}: {name!r} is one of fgm's own datasets "
+                         f"({', '.join(OWN_DATASETS)}), whose preprocessing is fgm's; give "
+                         "yours another name")
     if not isinstance(entry, dict):
         raise InputError(toml_path, f"{where}: expected a table with source, mean and std")
     allowed = {"source", "mean", "std", "layout", "root", "download"}
@@ -436,7 +558,11 @@ def _channel_axis(x: np.ndarray, channels: int, layout: str | None, where: str) 
                        f"got shape {x.shape}")
     if layout is None:
         first, last = x.shape[1] == channels, x.shape[3] == channels
-        if first == last:
+        if not first and not last:
+            raise FgmError(f"{where}: images of shape {x.shape} have no axis of "
+                           f"{channels} channel{'s' * (channels > 1)}, as many as mean and "
+                           "std give numbers: give one number per channel")
+        if first and last:
             raise FgmError(f"{where}: cannot tell the channel axis of images of shape "
                            f"{x.shape} with {channels} channel{'s' * (channels > 1)} (mean, "
                            "std): write layout = \"NCHW\" or \"NHWC\" in the dataset's table")

@@ -253,7 +253,8 @@ def _break(copy: Path, case: str) -> tuple[list[str], str]:
         data_rows[0]["checkpoint.final"] = data_rows[-1]["checkpoint.final"]  # an MLP's
         write_rows(table, data_rows)
         return [], "does not fit the architecture (missing keys: stem.0.weight"
-    if case == "images that do not fit":
+    if case == "images that do not fit":    # (a VGG's Linear takes one size only)
+        write_rows(table, [r for r in data_rows if r["hp.arch"] == "vgg"])
         z = dict(np.load(copy / "digits.npz"))
         z["x_train"] = np.repeat(z["x_train"], 2, axis=1)      # 16x8 images
         z["x_test"] = np.repeat(z["x_test"], 2, axis=1)
@@ -299,6 +300,25 @@ def _break(copy: Path, case: str) -> tuple[list[str], str]:
         state["net.1.weight"][0, 0] = float("nan")
         save_file(state, path)
         return [], "net.1.weight has values that are not finite"
+    if case == "another normalisation":      # not what the models were trained on
+        toml.write_text("\n".join("std = [0.05]" if line.startswith("std = [") else line
+                                   for line in text.splitlines()) + "\n")
+        return [], "but train_acc says"
+    if case == "a dataset named as fgm's own":
+        toml.write_text(text.replace("[dataset.digits8]", "[dataset.digits]"))
+        write_rows(table, [dict(r, dataset="digits") for r in data_rows])
+        return [], "'digits' is one of fgm's own datasets"
+    if case == "sys.exit at import":
+        (copy / "zoo.py").write_text("import sys\nsys.exit(0)\n" + (copy / "zoo.py").read_text())
+        return [], "called sys.exit(0)"
+    if case == "arch as a column, not an axis":
+        write_rows(table, [{("arch" if k == "hp.arch" else k): v for k, v in r.items()}
+                           for r in data_rows])
+        return [], "name the column hp.arch"
+    if case == "pretrained weights":
+        toml.write_text(text + '\n[arch.tv]\nsource = "torchvision:resnet18"\n'
+                        'kwargs = { weights = "DEFAULT" }\n')
+        return [], "kwargs weights would download or read weights of their own"
     if case == "an hp axis the table lacks":
         toml.write_text(text.replace('kwargs = { width = "hp.width" }',
                                      'kwargs = { width = "hp.depth" }'))
@@ -310,7 +330,9 @@ CASES = ["unknown torchvision name", "python file missing", "python file raises"
          "kwargs rejected", "checkpoint of another architecture", "images that do not fit",
          "labels outside the classes", "not an image classifier", "a pickled whole model",
          "a path out of the folder", "an absolute path", "unknown architecture",
-         "unknown dataset", "a non-finite weight", "an hp axis the table lacks"]
+         "unknown dataset", "a non-finite weight", "an hp axis the table lacks",
+         "another normalisation", "a dataset named as fgm's own", "sys.exit at import",
+         "arch as a column, not an axis", "pretrained weights"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -378,8 +400,8 @@ def _single_model_zoo(folder: Path, source: str, kwargs: str, model) -> Path:
         'source = "npz:d.npz"\nmean = [0.5, 0.5, 0.5]\nstd = [0.25, 0.25, 0.25]\n')
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               folder / "final.safetensors")
-    (folder / "t.csv").write_text("hp.lr,arch,dataset,train_acc,test_acc,checkpoint.final\n"
-                                  "0.1,a,d,0.9,0.5,final.safetensors\n")
+    (folder / "t.csv").write_text("hp.lr,arch,dataset,gen.gap,checkpoint.final\n"
+                                  "0.1,a,d,0.4,final.safetensors\n")
     return folder
 
 
@@ -431,3 +453,94 @@ def test_user_code_runs_in_its_own_module(zoo):
     spec = toml.architectures["mlp"].spec()
     a, b = build_model(spec, {"width": 8}), build_model(spec, {"width": 8})
     assert type(a) is type(b) and type(a).__module__.startswith("fgm_user_")
+
+
+# --------------------------------------------------------------------------- re-ingest
+
+def test_a_changed_model_is_refused_unless_replaced_and_never_kept_twice(copy, db):
+    """Re-ingesting after a change that moves what a model is (its code, its data's
+    preprocessing, its trace) would leave measures of the old model, or two models
+    where evaluation expects one: refused; --replace drops the stored ones."""
+    args = (copy / "results.csv", "--models", copy / "models.toml", "--db", db)
+    assert run(ingest, *args).exit_code == 0
+    assert run(measure_cli, "--measures", "cross_entropy,path_norm", "--db", db).exit_code == 0
+    before = dump(db)
+    # an unchanged table again: nothing moves, not even the not_applicable rows
+    out = run(ingest, *args)
+    assert out.exit_code == 0 and "8 unchanged" in out.output and dump(db) == before
+    # the code changed: a new architecture for the same rows
+    (copy / "zoo.py").write_text((copy / "zoo.py").read_text() + "\n# edited\n")
+    out = run(ingest, *args)
+    assert out.exit_code == 1 and "with this row's hyperparameters, dataset and seed" in \
+        out.output and dump(db) == before
+    out = run(ingest, *args, "--replace")
+    assert out.exit_code == 0, out.output
+    con = connect(db, read_only=True)
+    assert con.sql("SELECT count(*), count(DISTINCT config_hash) FROM models").fetchall() \
+        == [(8, 8)]
+    assert con.sql("SELECT count(*) FROM measures").fetchall() == [(0,)]   # of the old ones
+    con.close()
+    # a trace that changed under the same model id
+    data_rows = rows(copy / "results.csv")
+    ids = [f"m{i}" for i in range(len(data_rows))]
+    write_rows(copy / "results.csv", [dict(r, model_id=m) for r, m in zip(data_rows, ids)])
+    assert run(ingest, *args, "--replace").exit_code == 0
+    trace = copy / data_rows[0]["trace"]
+    lines = trace.read_text().splitlines()
+    trace.write_text("\n".join(lines[:-1]) + "\n")
+    out = run(ingest, *args)
+    assert out.exit_code == 1 and "model 'm0' is in the warehouse with another trace" in \
+        out.output, out.output
+
+
+def test_a_flag_from_the_table_is_a_boolean_and_neighbour_files_are_checked(tmp_path, db):
+    """hp.skip = false reaches the class as False (the text "false" is truthy); a file
+    the python: file imports is recorded and a change to it refused by fgm-measure."""
+    folder = tmp_path / "z"
+    folder.mkdir()
+    (folder / "parts.py").write_text("import torch.nn as nn\nACT = nn.ReLU\n")
+    (folder / "net.py").write_text(
+        "import torch.nn as nn\nfrom parts import ACT\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, skip=False):\n"
+        "        super().__init__()\n"
+        "        assert isinstance(skip, bool), skip\n"
+        "        self.skip = skip\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 12), ACT())\n"
+        "        self.fc = nn.Linear(12, 3)\n"
+        "    def forward(self, x):\n"
+        "        h = self.body(x)\n"
+        "        return self.fc(h + x.flatten(1) if self.skip else h)\n")
+    gen = np.random.default_rng(0)
+    np.savez(folder / "d.npz", x_train=gen.normal(size=(30, 3, 2, 2)).astype(np.float32),
+             y_train=np.arange(30) % 3, x_test=gen.normal(size=(9, 3, 2, 2)).astype(np.float32),
+             y_test=np.arange(9) % 3)
+    (folder / "models.toml").write_text(
+        '[arch.net]\nsource = "python:net.py:Net"\nkwargs = { skip = "hp.skip" }\n'
+        '[dataset.d]\nsource = "npz:d.npz"\nmean = [0, 0, 0]\nstd = [1, 1, 1]\n'
+        'layout = "NCHW"\n')
+    sys.path.insert(0, str(folder))
+    try:
+        import net as user_net
+        for flag in (False, True):
+            torch.manual_seed(0)
+            save_file(user_net.Net(skip=flag).state_dict(), folder / f"{flag}.safetensors")
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("net", None)
+        sys.modules.pop("parts", None)
+    (folder / "t.csv").write_text("hp.arch,hp.skip,dataset,gen.gap,checkpoint.final\n"
+                                  "net,false,d,0.1,False.safetensors\n"
+                                  "net,true,d,0.2,True.safetensors\n")
+    out = run(ingest, folder / "t.csv", "--models", folder / "models.toml", "--db", db)
+    assert out.exit_code == 0, out.output
+    con = connect(db, read_only=True)
+    kwargs = sorted(r[0] for r in con.sql("SELECT kwargs FROM model_builds").fetchall())
+    spec = json.loads(con.sql("SELECT spec FROM architectures").fetchall()[0][0])
+    con.close()
+    assert [json.loads(k) for k in kwargs] == [{"skip": False}, {"skip": True}]
+    assert list(spec["imports"]) == [str((folder / "parts.py").resolve())]
+    (folder / "parts.py").write_text("import torch.nn as nn\nACT = nn.Tanh\n")
+    out = run(measure_cli, "--measures", "num_params", "--db", db)
+    assert "parts.py, which net.py imports, changed since it was ingested" in out.output
+    assert "2 models skipped" in out.output, out.output
