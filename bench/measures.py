@@ -44,6 +44,7 @@ import copy
 import dataclasses
 import resource
 import statistics
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -143,7 +144,7 @@ def train_resnet(steps: int, examples: int = 2000, batch: int = 100):
         idx = order[step * batch % examples:][:batch]
         loss = F.cross_entropy(model.train()(x[idx]), y[idx])
         for level in (0.1, 0.01):
-            if float(loss) <= level:
+            if float(loss.detach()) <= level:
                 reached.setdefault(level, step + 1)
         opt.zero_grad()
         loss.backward()
@@ -322,6 +323,8 @@ def main() -> None:
     ap.add_argument("--resnet", action="store_true",
                     help="the suite on a small ResNet, next to the NiN's (fast budget)")
     ap.add_argument("--resnet-steps", type=int, default=200)
+    ap.add_argument("--resnet-suite", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--budget", default="fast", help=argparse.SUPPRESS)
     ap.add_argument("--resnet-only", action="store_true",
                     help="only the small ResNet, with the fast and the default (paper) "
                          "budget, and the process's peak memory (issue #21: below 2 GiB)")
@@ -330,15 +333,34 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.resnet_suite:
+        # one budget's suite in a process of its own: its peak memory is the measures'
+        saved = torch.load(args.resnet_suite, weights_only=True)   # written just before
+        data = type("Data", (), {})()
+        data.x_train, data.y_train = saved["x"], saved["y"]
+        data.num_classes, data.info = 10, {"train_size": len(saved["x"])}
+        nets = {}
+        for role, state in saved["nets"].items():
+            nets[role] = SmallResNet()
+            nets[role].load_state_dict(state)
+        outcome, seconds = saved["outcome"], saved["seconds"]
+        run_suite(f"small ResNet, budget {args.budget!r} (3 basic blocks, widths 26/52/104, "
+                  "projection shortcuts; 2,000 random 3x32x32 images)", data, nets, outcome,
+                  seconds, settings=Settings.preset(args.budget))
+        print(f"  peak memory of this process (the measures): "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
+        return
     if args.resnet_only:
-        resnet = train_resnet(args.resnet_steps)
+        import subprocess
+        import tempfile
+        data, nets, outcome, seconds = train_resnet(args.resnet_steps)
+        state = Path(tempfile.mkdtemp()) / "resnet.pt"
+        torch.save({"x": data.x_train, "y": data.y_train, "outcome": outcome,
+                    "seconds": seconds, "nets": {r: n.state_dict() for r, n in nets.items()}},
+                   state)
         for name in ("fast", "paper"):
-            run_suite(f"small ResNet, budget {name!r} (3 basic blocks, widths 26/52/104, "
-                      "projection shortcuts; 2,000 random 3x32x32 images)", *resnet,
-                      settings=Settings.preset(name))
-            print(f"  peak memory so far: "
-                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
-                  flush=True)
+            subprocess.run([sys.executable, __file__, "--resnet-suite", str(state), "--budget",
+                            name, "--threads", str(torch.get_num_threads())], check=True)
         return
     demo = train("digits", 48, 3, 64, 3000)
     run_suite("demo model (digits, width 48, depth 3, batch 64)", *demo)

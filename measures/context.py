@@ -177,6 +177,12 @@ def memory_budget(device: torch.device) -> int:
     return 256 * 2 ** 20
 
 
+def graph_budget(device: torch.device) -> int:
+    """Bytes the autograd graph of one forward-and-backward may hold: twice the
+    batched evaluations' budget (512 MiB on a CPU, half the free memory of a GPU)."""
+    return 2 * memory_budget(device)
+
+
 @dataclass
 class Context:
     net: Network
@@ -250,6 +256,14 @@ class Context:
     def sizes(self) -> list[tuple[int, int] | None]:
         """Each layer's input (H, W) (None: a Linear)."""
         return self.net.input_sizes()
+
+    def graph_batch(self) -> int:
+        """Examples one forward-and-backward over the training set takes at once: the
+        evaluation batch, fewer where the autograd graph of that many (a layer's
+        input, output and mask per example) would pass graph_budget. A NiN on
+        8x8 digits keeps the whole batch; a ResNet on 32x32 images takes ~150."""
+        per = 12 * self.net.activation_floats(tuple(self.x.shape[1:]), total=True)
+        return max(1, min(self.settings.batch, graph_budget(self.net.w.device) // per))
 
     def require_folded(self, what: str) -> None:
         """ValueError naming each BatchNorm that could not be folded (net.unfolded):

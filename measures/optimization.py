@@ -50,7 +50,10 @@ def gradient_noise(ctx: Context, w: torch.Tensor) -> float:
     = (1/m) Σ_i ‖g_i‖² − ‖ḡ‖² at the weights w (Network.gradient_noise: per-example
     gradients layer by layer, from one backward pass per chunk, in float64)."""
     ctx.require_folded("the gradient noise")
-    return ctx.net.gradient_noise(ctx.x, ctx.y, ctx.net.gradient_chunk(), w=w)
+    # a chunk's per-example gradients (gradient_chunk) and its autograd graph
+    # (graph_batch) both within budget
+    chunk = min(ctx.net.gradient_chunk(), ctx.graph_batch())
+    return ctx.net.gradient_noise(ctx.x, ctx.y, chunk, w=w)
 
 
 @measure(eq="65", needs=("epoch1", "data"))
@@ -76,13 +79,12 @@ def input_grad_norm(ctx: Context) -> float:
     gradient of the cross-entropy with respect to the input image (all channels and
     pixels), averaged over the training set, at the final weights of the folded net.
     """
-    w, total = ctx.net.w, 0.0
-    for i in range(0, ctx.m, ctx.settings.batch):
-        x = ctx.x[i:i + ctx.settings.batch].clone().requires_grad_(True)
+    w, total, b = ctx.net.w, 0.0, ctx.graph_batch()
+    for i in range(0, ctx.m, b):
+        x = ctx.x[i:i + b].clone().requires_grad_(True)
         # the examples do not interact, so the gradient of the summed loss with
         # respect to example j is the gradient of example j's own loss
-        loss = F.cross_entropy(ctx.net.logits(w, x), ctx.y[i:i + ctx.settings.batch],
-                               reduction="sum")
+        loss = F.cross_entropy(ctx.net.logits(w, x), ctx.y[i:i + b], reduction="sum")
         (g,) = torch.autograd.grad(loss, x)
         total += float(g.double().flatten(1).norm(dim=1).sum())
     return total / ctx.m

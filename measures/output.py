@@ -37,9 +37,9 @@ def fisher_rao(ctx: Context):
     gives it for every example of a batch at once."""
     ctx.require_folded("the Fisher–Rao norm")
     w = ctx.net.w
-    total = 0.0
-    for i in range(0, ctx.m, ctx.settings.batch):
-        xb, yb = ctx.x[i:i + ctx.settings.batch], ctx.y[i:i + ctx.settings.batch]
+    total, b = 0.0, ctx.graph_batch()
+    for i in range(0, ctx.m, b):
+        xb, yb = ctx.x[i:i + b], ctx.y[i:i + b]
         def losses(v, xb=xb, yb=yb):
             return F.cross_entropy(ctx.net.logits(v, xb), yb, reduction="none")
         _, directional = jvp(losses, (w,), (w,))

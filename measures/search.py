@@ -383,16 +383,27 @@ class Ascent:
         ctx = self.ctx
         u = u.detach().requires_grad_(True)
         many = u.dim() == 2
+        rows = len(u) if many else 1
         if not self.full:
             if many:
                 idx = torch.stack([p[step] for p in picks[:len(u)]])
             else:
                 idx = torch.randint(0, ctx.m, (self.batch,), generator=self.gen,
                                     device=ctx.x.device)
-            loss = self._loss(u, ctx.x[idx], ctx.y[idx])
-            return (lambda: torch.autograd.grad(loss, u)[0]), None
-        rows = len(u) if many else 1
-        chunk = max(1, ctx.settings.batch // rows)
+            piece, n = max(1, ctx.graph_batch() // rows), idx.shape[-1]
+            if n <= piece:
+                loss = self._loss(u, ctx.x[idx], ctx.y[idx])
+                return (lambda: torch.autograd.grad(loss, u)[0]), None
+
+            def pieces() -> torch.Tensor:   # a minibatch whose graph would not fit at once
+                g = torch.zeros_like(u)
+                for i in range(0, n, piece):
+                    part = idx[..., i:i + piece]
+                    loss = self._loss(u, ctx.x[part], ctx.y[part])
+                    g += torch.autograd.grad(loss * (part.shape[-1] / n), u)[0]
+                return g
+            return pieces, None
+        chunk = max(1, ctx.graph_batch() // rows)
         if chunk >= ctx.m:   # one piece: the backward only if the step is taken
             loss, logits = self._loss(u, ctx.x, ctx.y, with_logits=True)
             correct = (logits.argmax(-1) == ctx.y).sum(-1).reshape(rows).double()
