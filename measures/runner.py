@@ -163,8 +163,15 @@ def build_context(inputs: ModelInputs, data: Data, settings: Settings,
     outcome = {}
     if inputs.build is None:    # fgm's own: the run bundle's outcome (steps to 0.1, ...)
         manifest = Path(ck["final"][0]).parent / "manifest.json"
-        outcome = json.loads(manifest.read_text()).get("outcome", {}) \
-            if manifest.is_file() else {}
+        run = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        outcome = run.get("outcome", {})
+        n = (run.get("train") or {}).get("train_examples")
+        if n and len(data.x_train) != n:   # trained on the first n images: measured on them
+            from fgm.train.data import first_examples
+
+            from .context import measure_layout
+            data = first_examples(data, int(n)).to(data.x_train.device)
+            data.x_train = measure_layout(data.x_train)
     classes = inputs.build["num_classes"] if inputs.build is not None else data.num_classes
     return Context.from_models(nets["final"], data.x_train, data.y_train, classes,
                                init=nets.get("init"), epoch1=nets.get("epoch1"),

@@ -2,14 +2,17 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import SHARED
 from torch import nn
 
 from fgm.ingest.bundles import find_bundles, ingest_tree
@@ -316,3 +319,115 @@ def test_cifar10_small_preset_is_the_papers_grid_cut():
     assert sgd_lr == {0.032: 0, 0.1: 1}
     assert max(small.axes["width"]) < min(paper.axes["width"])
     assert small.train["stop_cross_entropy"] == 0.01
+
+
+# --------------------------------------------------------------------------- subsets, seeds
+
+def test_a_grid_may_name_its_seeds_and_its_training_subset(tmp_path):
+    text = (Path(__file__).parents[1] / "train" / "grids" / "demo.toml").read_text()
+    path = tmp_path / "g.toml"
+    path.write_text("seeds = [0, 1]\n" + text.replace("[train]", "[train]\ntrain_examples = 300"))
+    g = load_grid(path=path)
+    assert g.seeds == [0, 1] and g.train["train_examples"] == 300
+    assert g.as_dict()["seeds"] == [0, 1]
+    # absent, the training hash (and so every model id) of a grid is what it was
+    from fgm.warehouse.ids import training_hash
+    assert training_hash(load_grid("demo").train) != training_hash(g.train)
+    assert "train_examples" not in load_grid("demo").train
+    for bad, message in (("seeds = [0, 0]\n", "seeds: [0, 0] is not allowed"),
+                         ("seeds = [true]\n", "seeds: [True] is not allowed"),
+                         ("seeds = [-1]\n", "seeds: [-1] is not allowed")):
+        path.write_text(bad + text)
+        with pytest.raises(FgmError, match="g.toml") as err:
+            load_grid(path=path)
+        assert message in str(err.value)
+    path.write_text(text.replace("[train]", "[train]\ntrain_examples = 0"))
+    with pytest.raises(FgmError, match="train.train_examples: 0 is not allowed"):
+        load_grid(path=path)
+
+
+def test_the_first_n_images_are_the_same_from_any_root(tmp_path):
+    """A folder that holds only the first 1,000 CIFAR-10 training images, and the
+    4,000-image subset: train_examples = 500 gives the same tensors from both (the
+    normalisation is the first 500's own), as it would from a full download."""
+    import pickle
+
+    import numpy as np
+
+    from fgm.train.data import first_examples, load_cifar10
+    from fgm.train.tasks import DataSpec, load_data
+    full = SHARED / "data" / "cifar10-subset"
+    small = tmp_path / "cifar-10-batches-py"
+    small.mkdir(parents=True)
+    src = full / "cifar-10-batches-py"
+    shutil.copy(src / "batches.meta", small)
+    shutil.copy(src / "test_batch", small)
+    with open(src / "data_batch_1", "rb") as f:
+        first = pickle.load(f, encoding="bytes")
+    with open(src / "data_batch_2", "rb") as f:
+        second = pickle.load(f, encoding="bytes")
+    images = np.concatenate([np.asarray(first[b"data"]), np.asarray(second[b"data"])])[:1000]
+    labels = (list(first[b"labels"]) + list(second[b"labels"]))[:1000]
+    for k in range(5):                          # the first 1,000 images, 200 a batch
+        part = {b"data": images[200 * k:200 * (k + 1)], b"labels": labels[200 * k:200 * (k + 1)],
+                b"batch_label": b"x", b"filenames": [b"f"] * 200}
+        with open(small / f"data_batch_{k + 1}", "wb") as f:
+            pickle.dump(part, f)
+    with pytest.warns(UserWarning):
+        a = load_data(DataSpec("cifar10", full, train_examples=500))
+        b = first_examples(load_cifar10(tmp_path), 500)
+    assert len(b.x_train) == 500 and a.info["train_size"] == 500
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
+    assert torch.equal(a.x_test, b.x_test)
+    # normalised with the 500 images' own statistics, computed here from the pixels
+    raw = torch.as_tensor(np.asarray(first[b"data"])[:500].reshape(500, 3, 32, 32)).double()
+    want = (raw - raw.mean(dim=(0, 2, 3), keepdim=True)) / raw.std(dim=(0, 2, 3), keepdim=True)
+    assert torch.allclose(a.x_train.double(), want, atol=1e-5)
+    with pytest.raises(FgmError, match="train_examples = 1,001, but the training set here has "
+                                       "1,000 images"), pytest.warns(UserWarning):
+        first_examples(load_cifar10(tmp_path), 1001)
+
+
+def test_measures_are_taken_on_the_first_n_images_the_model_trained_on(tmp_path):
+    """A grid with train_examples = 200: its in-run measures, and fgm-measure's later
+    on the full dataset, are both on those 200 images as the model saw them."""
+    from fgm.measures.cli import main as measure_cli
+    grid = tmp_path / "g.toml"
+    grid.write_text('name = "sub"\ndataset = "digits"\n[axes]\nwidth = [16]\ndepth = [2]\n'
+                    'dropout = [0.0]\nbatch_size = [32]\noptimizer = ["adam"]\n'
+                    'learning_rate = [3e-3]\nweight_decay = [0.0]\n[train]\n'
+                    'train_examples = 200\nmax_steps = 1500\nlr_drop_steps = [1200]\n'
+                    'estimate_batches = 10\ntrace_every = 25\n')
+    db = tmp_path / "w.duckdb"
+    out = CliRunner().invoke(train_cli, ["grid", "--grid", str(grid), "--out",
+                                         str(tmp_path / "runs"), "--db", str(db)])
+    assert out.exit_code == 0, out.output
+    con = connect(db, read_only=True)
+    (mid, size), = con.sql("SELECT model_id, train_size FROM outcomes").fetchall()
+    in_run = dict(con.sql("SELECT measure, value FROM measures WHERE measure IN "
+                          "('cross_entropy', 'input_grad_norm', 'inverse_margin')").fetchall())
+    path = con.sql("SELECT path FROM checkpoints WHERE role = 'final'").fetchall()[0][0]
+    con.close()
+    assert size == 200
+    # the loss on the first 200 training digits, normalised with their own statistics
+    d = load_digits()
+    raw = d.raw[0][:200].to(torch.float32)
+    x = (raw - raw.mean(dim=(0, 2, 3), keepdim=True)) / raw.std(dim=(0, 2, 3), keepdim=True)
+    from safetensors.torch import load_file
+    net = NiN(1, 10, 16, 2)
+    net.load_state_dict(load_file(path))
+    with torch.no_grad():
+        ce = float(torch.nn.functional.cross_entropy(net.eval()(x).double(), d.y_train[:200]))
+    assert in_run["cross_entropy"] == pytest.approx(ce, rel=1e-5)
+    # (the grid's cross-entropy is the training loop's own evaluation; the others, the
+    # measure job's, on the same 200 images in either run)
+    again = CliRunner().invoke(measure_cli, ["--measures", "input_grad_norm,inverse_margin,"
+                                             "cross_entropy", "--recompute", "--db", str(db)])
+    assert again.exit_code == 0 and "1 models, 3 values computed" in again.output, again.output
+    con = connect(db, read_only=True)
+    later = dict(con.sql("SELECT measure, value FROM measures WHERE model_id = ?",
+                         params=[mid]).fetchall())
+    con.close()
+    assert later["input_grad_norm"] == in_run["input_grad_norm"]
+    assert later["inverse_margin"] == in_run["inverse_margin"]
+    assert later["cross_entropy"] == pytest.approx(ce, rel=1e-5)

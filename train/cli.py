@@ -71,8 +71,9 @@ def main() -> None:
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Where the dataset lies in torchvision's layout (default ./data).")
 @click.option("--download", is_flag=True, help="Download the dataset if it is not there.")
-@click.option("--seeds", default="0", show_default=True,
-              help=f"Comma-separated seeds, each an integer in [0, {SEED_MAX}].")
+@click.option("--seeds", default=None,
+              help=f"Comma-separated seeds, each an integer in [0, {SEED_MAX}] (default: "
+                   "the grid's seeds = [...], else 0).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Where run bundles go (with --executor ray: storage every node sees).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
@@ -103,7 +104,7 @@ def grid(preset, grid_file, settings, name, dataset, data_root, download, seeds,
         g.dataset = dataset
     if name is not None:
         g.name = check_grid_name(name)
-    seed_list = parse_seeds(seeds)
+    seed_list = parse_seeds(seeds) if seeds is not None else (g.seeds or [0])
     g.check_size(len(seed_list), None if yes else MAX_MODELS)
     if executor.name == "local":
         resolve_device(device)

@@ -63,6 +63,28 @@ class Data:
         return len(self.raw[0]) == len(self.x_train) and len(self.raw[1]) == len(self.x_test)
 
 
+def first_examples(data: Data, n: int) -> Data:
+    """The first `n` training images (in the dataset's own order), normalised with
+    their own per-channel mean and std, and the test set with the same: what a grid's
+    [train] train_examples = n trains on, whichever root the dataset came from (a
+    full download, or a folder holding only its first images). FgmError where the
+    dataset has fewer than n training images, or no integer pixels to normalise again."""
+    if n > len(data.x_train):
+        raise FgmError(f"{data.name}: train_examples = {n:,}, but the training set here has "
+                       f"{len(data.x_train):,} images")
+    if data.raw is None or not data._raw_matches():
+        raise FgmError(f"{data.name}: train_examples needs images of integer pixels")
+    images = data.raw[0][:n]
+    floats = images.to(torch.float32)
+    mean = floats.mean(dim=(0, 2, 3), keepdim=True)
+    std = floats.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    info = dict(data.info, train_size=n, split=f"{data.info.get('split', '')}; the first "
+                f"{n:,} training images, normalised with their own mean and std".lstrip("; "))
+    return Data(data.name, normalised(images, mean, std), data.y_train[:n].clone(),
+                normalised(data.raw[1], mean, std), data.y_test, data.num_classes, info,
+                (images.contiguous(), data.raw[1], mean, std))
+
+
 def normalised(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) images, normalised per channel, float32, where they lie."""
     return ((images.to(torch.float32) - mean) / std).contiguous()

@@ -362,7 +362,8 @@ class GridRun:
                                 for mid, names in self._missing_measures(finished).items()]
         if not p.todo and not measure_jobs:
             return
-        self.data = b.data(DataSpec(g.dataset, p.data_root, p.download))
+        self.data = b.data(DataSpec(g.dataset, p.data_root, p.download,
+                                    train_examples=g.train.get("train_examples")))
         self.queue.extend(measure_jobs)
         # the largest models first: the last to finish are then small ones, and no
         # worker waits long on the others at the end (longest processing time first)

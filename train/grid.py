@@ -28,7 +28,14 @@ MAX_WIDTH, MAX_DEPTH, MAX_BATCH_SIZE = 4096, 64, 65536
 # and a billion steps (max_steps, lr_drop_steps, trace_every) is years of training.
 MAX_LEARNING_RATE, MAX_WEIGHT_DECAY, MAX_STOP = 10.0, 1.0, 10.0
 MAX_STEPS, MAX_ESTIMATE_BATCHES = 10**9, 100_000
+MAX_TRAIN_EXAMPLES = 10**9
+SEED_MAX = 2**31 - 1     # seeds are 32-bit integers in the warehouse
 MAX_MODELS = 100_000   # a larger grid (configurations x seeds) needs fgm-train grid --yes
+# [train] settings with no default: absent, they are not part of the training hash,
+# so the models of grids written before them keep their ids.
+# train_examples: train on the first N images of the training set (by count, in the
+# dataset's own order), normalised with their own mean and std; measures read the same.
+TRAIN_OPTIONAL = ("train_examples",)
 TRAIN_DEFAULTS = {
     "stop_cross_entropy": 0.01, "max_steps": 300_000, "lr_drop_steps": [60_000, 90_000],
     "lr_drop_factor": 0.1, "estimate_batches": 100, "trace_every": 500,
@@ -75,6 +82,7 @@ class Grid:
     axes: dict[str, object]
     train: dict[str, object] = field(default_factory=dict)
     source: str = ""
+    seeds: list[int] | None = None     # the grid's own seeds (fgm-train grid --seeds wins)
 
     def size(self) -> int:
         """How many configurations configs() gives, counted without building them."""
@@ -120,8 +128,11 @@ class Grid:
         return sorted(set(values)).index(value)
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "dataset": self.dataset, "axes": self.axes,
-                "train": self.train}
+        out = {"name": self.name, "dataset": self.dataset, "axes": self.axes,
+               "train": self.train}
+        if self.seeds is not None:
+            out["seeds"] = self.seeds
+        return out
 
 
 def preset_names() -> list[str]:
@@ -178,18 +189,26 @@ def _show(value: object, width: int = 60) -> str:
 
 
 def parse_grid(data: dict, source: str = "<grid>") -> Grid:
-    unknown = set(data) - {"name", "dataset", "axes", "train"}
+    unknown = set(data) - {"name", "dataset", "axes", "train", "seeds"}
     if unknown:
-        raise _bad(source, sorted(unknown)[0], "unknown key; expected name, dataset, axes, train")
+        raise _bad(source, sorted(unknown)[0], "unknown key; expected name, dataset, seeds, "
+                   "axes, train")
+    seeds = data.get("seeds")
+    if seeds is not None and not (
+            isinstance(seeds, list) and seeds and len(set(map(str, seeds))) == len(seeds)
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= SEED_MAX
+                    for x in seeds)):
+        raise _bad(source, "seeds", f"{_show(seeds)} is not allowed; expected a list of "
+                   f"distinct integers in [0, {SEED_MAX}], e.g. seeds = [0, 1]")
     train = dict(TRAIN_DEFAULTS)
     given = data.get("train", {})
     if not isinstance(given, dict):
         raise _bad(source, "train", f"{_show(given)} is not allowed; expected a table [train] "
                    f"of settings among {', '.join(TRAIN_DEFAULTS)}")
     for key, value in given.items():
-        if key not in TRAIN_DEFAULTS:
+        if key not in TRAIN_DEFAULTS and key not in TRAIN_OPTIONAL:
             raise _bad(source, f"train.{key}", f"unknown setting; settings are "
-                       f"{', '.join(TRAIN_DEFAULTS)}")
+                       f"{', '.join([*TRAIN_DEFAULTS, *TRAIN_OPTIONAL])}")
         train[key] = value
     _check_train(source, train)
     axes = data.get("axes")
@@ -207,7 +226,8 @@ def parse_grid(data: dict, source: str = "<grid>") -> Grid:
     dataset = data.get("dataset", "cifar10")
     if not isinstance(dataset, str) or dataset not in DATASETS:
         raise _bad(source, "dataset", f"{_show(dataset)} is not one of {', '.join(DATASETS)}")
-    return Grid(str(data.get("name", Path(source).stem)), dataset, axes, train, source)
+    return Grid(str(data.get("name", Path(source).stem)), dataset, axes, train, source,
+                [int(x) for x in seeds] if seeds is not None else None)
 
 
 def _check_axis(source: str, axis: str, spec: object, optimizers: list) -> None:
@@ -250,6 +270,9 @@ def _check_train(source: str, train: dict) -> None:
         if not cond:
             raise _bad(source, f"train.{key}", f"{_show(train[key])} is not allowed; "
                        f"expected {what}")
+    if "train_examples" in train:
+        need("train_examples", _integer(train["train_examples"], MAX_TRAIN_EXAMPLES),
+             f"a positive integer up to {MAX_TRAIN_EXAMPLES:,} (the first N training images)")
     need("stop_cross_entropy", _number(train["stop_cross_entropy"])
          and 0 < train["stop_cross_entropy"] <= MAX_STOP,
          f"a finite positive number up to {MAX_STOP:g}")

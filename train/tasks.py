@@ -34,6 +34,7 @@ class DataSpec:
     download: bool = False
     spec: str | None = None
     sha256: str | None = None
+    train_examples: int | None = None     # a grid's [train] train_examples: the first N
 
 
 _loaded: dict[tuple, Data] = {}
@@ -57,8 +58,9 @@ def load_data(data: DataSpec) -> Data:
     if data.spec is not None:
         from fgm.ingest.zoo import load_dataset_spec
         return load_dataset_spec(json.loads(data.spec), data.sha256)
-    from .data import load_dataset
-    return load_dataset(data.name, data.root, data.download)
+    from .data import first_examples, load_dataset
+    loaded = load_dataset(data.name, data.root, data.download)
+    return first_examples(loaded, data.train_examples) if data.train_examples else loaded
 
 
 def _resolve(data: Data | DataSpec) -> Data:
