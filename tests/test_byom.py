@@ -406,8 +406,8 @@ def _single_model_zoo(folder: Path, source: str, kwargs: str, model) -> Path:
 
 
 def test_torchvision_and_timm_models_are_built_by_name(tmp_path, db):
-    import torchvision
     import timm
+    import torchvision
     tv = _single_model_zoo(tmp_path / "tv", "torchvision:resnet18", "{ num_classes = 10 }",
                            torchvision.models.resnet18(num_classes=10))
     tm = _single_model_zoo(tmp_path / "tm", "timm:test_resnet", "{ num_classes = 10 }",
@@ -483,7 +483,7 @@ def test_a_changed_model_is_refused_unless_replaced_and_never_kept_twice(copy, d
     # a trace that changed under the same model id
     data_rows = rows(copy / "results.csv")
     ids = [f"m{i}" for i in range(len(data_rows))]
-    write_rows(copy / "results.csv", [dict(r, model_id=m) for r, m in zip(data_rows, ids)])
+    write_rows(copy / "results.csv", [dict(r, model_id=m) for r, m in zip(data_rows, ids, strict=True)])
     assert run(ingest, *args, "--replace").exit_code == 0
     trace = copy / data_rows[0]["trace"]
     lines = trace.read_text().splitlines()
