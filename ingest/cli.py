@@ -56,9 +56,19 @@ def main(path: Path, db: str | None, sweep: str | None, dataset: str | None,
         if path.is_dir():
             raise FgmError(f"{path}: --models goes with a results table (.csv / .parquet) "
                            "whose rows name the checkpoints, not a directory")
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
         from .foreign import prepare_foreign  # imports torch: only for models
-        prepared = prepare_foreign(path, models_toml, sweep=sweep, dataset=dataset,
-                                   checkpoint_root=checkpoint_root, data_root=data_root)
+        console = Console(stderr=True)
+        # each row's model is built, its checkpoints loaded and run: seconds a model
+        with Progress(TextColumn("checking models"), BarColumn(), MofNCompleteColumn(),
+                      console=console, disable=not console.is_terminal) as bar:
+            task = bar.add_task("models", total=None)
+            prepared = prepare_foreign(
+                path, models_toml, sweep=sweep, dataset=dataset,
+                checkpoint_root=checkpoint_root, data_root=data_root,
+                progress=lambda done, total: bar.update(task, completed=done, total=total))
         with briefly(db) as con:
             summary = write_table(con, prepared, replace=replace)
         click.echo(f"{summary}\n{prepared.foreign.checkpoints.height} checkpoints of "
