@@ -329,7 +329,7 @@ def test_a_grid_may_name_its_seeds_and_its_training_subset(tmp_path):
     path.write_text("seeds = [0, 1]\n" + text.replace("[train]", "[train]\ntrain_examples = 300"))
     g = load_grid(path=path)
     assert g.seeds == [0, 1] and g.train["train_examples"] == 300
-    assert g.as_dict()["seeds"] == [0, 1]
+    assert g.as_dict()["seeds"] == [0, 1] and override(g, ["width=8"]).seeds == [0, 1]
     # absent, the training hash (and so every model id) of a grid is what it was
     from fgm.warehouse.ids import training_hash
     assert training_hash(load_grid("demo").train) != training_hash(g.train)
@@ -431,3 +431,23 @@ def test_measures_are_taken_on_the_first_n_images_the_model_trained_on(tmp_path)
     assert later["input_grad_norm"] == in_run["input_grad_norm"]
     assert later["inverse_margin"] == in_run["inverse_margin"]
     assert later["cross_entropy"] == pytest.approx(ce, rel=1e-5)
+
+
+def test_cifar10_protocol_preset_keeps_the_protocol():
+    """Issue #25's preset: every axis varies over two levels, two seeds, the stop rule
+    the paper's, the first 500 training images; its values the paper's but for the
+    sizes (width, depth) and dropout, which the preset's comments explain."""
+    g, paper = load_grid("cifar10-protocol"), load_grid("paper")
+    configs = g.configs()
+    assert len(configs) == 2 ** 7 and g.seeds == [0, 1] and g.dataset == "cifar10"
+    for axis in ("width", "depth", "dropout", "batch_size", "optimizer", "learning_rate",
+                 "weight_decay"):
+        assert len({c.levels[axis] for c in configs}) == 2, axis
+    assert g.train["stop_cross_entropy"] == paper.train["stop_cross_entropy"] == 0.01
+    assert g.train["train_examples"] == 500
+    for axis in ("batch_size", "optimizer"):
+        assert set(g.axes[axis]) <= set(paper.axes[axis]), axis
+    for axis in ("learning_rate", "weight_decay"):
+        for opt in g.axes["optimizer"]:
+            assert set(g.axes[axis][opt]) <= set(paper.axes[axis][opt]), (axis, opt)
+    assert max(g.train["lr_drop_steps"]) < g.train["max_steps"]

@@ -299,8 +299,10 @@ def override(grid: Grid, settings: list[str]) -> Grid:
         except (tomllib.TOMLDecodeError, RecursionError):
             values = [v.strip() for v in raw.split(",")]
         axes[axis] = values
-    return parse_grid({"name": grid.name, "dataset": grid.dataset, "axes": axes,
-                       "train": grid.train}, "--set")
+    out = parse_grid({"name": grid.name, "dataset": grid.dataset, "axes": axes,
+                      "train": grid.train}, "--set")
+    out.seeds = grid.seeds
+    return out
 
 
 def check_grid_name(name: str) -> str:
