@@ -43,7 +43,7 @@ def make_old(ref: str, out: Path) -> None:
         here = next(p for p in sys.path if p.endswith("site-packages"))
         (site / "reuse.pth").write_text(here + "\n")     # torch & co. from this venv
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps",
-                        "--no-build-isolation", "-e", str(tree)], check=True)
+                        "-e", str(tree)], check=True)
         env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
         env.pop("FGM_DB", None)
         start = time.perf_counter()
