@@ -57,7 +57,7 @@ ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU
                        nn.Hardswish, nn.Hardsigmoid, nn.Identity)
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 DROPOUT_MODULES = (nn.modules.dropout._DropoutNd,)
-SHAPE_MODULES = (nn.Flatten,)
+SHAPE_MODULES = (nn.Flatten, nn.ZeroPad2d)   # ZeroPad2d: Keras's uneven "same" padding
 
 ADDITIONS = {operator.add, operator.iadd, torch.add}
 SCALAR_OPS = {operator.mul, operator.imul, operator.truediv, operator.itruediv,
@@ -97,6 +97,9 @@ class WeightLayer:
                                      # weight layers (a projection shortcut)
     bn: str | None = None            # the BatchNorm merged into it
     had_bias: bool = True            # a bias of its own or from a merged BatchNorm
+    pad: tuple[int, int, int, int] | None = None   # a ZeroPad2d (left, right, top, bottom)
+                                     # right before the conv, read as its own padding:
+                                     # input_size is then the unpadded input's
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -165,6 +168,8 @@ def _check(gm: fx.GraphModule, modules: dict) -> None:
                 if type(m) not in (nn.Conv2d, nn.Linear):
                     raise UnsupportedNetwork(f"{what}: a subclass of {type(m).__mro__[1].__name__}")
                 continue
+            if isinstance(m, nn.ZeroPad2d) and min(m.padding) < 0:
+                raise UnsupportedNetwork(f"{what} crops (a negative padding)")
             if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)) and m.return_indices:
                 raise UnsupportedNetwork(f"{what} returns indices")
             if isinstance(m, ELEMENTWISE_MODULES + POOL_MODULES + DROPOUT_MODULES
@@ -371,6 +376,15 @@ class Network:
             in_shape = _tensor_shape(node.args[0])[1:]
             out_shape = _tensor_shape(node)[1:]
             conv = isinstance(m, nn.Conv2d)
+            source, pad = node.args[0], None
+            if conv and isinstance(source, fx.Node) and source.op == "call_module" \
+                    and isinstance(modules.get(source.target), nn.ZeroPad2d) \
+                    and len(source.users) == 1 and tuple(m.padding) == (0, 0) \
+                    and m.padding_mode == "zeros":
+                # the padding of this convolution, written before it (Keras's uneven
+                # "same"): its operator is on the unpadded input, as a conv's own padding
+                pad = tuple(int(p) for p in modules[source.target].padding)
+                in_shape = _tensor_shape(source.args[0])[1:]
             layers.append(WeightLayer(
                 name, "conv" if conv else "linear", weight, bias,
                 tuple(m.stride) if conv else (1, 1),
@@ -379,7 +393,7 @@ class Network:
                 tuple(m.dilation) if conv else (1, 1), m.groups if conv else 1,
                 m.padding_mode if conv else "zeros", in_shape, out_shape,
                 tuple(in_shape[-2:]) if conv else None, False, bn,
-                m.bias is not None or bn is not None))
+                m.bias is not None or bn is not None, pad))
         if not layers:
             raise UnsupportedNetwork(f"{type(model).__name__} has no Conv2d / Linear layer")
 

@@ -127,7 +127,7 @@ def path_norm_problem(net: Network) -> str | None:
                 if not _single_input_windows(node, getattr(m, "kernel_size", None)):
                     return f"max-pooling {node.target!r} ({type(m).__name__}) {several}"
             elif isinstance(m, (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                                nn.Flatten, *PATH_ACTIVATIONS)):
+                                nn.Flatten, nn.ZeroPad2d, *PATH_ACTIVATIONS)):
                 continue
             else:
                 return (f"{node.target!r} ({type(m).__name__}) changes non-negative inputs: "

@@ -74,14 +74,19 @@ def spectral_norm_fft(weight: torch.Tensor, n: int | tuple[int, int],
 def spectral_norm_exact(weight: torch.Tensor, stride, padding, n: int | tuple[int, int],
                         iterations: int = 200, seed: int = 0,
                         dilation: tuple[int, int] = (1, 1), groups: int = 1,
-                        padding_mode: str = "zeros") -> float:
+                        padding_mode: str = "zeros",
+                        pad: tuple[int, int, int, int] | None = None) -> float:
     """Largest singular value of x ↦ conv2d(x, W, stride, padding, dilation, groups)
-    on n×n (or h×w) inputs, with the layer's padding mode."""
+    on n×n (or h×w) inputs, with the layer's padding mode; `pad`: zeros (left,
+    right, top, bottom) put around x first (a ZeroPad2d before the conv)."""
     gen = torch.Generator(device=weight.device).manual_seed(seed)
     w = weight.double()
     h, wd = _size(n)
     kernel = tuple(w.shape[-2:])
-    if isinstance(padding, str) or padding_mode != "zeros":
+    if pad is not None:
+        def conv(v):
+            return F.conv2d(F.pad(v, list(pad)), w, None, stride, padding, dilation, groups)
+    elif isinstance(padding, str) or padding_mode != "zeros":
         pads = []
         for pad in reversed(_explicit(padding if isinstance(padding, str) else _size(padding),
                                       kernel, _size(dilation))):
@@ -126,7 +131,8 @@ def layer_spectral_norm(ctx: Context, layer: WeightLayer,
     if ctx.settings.spectral == "exact":
         return spectral_norm_exact(layer.weight, layer.stride, layer.padding, n,
                                    ctx.settings.power_iterations, ctx.settings.seed,
-                                   layer.dilation, layer.groups, layer.padding_mode)
+                                   layer.dilation, layer.groups, layer.padding_mode,
+                                   layer.pad)
     return spectral_norm_fft(layer.weight, n, layer.dilation, layer.groups)
 
 

@@ -700,3 +700,51 @@ def test_spectral_norms_of_grouped_dilated_non_square_convolutions():
     value, _ = REGISTRY["prod_of_spec"].fn(ctx)
     ref = operator_norm(lambda v: F.linear(v, model[1].weight.double()), (12,))
     assert value == pytest.approx(ref ** 2, rel=1e-6)
+
+
+def test_zero_padding_before_a_conv_is_that_convs_padding():
+    """Keras's uneven "same" padding arrives as a ZeroPad2d before the convolution
+    (ingest/keras.py). Written that way, a conv with padding 1 must give the same value
+    of every measure as the conv that pads itself, the spectral norms too (on the
+    unpadded input), by both methods."""
+    import fgm
+    from fgm.measures.spectral import spec_sq
+    torch.manual_seed(0)
+    own = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(5, 3))
+    padded = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3, 1, 0), nn.BatchNorm2d(4),
+                           nn.ReLU(), nn.ZeroPad2d(1), nn.Conv2d(4, 5, 3, 2, 0), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    own[1].running_mean.uniform_(-0.3, 0.3)
+    own[1].running_var.uniform_(0.5, 2)
+    for i, j in ((0, 1), (1, 2), (3, 5), (7, 9)):
+        padded[j].load_state_dict(own[i].state_dict())
+    own.eval(), padded.eval()
+    x, y = torch.randn(60, 3, 8, 8), torch.randint(0, 3, (60,))
+    a = fgm.measure_details(own, (x, y), budget="fast")
+    b = fgm.measure_details(padded, (x, y), budget="fast")
+    for name in a:
+        assert a[name].status == b[name].status, name
+        if a[name].value is not None:
+            assert math.isclose(a[name].value, b[name].value, rel_tol=1e-9), name
+    assert a["path_norm"].status == "ok" and a["spectral_orig"].status == "ok"
+    exact = [spec_sq(Context.from_models(m, x, y, 3, settings=Settings(spectral="exact")))
+             for m in (own, padded)]
+    assert exact[0] == pytest.approx(exact[1], rel=1e-9)
+    # uneven: the power iteration on the padded operator, computed here
+    uneven = nn.Sequential(nn.ZeroPad2d((0, 1, 1, 1)), nn.Conv2d(3, 4, 3, 2, 0), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    net = Context.from_models(uneven, torch.randn(4, 3, 9, 12), y[:4], 3).net
+    assert net.layers[0].pad == (0, 1, 1, 1) and net.layers[0].input_size == (9, 12)
+    w = uneven[1].weight.detach().double()
+    v = torch.randn(1, 3, 9, 12, dtype=torch.float64)
+    for _ in range(500):
+        v = v.requires_grad_(True)
+        u = F.conv2d(F.pad(v, [0, 1, 1, 1]), w, None, 2)
+        (v,) = torch.autograd.grad(u, v, u.detach())
+        v = v / v.norm()
+    sigma = float(F.conv2d(F.pad(v, [0, 1, 1, 1]), w, None, 2).norm())
+    ctx = Context.from_models(uneven, torch.randn(4, 3, 9, 12), y[:4], 3,
+                              settings=Settings(spectral="exact"))
+    assert spec_sq(ctx)[0] == pytest.approx(sigma ** 2, rel=1e-6)
