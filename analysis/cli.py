@@ -353,6 +353,10 @@ def oracle(eps, draws, seed, pool_seeds,
 @main.command()
 @click.option("--kind", type=click.Choice(["psi", "cmi"]), default="psi", show_default=True,
               help="psi: Table 5's shape (ψ_i, τ, Ψ); cmi: Table 6's (CMI per axis, K).")
+@click.option("--pgdl", is_flag=True,
+              help="Score every measure as the NeurIPS 2020 PGDL scorer did (Table 6's "
+                   "shape, the competition's CMI: |S| = 2, self-pairs, equal-weight "
+                   "slices); implies --kind cmi; no oracle rows.")
 @click.option("--draws", type=DRAWS, default=10, show_default=True, help=DRAWS_HELP)
 @ci_options
 @pool_option
@@ -363,12 +367,17 @@ def oracle(eps, draws, seed, pool_seeds,
 @db_option
 @format_option
 @friendly_errors
-def table(kind, draws, ci, boot, seed, pool_seeds, convention, converged_searches_only,
+def table(kind, pgdl, draws, ci, boot, seed, pool_seeds, convention, converged_searches_only,
           where, dataset, sweep, all_models, seeds, relevel, no_store, db, fmt):
     """Every measure, one row each, with the oracle, canonical and random baselines.
     Several seeds: means with *_std columns (Tables 9, 10); --ci: *_lo/*_hi columns.
     unconverged_searches: how many of a measure's values come from searches that did
     not converge (with --converged-searches-only: how many were left out)."""
+    if pgdl:
+        if convention != "spec":
+            raise click.BadParameter("--pgdl is the PGDL scorer's own convention; leave out "
+                                     "--convention", param_hint="--convention")
+        kind = "cmi"
     sel = _selection(where, dataset, sweep, all_models, relevel,
                      converged_searches_only=converged_searches_only, seeds=seeds)
     with readonly(db) as con:
@@ -377,7 +386,7 @@ def table(kind, draws, ci, boot, seed, pool_seeds, convention, converged_searche
                            convention=convention)
         else:
             frame = table6(con, sel, draws=draws, seed=seed, ci=ci, blocks=boot,
-                           pool_seeds=pool_seeds, convention=convention)
+                           pool_seeds=pool_seeds, convention=convention, pgdl=pgdl)
         models = select_models(con, sel)
         constant = models.constant
         snap = None if no_store else snapshot(con, sel, models.ids, "*")
@@ -390,7 +399,7 @@ def table(kind, draws, ci, boot, seed, pool_seeds, convention, converged_searche
                                                pool_seeds, converged_searches_only, seeds),
          {**({"draws": draws} if kind == "cmi" else {}), **_convention(convention)},
          table_rows(frame, kind, models.axes),
-         ci=ci, blocks=boot, seed=seed)
+         ci=ci, blocks=boot, seed=seed, pgdl=pgdl)
 
 
 @main.command()

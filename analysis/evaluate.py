@@ -558,7 +558,8 @@ def table5(con, sel: Selection, *, measures: list[str] | None = None,
 def table6(con, sel: Selection, *, measures: list[str] | None = None,
            eps_list=ORACLE_EPS, draws: int = 10, seed: int = 0, ci: float | None = None,
            blocks: int = 20, progress=None,
-           pool_seeds: bool | None = None, convention: str = "spec") -> pl.DataFrame:
+           pool_seeds: bool | None = None, convention: str = "spec",
+           pgdl: bool = False) -> pl.DataFrame:
     """Table 6's shape: per-axis CMI, |S| = 0, min |S| = 1, min |S| = 2, K, argmin
     (Table 10 with several seeds; jackknife intervals of K with `ci`).
     `pool_seeds` (default: sel.pool_seeds): all models together, ignoring seeds.
@@ -566,17 +567,19 @@ def table6(con, sel: Selection, *, measures: list[str] | None = None,
     models = select_models(con, sel)
     seeding = _seeding(models, sel, pool_seeds)
     rows = _per_measure(con, models, measures, progress, lambda name, mu, sub: _flat_cmi(
-        with_seeds(sub, mu, lambda m, s: cmi_result(name, m, s, convention=convention), ci=ci,
+        with_seeds(sub, mu, lambda m, s: cmi_result(name, m, s, pgdl=pgdl,
+                                                    convention=convention), ci=ci,
                    blocks=blocks, seed=seed, keys=("K",), **seeding), models.axes))
     zeros = np.zeros(len(models.gap))
-    for eps in eps_list:
+    # (the PGDL scorer, `pgdl`, scores measures: no noisy oracle is part of it)
+    for eps in ([] if pgdl else eps_list):
         res = with_seeds(models, zeros,
                          lambda _, m, e=eps: oracle_cmi(m, e, draws, seed, convention),
                          **seeding)
         rows.append({"kind": "oracle", **_flat_cmi(res, models.axes),
                      "K_stderr": res["stderr"]["K"], "draws": draws})
     res = with_seeds(models, zeros, lambda _, m: cmi_result(
-        "random", random_measure(m, seed), m, convention=convention), **seeding)
+        "random", random_measure(m, seed), m, pgdl=pgdl, convention=convention), **seeding)
     rows.append({"kind": "random", **_flat_cmi(res, models.axes)})
     return _frame(rows, ["kind", "measure", "n_models", *models.axes, "s0", "s1", "s2", "K",
                          "argmin", "K_std", "K_lo", "K_hi", "K_stderr", "draws", "seeds",

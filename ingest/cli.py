@@ -19,7 +19,7 @@ from .table import prepare_table, write_table
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="PATH | pgdl TASK_DIR")
 @db_option
 @click.option("--sweep", default=None, help="Sweep name for a results table (default: file name).")
 @click.option("--dataset", default=None, help="Dataset of a table without a dataset column.")
@@ -39,17 +39,33 @@ from .table import prepare_table, write_table
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="With --models: where fgm's own datasets (cifar10, svhn, fashion_mnist) "
                    "are, for a table whose dataset column names one (default: ./data).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="With pgdl: the task's model_configs.json (the competition's "
+                   "reference_data/<task>/), with each model's hyperparameters and "
+                   "accuracies.")
 @friendly_errors
-def main(path: Path, db: str | None, sweep: str | None, dataset: str | None,
+def main(paths: tuple[str, ...], db: str | None, sweep: str | None, dataset: str | None,
          replace: bool, models_toml: Path | None, checkpoint_root: Path | None,
-         data_root: Path | None) -> None:
+         data_root: Path | None, reference: Path | None) -> None:
     """Ingest PATH: a results table (.csv / .parquet, one row per model) or a
     directory tree of run bundles written by fgm-train (on this or any machine).
     With --models, the table's rows are models of your own: each is built from
     models.toml, its checkpoints loaded and checked, and fgm-measure measures them.
 
+    `fgm-ingest pgdl TASK_DIR --reference model_configs.json` imports a task of the
+    PGDL competition (NeurIPS 2020): its Keras models converted to PyTorch, their
+    weights, the task's training shards (README: The PGDL model zoo).
+
     A bad bundle is reported by path and the rest still land; the exit status
     is 1 when any bundle failed."""
+    if len(paths) == 2 and paths[0] == "pgdl":
+        _pgdl(Path(paths[1]), reference, db, sweep, replace)
+        return
+    if len(paths) != 1:
+        raise click.UsageError("expected one PATH, or pgdl TASK_DIR --reference FILE")
+    if reference is not None:
+        raise FgmError("--reference goes with pgdl TASK_DIR")
+    path = Path(paths[0])
     if not path.exists():
         raise FgmError(f"{path}: no such file or directory")
     if models_toml is not None:
@@ -92,3 +108,25 @@ def main(path: Path, db: str | None, sweep: str | None, dataset: str | None,
     with briefly(db) as con:    # waits for another writer as a bundle tree's ingest does
         summary = write_table(con, prepared, replace=replace)
     click.echo(str(summary))
+
+
+def _pgdl(task_dir: Path, reference: Path | None, db, sweep, replace) -> None:
+    if reference is None:
+        raise FgmError("fgm-ingest pgdl TASK_DIR needs --reference "
+                       "REFERENCE_TASK_DIR/model_configs.json")
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .pgdl import prepare_pgdl  # imports torch: only for models
+    console = Console(stderr=True)
+    with Progress(TextColumn("checking models"), BarColumn(), MofNCompleteColumn(),
+                  console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("models", total=None)
+        imported = prepare_pgdl(task_dir, reference, sweep=sweep, progress=lambda done, total:
+                                bar.update(task, completed=done, total=total))
+    with briefly(db) as con:
+        summary = write_table(con, imported.prepared, replace=replace)
+    click.echo(f"{summary}\n{imported.prepared.parsed.models.height} models of task "
+               f"{task_dir.name} converted and checked; fgm-measure computes their measures")
+    for why in imported.skipped:
+        click.echo(f"  SKIPPED {why}", err=True)

@@ -132,22 +132,25 @@ def _file(base: Path, cell: str, table: Path, row: int, column: str) -> Path:
     return path
 
 
-def prepare_foreign(path: Path | str, models_toml: Path | str, *, sweep: str | None = None,
-                    dataset: str | None = None, checkpoint_root: Path | None = None,
-                    data_root: Path | None = None, progress=None) -> PreparedTable:
+def prepare_foreign(path: Path | str, models_toml: Path | str | ModelsToml, *,
+                    sweep: str | None = None, dataset: str | None = None,
+                    checkpoint_root: Path | None = None, data_root: Path | None = None,
+                    progress=None, frame: pl.DataFrame | None = None) -> PreparedTable:
     """Read and check a results table of foreign models: every row's architecture
     built, every checkpoint loaded into it, every model run on its data. Needs no
     warehouse; the table (a PreparedTable with `foreign` set) is written by
-    write_table."""
+    write_table. `models_toml` may be one read already (ingest/pgdl.py makes its
+    own), and `frame` the table in memory (then `path` only names it)."""
     import torch
 
     path = Path(path)
-    toml: ModelsToml = read_models_toml(Path(models_toml))
+    toml = models_toml if isinstance(models_toml, ModelsToml) else \
+        read_models_toml(Path(models_toml))
     try:
-        prepared = prepare_table(path, sweep=sweep, dataset=dataset,
+        prepared = prepare_table(path, frame, sweep=sweep, dataset=dataset,
                                  extra_columns=FOREIGN_COLUMNS)
     except InputError as exc:
-        if "duplicate configuration" in str(exc) and "arch" in _header(path):
+        if "duplicate configuration" in str(exc) and frame is None and "arch" in _header(path):
             raise InputError(path, f"{str(exc).split(': ', 1)[1]}. Rows that differ only "
                              "in their architecture are models of another hyperparameter: "
                              "name the column hp.arch, so that evaluation can tell them "

@@ -128,17 +128,21 @@ class Architecture:
     target: str            # the class (python) or the registered model name
     kwargs_json: str       # the kwargs as written, canonical JSON
     code_path: str | None = None     # python: the file, resolved
-    code_sha256: str | None = None   # python: its sha256 when it was read
+    code_sha256: str | None = None   # python: its sha256 when it was read; pgdl: the config's
+    config_json: str | None = None   # pgdl: the model's config.json (ingest/pgdl.py)
 
     @property
     def kwargs(self) -> dict:
         return json.loads(self.kwargs_json)
 
     def spec(self) -> dict:
-        return {"name": self.name, "source": self.source, "kind": self.kind,
-                "target": self.target, "kwargs": self.kwargs, "code_path": self.code_path,
-                "code_sha256": self.code_sha256,
-                "library_version": library_version(self.kind)}
+        out = {"name": self.name, "source": self.source, "kind": self.kind,
+               "target": self.target, "kwargs": self.kwargs, "code_path": self.code_path,
+               "code_sha256": self.code_sha256,
+               "library_version": library_version(self.kind)}
+        if self.config_json is not None:
+            out["config"] = json.loads(self.config_json)
+        return out
 
 
 
@@ -303,6 +307,14 @@ def builder(spec: dict):
                                             else "; see torchvision.models.list_models()"))
         _check_version(spec, "torchvision", torchvision.__version__)
         return lambda **kw: torchvision.models.get_model(target, weights=None, **kw)
+    if kind == "pgdl":
+        from .keras import KerasSequential
+        config = spec["config"]
+        now = sha256_bytes(json.dumps(config, sort_keys=True).encode())
+        if now != spec["code_sha256"]:
+            raise FgmError(f"architecture {spec['name']!r}: its stored config does not match "
+                           "its sha256")
+        return lambda **kw: KerasSequential(config["model_config"], config["input_shape"])
     if kind == "timm":
         try:
             import timm
@@ -422,7 +434,10 @@ def load_weights(model, path: Path) -> None:
     """The file's state dict into `model`, every key and shape matching (FgmError
     names the missing, unexpected and misshapen keys)."""
     import torch
-    state = read_state_dict(path)
+    if Path(path).suffix.lower() in (".hdf5", ".h5") and hasattr(model, "keras_state_dict"):
+        state = model.keras_state_dict(Path(path))     # a PGDL model's Keras weights
+    else:
+        state = read_state_dict(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -465,11 +480,15 @@ class DatasetDef:
     std: tuple[float, ...]
     layout: str | None          # npz: "NCHW" | "NHWC" | None (inferred)
     download: bool = False
+    shards: tuple[str, ...] = ()    # tfrecord (a PGDL task): the shard files, in order
 
     def spec(self) -> dict:
-        return {"name": self.name, "source": self.source, "kind": self.kind,
-                "location": self.location, "target": self.target, "mean": list(self.mean),
-                "std": list(self.std), "layout": self.layout, "download": self.download}
+        out = {"name": self.name, "source": self.source, "kind": self.kind,
+               "location": self.location, "target": self.target, "mean": list(self.mean),
+               "std": list(self.std), "layout": self.layout, "download": self.download}
+        if self.shards:
+            out["shards"] = list(self.shards)
+        return out
 
 
 def _floats(entry: dict, key: str, where: str, toml_path: Path, positive: bool) -> tuple:
@@ -644,6 +663,29 @@ def _torchvision_arrays(spec: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def _tfrecord_arrays(spec: dict) -> dict[str, np.ndarray]:
+    """A PGDL task's training shards (ingest/pgdl.py): float32 NHWC images and their
+    labels, in the order of the shards named in the spec; no test set (the
+    competition's tasks give the training set only)."""
+    from .tfrecord import read_examples
+    images, labels = [], []
+    for shard in spec["shards"]:
+        for record in read_examples(Path(shard), ("inputs", "output")):
+            images.append(record["inputs"])
+            labels.append(record["output"])
+    if not images:
+        raise FgmError(f"dataset {spec['name']!r}: its shards hold no records")
+    shapes = {i.shape for i in images}
+    if len(shapes) > 1:
+        raise FgmError(f"dataset {spec['name']!r}: images of several shapes "
+                       f"({', '.join(map(str, sorted(shapes)))})")
+    x = np.stack(images)
+    y = np.asarray([int(v) for v in labels]) if all(v.size == 1 for v in labels) else None
+    if y is None:
+        raise FgmError(f"dataset {spec['name']!r}: an output that is not one label")
+    return {"x_train": x, "y_train": y, "x_test": x[:0], "y_test": y[:0]}
+
+
 def dataset_arrays(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
     """(x_train, y_train, x_test, y_test) normalised as the spec says: float32 NCHW
     images, int64 labels; and the sha256 of the arrays as read (before scaling)."""
@@ -651,6 +693,9 @@ def dataset_arrays(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     if spec["kind"] == "npz":
         arrays = _read_npz(Path(spec["location"]))
         layout = spec.get("layout")
+    elif spec["kind"] == "tfrecord":
+        arrays = _tfrecord_arrays(spec)
+        layout = "NHWC"
     else:
         arrays = _torchvision_arrays(spec)
         layout = arrays.pop("layout")
@@ -667,7 +712,7 @@ def dataset_arrays(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
                           f"{where}, x_{split}")
         x = (_scaled(x, f"{where}, x_{split}") - mean) / std
         y = _labels(arrays[f"y_{split}"], len(x), f"{where}, y_{split}")
-        if len(x) == 0:
+        if len(x) == 0 and (split == "train" or spec["kind"] != "tfrecord"):
             raise FgmError(f"{where}: x_{split} has no images")
         out += [np.ascontiguousarray(x, dtype=np.float32), y]
     if out[0].shape[1:] != out[2].shape[1:]:
@@ -687,7 +732,7 @@ def load_dataset_spec(spec: dict, expected_sha256: str | None = None):
         raise FgmError(f"dataset {spec['name']!r} ({spec['source']}) changed since it was "
                        f"ingested (sha256 {expected_sha256[:16]}… then, {digest[:16]}… now): "
                        "its models' measures would not be on their training data")
-    classes = int(max(y_train.max(), y_test.max())) + 1
+    classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1
     info = {"source": spec["source"], "train_size": len(x_train), "test_size": len(x_test),
             "split": "as given", "augmentation": "none", "mean": spec["mean"],
             "std": spec["std"], "sha256": digest}

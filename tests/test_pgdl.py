@@ -82,17 +82,19 @@ def test_what_the_converter_does_not_handle_is_named_with_the_layer(layer, messa
 
 def test_weights_that_do_not_match_the_config_are_named(tmp_path):
     bad = tmp_path / "w.hdf5"
-    shutil.copy(TASK / "model_1" / "weights.hdf5", bad)       # filters 8, not model_0's 4
-    cfg = json.loads((TASK / "model_0" / "config.json").read_text())
+    shutil.copy(TASK / "model_2" / "weights.hdf5", bad)       # filters 4, not model_1's 8
+    cfg = json.loads((TASK / "model_1" / "config.json").read_text())
     model = KerasSequential(cfg["model_config"], cfg["input_shape"])
     with pytest.raises(FgmError, match=r"layer 0 \(Conv2D, 'conv2d\w*'\): weight: shape "
-                                       r"\(8, 3, 3, 3\) where the config gives \(4, 3, 3, 3\)"):
+                                       r"\(4, 3, 3, 3\) where the config gives \(8, 3, 3, 3\)"):
         model.keras_state_dict(bad)
     with h5py.File(bad, "r+") as f:
         names = list(f.attrs["layer_names"])
         f.attrs["layer_names"] = names[:-1]
-    with pytest.raises(FgmError, match="11 layers, but the config has 12"):
+    with pytest.raises(FgmError, match="13 layers, but the config has 14"):
         model.keras_state_dict(bad)
+    cfg = json.loads((TASK / "model_0" / "config.json").read_text())
+    model = KerasSequential(cfg["model_config"], cfg["input_shape"])
     shutil.copy(TASK / "model_0" / "weights.hdf5", bad)
     with h5py.File(bad, "r+") as f:
         f["dense_1"]["dense_1"]["kernel:0"][0, 0] = np.nan
@@ -114,3 +116,111 @@ def test_a_truncated_or_corrupt_shard_names_the_record(tmp_path):
         read_examples(bad, ("inputs", "output"))
     with pytest.raises(FgmError, match="no feature label"):
         read_examples(SHARD, ("inputs", "label"))
+
+
+# --------------------------------------------------------------------------- fgm-ingest pgdl
+
+REFERENCE = FIXTURE / "reference_data" / "task_tiny" / "model_configs.json"
+
+
+def run(cli, *args):
+    from click.testing import CliRunner
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_a_task_goes_through_ingest_measure_and_the_pgdl_scorer(tmp_path):
+    from fgm.analysis.cli import main as query
+    from fgm.ingest.cli import main as ingest
+    from fgm.measures.cli import main as measure
+    from fgm.warehouse import connect
+    db = tmp_path / "w.duckdb"
+    out = run(ingest, "pgdl", TASK, "--reference", REFERENCE, "--db", db)
+    assert out.exit_code == 0 and "4 models (4 added" in out.output, out.output
+    con = connect(db, read_only=True)
+    models = con.sql("SELECT m.model_id, s.name FROM models AS m JOIN sweeps AS s "
+                     "USING (sweep_id) ORDER BY 1").fetchall()
+    levels = con.sql("SELECT model_id, axis, level, value_text FROM hyperparameters "
+                     "WHERE axis = 'head' ORDER BY 1").fetchall()
+    gaps = dict(con.sql("SELECT model_id, gap FROM outcomes").fetchall())
+    roles = con.sql("SELECT role, count(*) FROM checkpoints GROUP BY ALL ORDER BY 1").fetchall()
+    con.close()
+    assert models == [(f"task_tiny/model_{k}", "task_tiny") for k in range(4)]
+    assert [r[2:] for r in levels] == [(0, "dense")] * 3 + [(1, "gap")]
+    ref = json.loads(REFERENCE.read_text())
+    for k in range(4):
+        m = ref[f"model_{k}"]["metrics"]
+        assert gaps[f"task_tiny/model_{k}"] == pytest.approx(m["train_acc"] - m["test_acc"])
+    assert roles == [("final", 4), ("init", 4)]
+    out = run(measure, "--measures", "cross_entropy,param_norm,frobenius_distance,"
+              "spectral_orig", "--budget", "fast", "--db", db)
+    assert out.exit_code == 0 and "4 models" in out.output, out.output
+    con = connect(db, read_only=True)
+    status = dict(con.sql("SELECT model_id || ' ' || measure, status FROM measures").fetchall())
+    ce = con.sql("SELECT value FROM measures WHERE measure = 'cross_entropy' AND "
+                 "model_id = 'task_tiny/model_1'").fetchall()[0][0]
+    con.close()
+    # model_0's BatchNorms follow ReLUs (they do not fold): measures on w do not apply
+    assert status["task_tiny/model_0 param_norm"] == "not_applicable"
+    assert status["task_tiny/model_1 param_norm"] == "ok"
+    assert status["task_tiny/model_1 frobenius_distance"] == "ok"   # weights_init.hdf5
+    x, y = shard_arrays()
+    logits = torch.from_numpy(np.load(FIXTURE / "keras_logits.npz")["model_1"]).double()
+    want = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y).long()))
+    assert ce == pytest.approx(want, rel=1e-5)       # Keras's own logits, on the shard
+    table = run(query, "table", "--pgdl", "--all-models", "--no-store", "--format", "json",
+                "--db", db)
+    cmi = run(query, "cmi", "-m", "cross_entropy", "--pgdl", "--all-models", "--no-store",
+              "--format", "json", "--db", db)
+    assert table.exit_code == 0 and cmi.exit_code == 0, table.output + cmi.output
+    row = next(r for r in json.loads(table.output) if r["measure"] == "cross_entropy")
+    assert row["K"] == json.loads(cmi.output)["K"] and row["K"] is not None
+    assert not any(r["kind"] == "oracle" for r in json.loads(table.output))
+
+
+def _task_copy(tmp_path) -> Path:
+    return Path(shutil.copytree(TASK, tmp_path / "task_tiny"))
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("unsupported layer", "SKIPPED model_2: layer 4: LSTM: a layer type the converter"),
+    ("weights of another model", "SKIPPED model_1: "),
+    ("no weights", "SKIPPED model_3: no weights.hdf5"),
+    ("non-finite weight", "SKIPPED model_2: "),
+])
+def test_a_model_that_cannot_be_read_is_named_and_the_others_go_in(tmp_path, case, expected):
+    from fgm.ingest.cli import main as ingest
+    task = _task_copy(tmp_path)
+    if case == "unsupported layer":
+        cfg = json.loads((task / "model_2" / "config.json").read_text())
+        cfg["model_config"][4] = {"layer_name": "LSTM", "units": 3}
+        (task / "model_2" / "config.json").write_text(json.dumps(cfg))
+    elif case == "weights of another model":
+        shutil.copy(task / "model_2" / "weights.hdf5", task / "model_1" / "weights.hdf5")
+    elif case == "no weights":
+        (task / "model_3" / "weights.hdf5").unlink()
+    else:
+        with h5py.File(task / "model_2" / "weights.hdf5", "r+") as f:
+            name = [n for n in f.attrs["layer_names"] if str(n).startswith("conv2d")][0]
+            kernel = [w for w in f[name].attrs["weight_names"] if "kernel" in str(w)][0]
+            f[name][kernel][0, 0, 0, 0] = np.inf
+    out = run(ingest, "pgdl", task, "--reference", REFERENCE, "--db", tmp_path / "w.duckdb")
+    assert out.exit_code == 0 and "3 models (3 added" in out.output, out.output
+    assert expected in out.output, out.output
+
+
+def test_a_reference_that_does_not_match_or_a_corrupt_shard_writes_nothing(tmp_path):
+    from fgm.ingest.cli import main as ingest
+    task = _task_copy(tmp_path)
+    ref = json.loads(REFERENCE.read_text())
+    ref["model_9"] = ref.pop("model_3")
+    bad_ref = tmp_path / "model_configs.json"
+    bad_ref.write_text(json.dumps(ref))
+    db = tmp_path / "w.duckdb"
+    out = run(ingest, "pgdl", task, "--reference", bad_ref, "--db", db)
+    assert out.exit_code == 1 and "folders without an entry: model_3" in out.output
+    assert "entries without a folder: model_9" in out.output and not db.exists()
+    shard = task / "dataset_1" / "train" / "shard_1.tfrecord"
+    shard.write_bytes(shard.read_bytes()[:-50])
+    out = run(ingest, "pgdl", task, "--reference", REFERENCE, "--db", db)
+    assert out.exit_code == 1 and "shard_1.tfrecord, record 63" in out.output, out.output
+    assert not db.exists()

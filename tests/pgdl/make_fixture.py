@@ -40,14 +40,19 @@ TASK = "task_tiny"
 INPUT_SHAPE = [9, 12, 3]
 
 
-def model_config(filters: int, dropout: float, head: str) -> list[dict]:
+def model_config(filters: int, dropout: float, head: str, foldable: bool) -> list[dict]:
+    """foldable: Conv2D -> BatchNormalization -> Activation (the BatchNorm folds into
+    the convolution); else Conv2D(activation="relu") -> BatchNormalization, which
+    does not fold (fgm's measures that need a folded network are not applicable)."""
+    relu = None if foldable else "relu"
+    after = [{"layer_name": "Activation", "activation": "relu"}] if foldable else []
     layers = [
         {"layer_name": "Conv2D", "filters": float(filters), "kernel_size": [3.0, 3.0],
-         "strides": [2.0, 2.0], "padding": "same", "activation": "relu"},   # 9 -> 5, 12 -> 6
-        {"layer_name": "BatchNormalization"},
+         "strides": [2.0, 2.0], "padding": "same", "activation": relu},      # 9 -> 5, 12 -> 6
+        {"layer_name": "BatchNormalization"}, *after,
         {"layer_name": "Conv2D", "filters": filters * 2, "kernel_size": 3, "strides": 1,
-         "padding": "same", "activation": "relu", "use_bias": False},
-        {"layer_name": "BatchNormalization", "epsilon": 0.01},
+         "padding": "same", "activation": relu, "use_bias": False},
+        {"layer_name": "BatchNormalization", "epsilon": 0.01}, *after,
         {"layer_name": "MaxPooling2D", "pool_size": 2, "padding": "same"},  # 5 -> 3, 6 -> 3
         {"layer_name": "Dropout", "rate": dropout},
     ]
@@ -102,7 +107,7 @@ def main() -> None:
     grid = [(4, 0.0, "dense"), (8, 0.0, "dense"), (4, 0.5, "dense"), (8, 0.5, "gap")]
     for k, (filters, dropout, head) in enumerate(grid):
         tf.random.set_seed(k)
-        config = model_config(filters, dropout, head)
+        config = model_config(filters, dropout, head, foldable=k >= 1)
         model = build(config)
         folder = task / f"model_{k}"
         folder.mkdir(parents=True, exist_ok=True)
