@@ -351,8 +351,9 @@ def oracle(eps, draws, seed, pool_seeds,
 
 
 @main.command()
-@click.option("--kind", type=click.Choice(["psi", "cmi"]), default="psi", show_default=True,
-              help="psi: Table 5's shape (ψ_i, τ, Ψ); cmi: Table 6's (CMI per axis, K).")
+@click.option("--kind", type=click.Choice(["psi", "cmi"]), default=None,
+              help="psi: Table 5's shape (ψ_i, τ, Ψ; the default); cmi: Table 6's (CMI per "
+                   "axis, K).")
 @click.option("--pgdl", is_flag=True,
               help="Score every measure as the NeurIPS 2020 PGDL scorer did (Table 6's "
                    "shape, the competition's CMI: |S| = 2, self-pairs, equal-weight "
@@ -377,7 +378,11 @@ def table(kind, pgdl, draws, ci, boot, seed, pool_seeds, convention, converged_s
         if convention != "spec":
             raise click.BadParameter("--pgdl is the PGDL scorer's own convention; leave out "
                                      "--convention", param_hint="--convention")
+        if kind == "psi":
+            raise click.BadParameter("--pgdl scores CMI (Table 6's shape): leave out --kind "
+                                     "psi", param_hint="--kind")
         kind = "cmi"
+    kind = kind or "psi"
     sel = _selection(where, dataset, sweep, all_models, relevel,
                      converged_searches_only=converged_searches_only, seeds=seeds)
     with readonly(db) as con:

@@ -59,6 +59,12 @@ def main(paths: tuple[str, ...], db: str | None, sweep: str | None, dataset: str
     A bad bundle is reported by path and the rest still land; the exit status
     is 1 when any bundle failed."""
     if len(paths) == 2 and paths[0] == "pgdl":
+        given = [name for name, value in (("--models", models_toml), ("--dataset", dataset),
+                                          ("--checkpoint-root", checkpoint_root),
+                                          ("--data-root", data_root)) if value is not None]
+        if given:
+            raise FgmError(f"{', '.join(given)}: not options of fgm-ingest pgdl (the task "
+                           "folder holds the models, their weights and the data)")
         _pgdl(Path(paths[1]), reference, db, sweep, replace)
         return
     if len(paths) != 1:
@@ -130,3 +136,5 @@ def _pgdl(task_dir: Path, reference: Path | None, db, sweep, replace) -> None:
                f"{task_dir.name} converted and checked; fgm-measure computes their measures")
     for why in imported.skipped:
         click.echo(f"  SKIPPED {why}", err=True)
+    if imported.skipped:        # the others are stored; as a bundle tree's failures
+        raise SystemExit(1)

@@ -33,7 +33,7 @@ from fgm.warehouse import FgmError
 ACTIVATIONS = {None: None, "linear": None, "relu": nn.ReLU, "tanh": nn.Tanh,
                "sigmoid": nn.Sigmoid, "elu": nn.ELU}
 # arguments that change nothing in the forward of a trained model in eval mode
-INERT = {"name", "trainable", "dtype", "kernel_initializer", "bias_initializer",
+INERT = {"name", "trainable", "kernel_initializer", "bias_initializer",
          "kernel_regularizer", "bias_regularizer", "activity_regularizer",
          "kernel_constraint", "bias_constraint", "input_shape", "batch_input_shape",
          "beta_initializer", "gamma_initializer", "moving_mean_initializer",
@@ -41,6 +41,7 @@ INERT = {"name", "trainable", "dtype", "kernel_initializer", "bias_initializer",
          "beta_constraint", "gamma_constraint", "seed", "noise_shape", "momentum",
          "renorm", "renorm_clipping", "renorm_momentum", "fused", "virtual_batch_size",
          "adjustment", "synchronized"}
+REQUIRED = {"Conv2D": ("filters", "kernel_size"), "Dense": ("units",)}
 KNOWN = {
     "Conv2D": {"filters", "kernel_size", "strides", "padding", "activation", "use_bias",
                "dilation_rate", "data_format", "groups"},
@@ -55,10 +56,10 @@ KNOWN = {
 }
 
 
-def _int(v, what: str) -> int:
+def _int(v, what: str, low: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int | float) or not float(v).is_integer() \
-            or v < 0:
-        raise ValueError(f"{what} = {v!r}: expected a whole number")
+            or v < low:
+        raise ValueError(f"{what} = {v!r}: expected a whole number >= {low}")
     return int(v)
 
 
@@ -112,10 +113,18 @@ class KerasSequential(nn.Module):
                                      f"(it handles {', '.join(KNOWN)})")
                 where = f"layer {i} ({kind})"
                 args = {k: v for k, v in spec.items() if k != "layer_name"}
+                if args.pop("dtype", None) not in (None, "float32"):
+                    raise ValueError(f"dtype {spec.get('dtype')!r}: only float32 (another "
+                                     "dtype changes Keras's arithmetic)")
                 unknown = sorted(set(args) - KNOWN[kind] - INERT)
                 if unknown:
                     raise ValueError(f"argument{'s' * (len(unknown) > 1)} "
                                      f"{', '.join(unknown)} not handled")
+                for required in REQUIRED.get(kind, ()):
+                    if required not in args:
+                        raise ValueError(f"no {required}")
+                if isinstance(args.get("padding"), str):
+                    args["padding"] = args["padding"].lower()
                 if args.get("data_format") not in (None, "channels_last"):
                     raise ValueError(f"data_format {args['data_format']!r}: only "
                                      "channels_last")
@@ -181,7 +190,11 @@ class KerasSequential(nn.Module):
                 raise ValueError(f"axis {axis!r}: only the channels (last) axis")
             if len(shape) == 1 and flat_from is not None:
                 raise ValueError("a BatchNormalization between Flatten and Dense")
-            eps = float(a.get("epsilon", 1e-3))
+            eps = a.get("epsilon", 1e-3)
+            if isinstance(eps, bool) or not isinstance(eps, int | float) \
+                    or not math.isfinite(eps) or eps <= 0:
+                raise ValueError(f"epsilon {eps!r}: expected a positive number")
+            eps = float(eps)
             bn = (nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d)(shape[0], eps=eps)
             entry["weights"] = len(layers)
             entry["center"], entry["scale"] = bool(a.get("center", True)), bool(
@@ -210,7 +223,7 @@ class KerasSequential(nn.Module):
                 else:
                     raise ValueError(f"padding 'same' with a window of {kh}x{kw}, strides "
                                      f"{sh}x{sw} on {h}x{w}: padding on both sides unequally")
-                if max(pad) * 2 > min(kh, kw):
+                if pad[0] * 2 > kh or pad[1] * 2 > kw:
                     raise ValueError("padding wider than half the window")
             else:
                 raise ValueError(f"padding {padding!r}: expected 'valid' or 'same'")
@@ -278,11 +291,18 @@ class KerasSequential(nn.Module):
                                f"{len(self.plan)}")
             state: dict[str, torch.Tensor] = {}
             for i, (name, entry) in enumerate(zip(names, self.plan, strict=True)):
-                g = group[name]
                 weights = {}
-                for w in g.attrs.get("weight_names", []):
-                    w = w.decode() if isinstance(w, bytes) else str(w)
-                    weights[w.rsplit("/", 1)[-1].split(":")[0]] = np.asarray(g[w])
+                try:
+                    g = group[name]
+                    listed = g.attrs.get("weight_names", [])
+                    if isinstance(listed, str | bytes):
+                        raise TypeError("weight_names is not a list")
+                    for w in listed:
+                        w = w.decode() if isinstance(w, bytes) else str(w)
+                        weights[w.rsplit("/", 1)[-1].split(":")[0]] = np.asarray(g[w])
+                except (KeyError, TypeError, ValueError, OSError) as exc:
+                    raise FgmError(f"{path}: layer {i} ({entry['kind']}, {name!r}): not in "
+                                   f"Keras's save_weights layout ({exc})") from None
                 try:
                     state.update(self._convert(entry, weights, f"layers.{entry.get('weights')}"))
                 except ValueError as exc:

@@ -76,11 +76,22 @@ def _row(model: str, entry: object, ref: Path) -> dict:
     return row
 
 
+def _first_image_shape(shard: Path) -> tuple[int, int, int]:
+    """(H, W, C) of a shard's first image (the competition's: float32 NHWC)."""
+    from .tfrecord import read_examples
+    first = read_examples(shard, ("inputs", "output"), limit=1)
+    if not first or first[0]["inputs"].ndim != 3:
+        raise FgmError(f"{shard}: expected records of (H, W, C) images")
+    return tuple(int(v) for v in first[0]["inputs"].shape)
+
+
 def prepare_pgdl(task_dir: Path | str, reference: Path | str, *, sweep: str | None = None,
                  progress=None) -> PgdlTask:
     """Read and check a PGDL task (no warehouse needed): every model converted,
     its weights loaded, run on the task's training shards."""
-    task_dir, reference = Path(task_dir), Path(reference)
+    # absolute: the warehouse keeps the shards' and weights' paths for fgm-measure,
+    # which may run from another folder
+    task_dir, reference = Path(task_dir).resolve(), Path(reference).resolve()
     if not task_dir.is_dir():
         raise FgmError(f"{task_dir}: no such directory (a PGDL task's input_data/<task>)")
     ref = _reference(reference)
@@ -99,6 +110,7 @@ def prepare_pgdl(task_dir: Path | str, reference: Path | str, *, sweep: str | No
     if not shards:
         raise FgmError(f"{task_dir}: no dataset_1/train/shard_*.tfrecord")
     task = task_dir.name
+    image_shape = _first_image_shape(shards[0])
     architectures, rows, skipped, channels = {}, [], [], None
     for model in folders:
         folder = task_dir / model
@@ -112,7 +124,13 @@ def prepare_pgdl(task_dir: Path | str, reference: Path | str, *, sweep: str | No
             if not (folder / "weights.hdf5").is_file():
                 raise FgmError("no weights.hdf5")
             net = KerasSequential(config.get("model_config"), config.get("input_shape"))
+            if net.input_shape != image_shape:
+                # Keras pads by the real input's size: another one is another network
+                raise FgmError(f"input_shape {list(net.input_shape)}, but the task's "
+                               f"images are {list(image_shape)}")
             net.keras_state_dict(folder / "weights.hdf5")     # weights fit the config
+            if (folder / "weights_init.hdf5").is_file():
+                net.keras_state_dict(folder / "weights_init.hdf5")
         except FgmError as exc:
             skipped.append(f"{model}: {exc}")
             continue

@@ -190,11 +190,14 @@ def tensor(proto: bytes) -> np.ndarray:
     return array.reshape(shape).copy()
 
 
-def read_examples(path: Path, features: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
-    """Every record of a shard: {feature: array} for the named serialized-tensor
-    features. FgmError names the shard and the record that is wrong."""
+def read_examples(path: Path, features: tuple[str, ...],
+                  limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Every record of a shard (the first `limit`): {feature: array} for the named
+    serialized-tensor features. FgmError names the shard and the record that is wrong."""
     out = []
     for index, record in enumerate(records(path)):
+        if limit is not None and index >= limit:
+            break
         try:
             got = example_bytes(record)
             missing = [f for f in features if f not in got]

@@ -670,9 +670,15 @@ def _tfrecord_arrays(spec: dict) -> dict[str, np.ndarray]:
     from .tfrecord import read_examples
     images, labels = [], []
     for shard in spec["shards"]:
-        for record in read_examples(Path(shard), ("inputs", "output")):
-            images.append(record["inputs"])
-            labels.append(record["output"])
+        for index, record in enumerate(read_examples(Path(shard), ("inputs", "output"))):
+            image, label = record["inputs"], record["output"]
+            # as the competition's loader reads them: float32 images, integer labels
+            if image.dtype != np.float32 or label.dtype.kind not in "iu" or label.size != 1:
+                raise FgmError(f"{shard}, record {index}: expected a float32 image and one "
+                               f"integer label, found {image.dtype} {image.shape} and "
+                               f"{label.dtype} {label.shape}")
+            images.append(image)
+            labels.append(int(label.reshape(())))
     if not images:
         raise FgmError(f"dataset {spec['name']!r}: its shards hold no records")
     shapes = {i.shape for i in images}
@@ -680,9 +686,7 @@ def _tfrecord_arrays(spec: dict) -> dict[str, np.ndarray]:
         raise FgmError(f"dataset {spec['name']!r}: images of several shapes "
                        f"({', '.join(map(str, sorted(shapes)))})")
     x = np.stack(images)
-    y = np.asarray([int(v) for v in labels]) if all(v.size == 1 for v in labels) else None
-    if y is None:
-        raise FgmError(f"dataset {spec['name']!r}: an output that is not one label")
+    y = np.asarray(labels, dtype=np.int64)
     return {"x_train": x, "y_train": y, "x_test": x[:0], "y_test": y[:0]}
 
 

@@ -186,6 +186,12 @@ def _task_copy(tmp_path) -> Path:
     ("weights of another model", "SKIPPED model_1: "),
     ("no weights", "SKIPPED model_3: no weights.hdf5"),
     ("non-finite weight", "SKIPPED model_2: "),
+    ("another input shape", "SKIPPED model_3: input_shape [10, 13, 3], but the task's "
+                            "images are [9, 12, 3]"),
+    ("a missing argument", "SKIPPED model_2: layer 13 (Dense): no units"),
+    ("a zero stride", "SKIPPED model_1: layer 0 (Conv2D): strides = 0"),
+    ("float16", "SKIPPED model_1: layer 1 (BatchNormalization): dtype 'float16'"),
+    ("a bad initial weights file", "SKIPPED model_2: "),
 ])
 def test_a_model_that_cannot_be_read_is_named_and_the_others_go_in(tmp_path, case, expected):
     from fgm.ingest.cli import main as ingest
@@ -198,13 +204,27 @@ def test_a_model_that_cannot_be_read_is_named_and_the_others_go_in(tmp_path, cas
         shutil.copy(task / "model_2" / "weights.hdf5", task / "model_1" / "weights.hdf5")
     elif case == "no weights":
         (task / "model_3" / "weights.hdf5").unlink()
+    elif case in ("another input shape", "a missing argument", "a zero stride", "float16"):
+        k = {"another input shape": 3, "a missing argument": 2}.get(case, 1)
+        cfg = json.loads((task / f"model_{k}" / "config.json").read_text())
+        if case == "another input shape":
+            cfg["input_shape"] = [10, 13, 3]
+        elif case == "a missing argument":
+            del cfg["model_config"][-1]["units"]
+        elif case == "a zero stride":
+            cfg["model_config"][0]["strides"] = 0
+        else:
+            cfg["model_config"][1]["dtype"] = "float16"
+        (task / f"model_{k}" / "config.json").write_text(json.dumps(cfg))
+    elif case == "a bad initial weights file":
+        shutil.copy(task / "model_3" / "weights.hdf5", task / "model_2" / "weights_init.hdf5")
     else:
         with h5py.File(task / "model_2" / "weights.hdf5", "r+") as f:
             name = [n for n in f.attrs["layer_names"] if str(n).startswith("conv2d")][0]
             kernel = [w for w in f[name].attrs["weight_names"] if "kernel" in str(w)][0]
             f[name][kernel][0, 0, 0, 0] = np.inf
     out = run(ingest, "pgdl", task, "--reference", REFERENCE, "--db", tmp_path / "w.duckdb")
-    assert out.exit_code == 0 and "3 models (3 added" in out.output, out.output
+    assert out.exit_code == 1 and "3 models (3 added" in out.output, out.output   # the rest in
     assert expected in out.output, out.output
 
 
@@ -224,3 +244,18 @@ def test_a_reference_that_does_not_match_or_a_corrupt_shard_writes_nothing(tmp_p
     out = run(ingest, "pgdl", task, "--reference", REFERENCE, "--db", db)
     assert out.exit_code == 1 and "shard_1.tfrecord, record 63" in out.output, out.output
     assert not db.exists()
+
+
+def test_the_warehouse_finds_the_task_from_any_folder(tmp_path, monkeypatch):
+    """A task ingested by a relative path: its shards and weights are stored by
+    absolute path, so fgm-measure run from elsewhere still reads them."""
+    from fgm.ingest.cli import main as ingest
+    from fgm.measures.cli import main as measure
+    shutil.copytree(TASK, tmp_path / "here" / "task_tiny")
+    monkeypatch.chdir(tmp_path / "here")
+    db = tmp_path / "w.duckdb"
+    out = run(ingest, "pgdl", "task_tiny", "--reference", REFERENCE, "--db", db)
+    assert out.exit_code == 0, out.output
+    monkeypatch.chdir(tmp_path)
+    out = run(measure, "--measures", "cross_entropy", "--db", db)
+    assert out.exit_code == 0 and "4 models, 4 values computed" in out.output, out.output
