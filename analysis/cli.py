@@ -410,6 +410,12 @@ def table(kind, pgdl, draws, ci, boot, seed, pool_seeds, convention, converged_s
 @main.command()
 @click.option("--paper", is_flag=True,
               help="Compare with the paper's published figures (the one reference so far).")
+@click.option("--pgdl-scores", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="A CSV of published PGDL scores (measure, task, score): "
+              "each beside fgm's own score of that measure on that task's models.")
+@click.option("--scores-unit", type=click.Choice(["fraction", "percent"]), default=None,
+              help="With --pgdl-scores: the unit its scores are in (the scorer's fraction, "
+                   "or x100 as leaderboards print them).")
 @click.option("--table", "paper_table_", type=click.Choice(["5", "6", "7"]), default=None,
               help="The paper's table: 5 (CIFAR-10 τ, Ψ), 6 (CIFAR-10 CMI, K) or 7 (SVHN "
                    "τ, Ψ). Default: 5 and 6.")
@@ -418,8 +424,8 @@ def table(kind, pgdl, draws, ci, boot, seed, pool_seeds, convention, converged_s
 @db_option
 @format_option
 @friendly_errors
-def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, seeds, relevel,
-            db, fmt):
+def compare(paper, paper_table_, pgdl_scores, scores_unit, pool_seeds, where, dataset, sweep,
+            all_models, seeds, relevel, db, fmt):
     """The paper's figures beside this warehouse's, measure by measure, computed with
     --convention paper: Ψ and τ (and K), whether the sign of Ψ agrees, and the rank
     correlation (Spearman, Kendall) of Ψ and of K across measures. Lists the measures
@@ -432,9 +438,26 @@ def compare(paper, paper_table_, pool_seeds, where, dataset, sweep, all_models, 
         summary_lines,
         summary_rows,
     )
+    if pgdl_scores is not None:
+        from .compare import compare_pgdl_scores, read_pgdl_scores
+        if paper:
+            raise click.UsageError("give --paper or --pgdl-scores, not both")
+        if scores_unit is None:
+            raise click.UsageError("--pgdl-scores needs --scores-unit fraction|percent: the "
+                                   "PGDL scorer returns a fraction, leaderboards print it "
+                                   "x100, and a score below 1 could be either")
+        if where or dataset or sweep or seeds or relevel or pool_seeds:
+            raise click.UsageError("--pgdl-scores selects each task's models by the task "
+                                   "(its sweep); only --all-models applies")
+        scores = read_pgdl_scores(pgdl_scores)
+        with readonly(db) as con:
+            frame = compare_pgdl_scores(con, scores, scores_unit, all_models=all_models)
+        emit_frame(frame, fmt, title=f"published PGDL scores ({scores_unit}) and fgm's "
+                                     "(cmi --pgdl, K) on each task's models")
+        return
     if not paper:
-        raise click.UsageError("compare needs --paper: the paper's published figures are "
-                               "what it compares with")
+        raise click.UsageError("compare needs --paper (the paper's published figures) or "
+                               "--pgdl-scores FILE (published PGDL scores)")
     tables = (paper_table_,) if paper_table_ else DEFAULT_TABLES
     with readonly(db) as con:
         res = compare_paper(con, _selection(where, dataset, sweep, all_models, relevel,

@@ -12,6 +12,7 @@ has and the warehouse lacks, as missing, with the command that would fill it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 
 import duckdb
@@ -256,3 +257,88 @@ def summary_lines(result: dict) -> list[str]:
     if result.get("note"):
         lines.append(result["note"])
     return lines
+
+
+# --------------------------------------------------------------------------- PGDL scores
+
+SCORE_UNITS = ("fraction", "percent")
+
+
+def read_pgdl_scores(path) -> pl.DataFrame:
+    """A user's CSV of published PGDL scores: measure, task, score (one row each; a
+    task is a sweep of the warehouse, as fgm-ingest pgdl names it). InputError names
+    the file, the row and the column."""
+    from pathlib import Path
+
+    from fgm.warehouse import InputError
+    path = Path(path)
+    try:
+        frame = pl.read_csv(path, infer_schema=False)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise InputError(path, f"not a readable CSV ({' '.join(str(exc).split())[:200]})"
+                         ) from None
+    missing = [c for c in ("measure", "task", "score") if c not in frame.columns]
+    if missing:
+        raise InputError(path, f"no {', '.join(missing)} column (expected measure, task, "
+                         f"score; found {', '.join(frame.columns)})")
+    rows, seen = [], {}
+    for i, r in enumerate(frame.iter_rows(named=True), start=1):
+        for column in ("measure", "task"):
+            if not (r[column] or "").strip():
+                raise InputError(path, "a value is required", row=i, column=column)
+        try:
+            score = float(r["score"])
+        except (TypeError, ValueError):
+            raise InputError(path, f"expected a number, found {r['score']!r}", row=i,
+                             column="score") from None
+        if not math.isfinite(score):
+            raise InputError(path, f"expected a finite number, found {r['score']!r}", row=i,
+                             column="score")
+        key = (r["measure"].strip(), r["task"].strip())
+        if key in seen:
+            raise InputError(path, f"{key[0]} on {key[1]} is also in row {seen[key]}", row=i)
+        seen[key] = i
+        rows.append({"measure": key[0], "task": key[1], "published": score})
+    if not rows:
+        raise InputError(path, "no rows")
+    return pl.DataFrame(rows)
+
+
+def compare_pgdl_scores(con, scores: pl.DataFrame, unit: str, *,
+                        all_models: bool = False) -> pl.DataFrame:
+    """Each published score beside fgm's own on the task's models: the PGDL scorer's
+    conditional mutual information (fgm-query cmi --pgdl, K), in the unit the
+    published scores are given in (`unit`: "fraction" as the scorer returns it, or
+    "percent", x100, as leaderboards print it). A task or measure the warehouse does
+    not hold gets a note, not a number."""
+    from . import queries
+    if unit not in SCORE_UNITS:
+        raise FgmError(f"unit {unit!r}: expected one of {', '.join(SCORE_UNITS)}")
+    scale = 100.0 if unit == "percent" else 1.0
+    sweeps = {r[0] for r in con.execute("SELECT name FROM sweeps").fetchall()}
+    known = {r[0] for r in con.execute("SELECT DISTINCT measure FROM measures "
+                                       "WHERE value IS NOT NULL").fetchall()}
+    out = []
+    for r in scores.iter_rows(named=True):
+        row = {**r, "fgm": None, "difference": None, "n_models": None, "note": None}
+        if r["task"] not in sweeps:
+            row["note"] = "no sweep of this name in the warehouse (fgm-ingest pgdl names it "\
+                          "after the task's folder)"
+        elif r["measure"] not in known:
+            row["note"] = "no values of this measure (fgm-measure computes it)"
+        else:
+            answer = queries.cmi(con, queries.selection(sweep=r["task"],
+                                                        all_models=all_models),
+                                 r["measure"], pgdl=True)
+            k = answer.res.get("K")
+            row["n_models"] = answer.res.get("n_models")
+            if k is None:
+                row["note"] = answer.res.get("note") or "K is undefined here"
+            else:
+                row["fgm"] = k * scale
+                row["difference"] = row["fgm"] - r["published"]
+        out.append(row)
+    return pl.DataFrame(out, schema={"measure": pl.String, "task": pl.String,
+                                     "published": pl.Float64, "fgm": pl.Float64,
+                                     "difference": pl.Float64, "n_models": pl.Int64,
+                                     "note": pl.String})

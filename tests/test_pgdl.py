@@ -175,6 +175,27 @@ def test_a_task_goes_through_ingest_measure_and_the_pgdl_scorer(tmp_path):
     row = next(r for r in json.loads(table.output) if r["measure"] == "cross_entropy")
     assert row["K"] == json.loads(cmi.output)["K"] and row["K"] is not None
     assert not any(r["kind"] == "oracle" for r in json.loads(table.output))
+    # published scores beside fgm's (a user's CSV), in the unit they are given in
+    scores = tmp_path / "published.csv"
+    scores.write_text("measure,task,score\ncross_entropy,task_tiny,12.5\n"
+                      "vc_dim,task_tiny,3\ncross_entropy,task_other,1\n")
+    out = run(query, "compare", "--pgdl-scores", scores, "--scores-unit", "percent",
+              "--all-models", "--format", "json", "--db", db)
+    assert out.exit_code == 0, out.output
+    got = {(r["measure"], r["task"]): r for r in json.loads(out.output)}
+    ce = got[("cross_entropy", "task_tiny")]
+    assert ce["fgm"] == pytest.approx(100 * row["K"]) and ce["published"] == 12.5
+    assert ce["difference"] == pytest.approx(ce["fgm"] - 12.5) and ce["n_models"] == 4
+    assert got[("vc_dim", "task_tiny")]["fgm"] is None and "fgm-measure" in \
+        got[("vc_dim", "task_tiny")]["note"]
+    assert "no sweep of this name" in got[("cross_entropy", "task_other")]["note"]
+    out = run(query, "compare", "--pgdl-scores", scores, "--db", db)
+    assert out.exit_code != 0 and "--scores-unit fraction|percent" in out.output
+    scores.write_text("measure,task,score\ncross_entropy,task_tiny,high\n")
+    out = run(query, "compare", "--pgdl-scores", scores, "--scores-unit", "fraction",
+              "--db", db)
+    assert out.exit_code == 1 and "row 1, column 'score': expected a number, found 'high'" \
+        in out.output, out.output
 
 
 def _task_copy(tmp_path) -> Path:
