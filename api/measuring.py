@@ -22,6 +22,7 @@ import polars as pl
 import torch
 from torch import nn
 
+from fgm.ingest.zoo import NotAClassifier, classifier_classes
 from fgm.measures.context import BUDGETS, Context, Settings
 from fgm.measures.network import UnsupportedNetwork
 from fgm.measures.registry import list_measures as _registry
@@ -175,21 +176,10 @@ def measure_details(model: nn.Module, train: object, *, init: nn.Module | Mappin
         x, y = x.to(device=dev, dtype=dtype), y.to(dev)
     except (RuntimeError, AssertionError) as exc:
         raise FgmError(f"device {device!r}: {' '.join(str(exc).split())[:200]}") from None
-    final.eval()
     try:
-        with torch.no_grad():
-            out = final(x[:2])
-    except Exception as exc:  # the model's own forward: any error is the input's fit
-        raise FgmError(f"train: images of shape {tuple(x.shape[1:])} do not fit the model "
-                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UnsupportedModel(f"model: not an image classifier: its output for 2 images is "
-                               f"{shape}, where (2, classes) was expected")
-    classes = int(out.shape[1])
-    if int(y.min()) < 0 or int(y.max()) >= classes:
-        raise FgmError(f"train: labels must be in [0, {classes}) for a model of {classes} "
-                       f"classes; found {int(y.min())} to {int(y.max())}")
+        classes = classifier_classes(final, x, [y], "train")
+    except NotAClassifier as exc:
+        raise UnsupportedModel(f"model: {exc.detail}") from None
     try:
         ctx = Context.from_models(final, x, y, classes, init=initial, settings=settings)
     except UnsupportedNetwork as exc:

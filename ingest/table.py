@@ -464,8 +464,9 @@ class PreparedTable:
             return (frame.join(mapping, on="model_id", how="left")
                     .with_columns(pl.col("_new").alias("model_id")).drop("_new")
                     .select(order))
+        row = {m: i for i, m in enumerate(old)}
         outcomes = moved(p.outcomes).with_columns(
-            pl.Series("train_size", [train_sizes[old.index(m)] for m in
+            pl.Series("train_size", [train_sizes[row[m]] for m in
                                      p.outcomes["model_id"].to_list()], pl.Int64))
         parsed = dataclasses.replace(p, models=moved(p.models),
                                      hyperparameters=moved(p.hyperparameters),
@@ -571,10 +572,7 @@ def write_table(con: duckdb.DuckDBPyConnection, prepared: PreparedTable, *,
     with transaction(con):
         check_axes_against_warehouse(con, parsed.path, parsed.axes)
         replaced = _check_identities(con, parsed, replace)
-        for table in MODEL_TABLES:
-            if replaced:
-                con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
-                            [replaced])
+        _drop_rows(con, replaced, MODEL_TABLES)   # (the model row itself is upserted)
         if prepared.foreign is not None:
             replaced += _check_same_models(con, prepared, replace, replaced)
         _check_levels_against_warehouse(con, parsed)
@@ -693,11 +691,16 @@ def _check_same_models(con: duckdb.DuckDBPyConnection, prepared: PreparedTable,
                          "warehouse holds models of a dataset of this name with other data "
                          "or preprocessing; give this one another name (a model's dataset "
                          "name is how evaluation groups and selects it)")
-    for table in ("models", *MODEL_TABLES):
-        if drop:
-            con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
-                        [drop])
+    _drop_rows(con, drop, ("models", *MODEL_TABLES))   # another id: the whole model goes
     return drop
+
+
+def _drop_rows(con: duckdb.DuckDBPyConnection, ids: list[str], tables) -> None:
+    """Every row of these models in `tables` (names this module owns)."""
+    if ids:
+        for table in tables:
+            con.execute(f"DELETE FROM {table} WHERE list_contains(?::VARCHAR[], model_id)",
+                        [ids])
 
 
 def _write_foreign(con: duckdb.DuckDBPyConnection, prepared: PreparedTable) -> set[str]:

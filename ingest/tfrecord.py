@@ -48,34 +48,38 @@ def _masked(crc: int) -> int:
 
 
 def records(path: Path) -> Iterator[bytes]:
-    """Each record's data, its length and both checksums verified."""
+    """Each record's data, its length and both checksums verified, read one record at
+    a time (a reader of the first records reads only those)."""
     crc = _crc32c()
     try:
-        blob = Path(path).read_bytes()
+        f = open(path, "rb")
     except OSError as exc:
         raise FgmError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    at, index = 0, 0
-    while at < len(blob):
-        where = f"{path}, record {index} (byte {at})"
-        if at + 12 > len(blob):
-            raise FgmError(f"{where}: truncated: {len(blob) - at} bytes where a record's "
-                           "12-byte header was expected")
-        header = blob[at:at + 8]
-        (length,) = struct.unpack("<Q", header)
-        (length_crc,) = struct.unpack("<I", blob[at + 8:at + 12])
-        if _masked(crc(header)) != length_crc:
-            raise FgmError(f"{where}: the length's checksum does not match (not a TFRecord "
-                           "file, or corrupt)")
-        end = at + 12 + length
-        if end + 4 > len(blob):
-            raise FgmError(f"{where}: truncated: the record says {length:,} bytes, the file "
-                           f"has {max(0, len(blob) - at - 16):,} left")
-        data = blob[at + 12:end]
-        (data_crc,) = struct.unpack("<I", blob[end:end + 4])
-        if _masked(crc(data)) != data_crc:
-            raise FgmError(f"{where}: the data's checksum does not match (corrupt)")
-        yield data
-        at, index = end + 4, index + 1
+    with f:
+        at, index = 0, 0
+        while True:
+            header = f.read(12)
+            if not header:
+                return
+            where = f"{path}, record {index} (byte {at})"
+            if len(header) < 12:
+                raise FgmError(f"{where}: truncated: {len(header)} bytes where a record's "
+                               "12-byte header was expected")
+            (length,) = struct.unpack("<Q", header[:8])
+            (length_crc,) = struct.unpack("<I", header[8:])
+            if _masked(crc(header[:8])) != length_crc:
+                raise FgmError(f"{where}: the length's checksum does not match (not a "
+                               "TFRecord file, or corrupt)")
+            data = f.read(length)
+            tail = f.read(4)
+            if len(data) < length or len(tail) < 4:
+                raise FgmError(f"{where}: truncated: the record says {length:,} bytes, the "
+                               f"file has {max(0, len(data) + len(tail) - 4):,} left")
+            (data_crc,) = struct.unpack("<I", tail)
+            if _masked(crc(data)) != data_crc:
+                raise FgmError(f"{where}: the data's checksum does not match (corrupt)")
+            yield data
+            at, index = at + 16 + length, index + 1
 
 
 # --------------------------------------------------------------------------- protobuf

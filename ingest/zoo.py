@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fgm.train.bundle import sha256_file
 from fgm.warehouse import FgmError, InputError
 
 SOURCES = ("python", "torchvision", "timm")
@@ -50,12 +51,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def confined(base: Path, name: str, what: str, source: Path) -> Path:
@@ -785,10 +780,19 @@ def read_models_toml(path: Path) -> ModelsToml:
                       {n: parse_dataset(n, e, path) for n, e in ds.items()})
 
 
+class NotAClassifier(FgmError):
+    """The model's output is not (images, classes); `detail` says what it is."""
+
+    def __init__(self, where: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.detail = detail
+
+
 def classifier_classes(model, x, labels: list, where: str) -> int:
     """How many classes `model` outputs for images `x` (two are run, in eval mode):
-    FgmError where the images do not fit it, its output is not (2, classes), or a
-    label of `labels` is outside its classes."""
+    FgmError where the images do not fit it or a label of `labels` is outside its
+    classes, NotAClassifier where its output is not (2, classes). fgm-ingest --models
+    and fgm.measure check a model with it."""
     import torch
     model.eval()
     try:
@@ -799,12 +803,11 @@ def classifier_classes(model, x, labels: list, where: str) -> int:
                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise FgmError(f"{where}: not an image classifier: its output for 2 images is "
-                       f"{shape}, where (2, classes) was expected")
+        raise NotAClassifier(where, f"not an image classifier: its output for 2 images is "
+                                    f"{shape}, where (2, classes) was expected")
     classes = int(out.shape[1])
     for y in labels:
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
             raise FgmError(f"{where}: labels must be in [0, {classes}) for a model of "
-                           f"{classes} classes; the dataset has {int(y.min())} to "
-                           f"{int(y.max())}")
+                           f"{classes} classes; found {int(y.min())} to {int(y.max())}")
     return classes
