@@ -67,6 +67,14 @@ def _paper_rows(tables: tuple[str, ...]) -> tuple[dict, dict, dict]:
     return psi, k, labels
 
 
+def _paper_psi_std() -> dict[str, float]:
+    """measure -> Table 10's std of Ψ across the paper's 5 runs (CIFAR-10)."""
+    frame = paper_table("10").filter((pl.col("kind") == "measure")
+                                     & pl.col("measure").is_not_null()
+                                     & pl.col("Psi").is_not_null())
+    return dict(zip(frame["measure"].to_list(), frame["Psi"].to_list(), strict=True))
+
+
 def _sign(paper: float | None, here: float | None) -> str | None:
     if paper is None or here is None or paper == 0 or here == 0:
         return None
@@ -91,6 +99,29 @@ def _correlation(paper: list, here: list) -> dict:
     for key, fn in (("spearman", stats.spearmanr), ("kendall", stats.kendalltau)):
         value = float(fn(p, h)[0])
         out[key] = value if np.isfinite(value) else None
+    return out
+
+
+def _per_seed_correlation(key: str, have: list[dict], by_seed: list, seeds: list) -> dict:
+    """The rank correlation of each seed's figures with the paper's, and the mean and
+    std (ddof 1) of those correlations across seeds: how much the agreement itself
+    moves from one seed to the next."""
+    figures: dict[str, list] = {}
+    for name, each in by_seed:       # a measure's Ψ, τ row and its K row: merged
+        merged = figures.setdefault(name, [{} for _ in each])
+        for m, e in zip(merged, each, strict=True):
+            m.update(e)
+    paper = [r[f"paper_{key}"] for r in have]
+    each = []
+    for i, s in enumerate(seeds):
+        c = _correlation(paper, [figures.get(r["measure"], [{}] * len(seeds))[i].get(key)
+                                 for r in have])
+        each.append({"seed": s, "spearman": c["spearman"], "kendall": c["kendall"]})
+    out: dict = {"by_seed": each}
+    for stat in ("spearman", "kendall"):
+        v = [e[stat] for e in each if e[stat] is not None]
+        out[f"{stat}_seed_mean"] = float(np.mean(v)) if v else None
+        out[f"{stat}_seed_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else None
     return out
 
 
@@ -144,7 +175,10 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
     known = measure_names(con)
     models = select_models(con, sel)
     seeding = _seeding(models, sel, pool_seeds)
-    rows, empty = [], []
+    # with several seeds: each measure's figures per seed too, for the std across seeds
+    # of the rank correlations (each seed's figures against the paper's)
+    table10 = _paper_psi_std() if "5" in tables else {}
+    rows, empty, by_seed, seed_values = [], [], [], None
     for name in sorted(set(known) & set(labels)):
         mu, sub = measure_values(con, name, models, known)
         if len(mu) == 0:    # stored, but no value on these models: as good as missing
@@ -157,11 +191,21 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
             _, p_psi, p_tau = paper_psi[name]
             row.update(paper_tau=p_tau, tau=res["tau"], paper_Psi=p_psi, Psi=res["Psi"],
                        Psi_sign=_sign(p_psi, res["Psi"]))
+            if "seeds" in res:   # Table 10's std of Ψ (convention paper) beside the paper's
+                row.update(tau_std=res["seeds"]["std"].get("tau"),
+                           Psi_std=res["seeds"]["std"].get("Psi"),
+                           paper_Psi_std=table10.get(name))
+                seed_values = res["seeds"]["values"]
+                by_seed.append((name, res["seeds"]["each"]))
         if name in paper_k:
             res = with_seeds(sub, mu, lambda m, s, n=name: cmi_result(n, m, s,
                                                                       convention="paper"),
                              keys=("K",), **seeding)
             row.update(paper_K=paper_k[name][1], K=res["K"])
+            if "seeds" in res:
+                row["K_std"] = res["seeds"]["std"].get("K")
+                seed_values = res["seeds"]["values"]
+                by_seed.append((name, res["seeds"]["each"]))
         rows.append(row)
     signs = [r.get("Psi_sign") for r in rows]
     registered = _registered() if registered is None else registered
@@ -193,6 +237,9 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
         if have:
             out["rank_correlation"][key] = _correlation([r[f"paper_{key}"] for r in have],
                                                         [r[key] for r in have])
+            if seed_values is not None:
+                out["rank_correlation"][key].update(
+                    _per_seed_correlation(key, have, by_seed, seed_values))
     if dataset_note:
         out["note"] = dataset_note
     elif not set(datasets) & set(paper_sets):
@@ -201,8 +248,8 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
     return out
 
 
-COLUMNS = ["measure", "paper_label", "n_models", "paper_tau", "tau", "paper_Psi", "Psi",
-           "Psi_sign", "paper_K", "K"]
+COLUMNS = ["measure", "paper_label", "n_models", "paper_tau", "tau", "tau_std", "paper_Psi",
+           "paper_Psi_std", "Psi", "Psi_std", "Psi_sign", "paper_K", "K", "K_std"]
 
 
 def comparison_frame(result: dict) -> pl.DataFrame:
@@ -224,6 +271,13 @@ def summary_rows(result: dict) -> list[tuple[str, float | None]]:
         if c and c["spearman"] is not None:
             rows += [(f"Spearman ρ of {name} across {c['n']} measures", c["spearman"]),
                      (f"Kendall τ of {name} across {c['n']} measures", c["kendall"])]
+            if c.get("by_seed"):   # each seed's figures against the paper's
+                n = len(c["by_seed"])
+                for stat, word in (("spearman", "Spearman ρ"), ("kendall", "Kendall τ")):
+                    rows += [(f"{word} of {name}, per seed: mean over {n} seeds",
+                              c[f"{stat}_seed_mean"]),
+                             (f"{word} of {name}, per seed: std over {n} seeds",
+                              c[f"{stat}_seed_std"])]
     return rows
 
 

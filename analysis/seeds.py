@@ -78,7 +78,11 @@ def per_seed(seeds: np.ndarray, compute: Callable[[np.ndarray], dict]) -> dict:
     mean["n_models"] = int(sum(r["n_models"] for r in results))
     std.pop("n_models", None)
     std.pop("measure", None)
-    mean["seeds"] = {"n": int(len(values)), "values": [int(v) for v in values], "std": std}
+    # each seed's own summary figures, in the order of "values": what a statistic of
+    # the summaries across seeds (compare's rank correlations per seed) starts from
+    each = [{k: r.get(k) for k in SUMMARY_KEYS if k in r} for r in results]
+    mean["seeds"] = {"n": int(len(values)), "values": [int(v) for v in values], "std": std,
+                     "each": each}
     return mean
 
 

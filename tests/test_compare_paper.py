@@ -101,6 +101,64 @@ def test_compare_json_against_references(warehouse):
     # VC dim's least in Table 6 is its |S| = 2 column, 0.0000 (Table 1 prints 0.00)
     assert rows["vc_dim"]["paper_K"] == 0.0
     assert res["convention"] == "paper"
+    # one seed: no std across seeds to show
+    assert not {"Psi_std", "K_std", "paper_Psi_std"} & set(rows["path_norm"])
+    assert "by_seed" not in res["rank_correlation"]["Psi"]
+
+
+def _k_ref(mu, gap, levels):
+    sets = [()] + [(j,) for j in range(3)] + list(itertools.combinations(range(3), 2))
+    refs = {s: cmi_equal_ref(mu, gap, levels, s) for s in sets}
+    return min([refs[()][0]] + [refs[s][1] for s in sets if len(s) == 1]
+               + [refs[s][0] for s in sets if len(s) == 2])
+
+
+def test_compare_with_seeds_gives_the_std_across_seeds(db):
+    """Several seeds: each measure's std of Ψ (Table 10's convention) beside Table 10's,
+    the std of K, and the rank correlations of each seed's Ψ and K with the paper's,
+    with their std across seeds; every figure recomputed here seed by seed."""
+    table = pl.concat([grid(seed=s).with_columns(pl.lit(s).alias("seed"),
+                                                 pl.col("model_id") + f"s{s}")
+                       for s in range(3)])
+    build_warehouse(db, table)
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    rows = {r["measure"]: r for r in res["measures"]}
+    psi_seed, k_seed = {n: [] for n in PAPER_PSI}, {n: [] for n in PAPER_PSI}
+    sigma = {}
+    for name in PAPER_PSI:
+        per_axis = []
+        for s in range(3):
+            t = table.filter(pl.col("seed") == s).sort("model_id")
+            mu, gap, levels = t[f"complexity.{name}"].to_list(), t["gen.gap"].to_list(), \
+                _levels(t)
+            psi = psi_ref(mu, gap, levels)
+            per_axis.append(psi)
+            psi_seed[name].append(float(np.mean(psi)))
+            k_seed[name].append(_k_ref(mu, gap, levels))
+        sigma[name] = np.std(per_axis, axis=0, ddof=1)
+        table10 = float(np.sqrt(np.sum(np.square(sigma[name]))) / len(AXES))
+        assert rows[name]["Psi"] == pytest.approx(np.mean(psi_seed[name]), abs=1e-12)
+        assert rows[name]["Psi_std"] == pytest.approx(table10, abs=1e-12)
+        assert rows[name]["K_std"] == pytest.approx(np.std(k_seed[name], ddof=1), abs=1e-12)
+    # Table 10, read by hand: path-norm's std of Ψ over 5 runs is 0.0044
+    assert rows["path_norm"]["paper_Psi_std"] == 0.0044
+    names = sorted(PAPER_PSI)
+    corr = res["rank_correlation"]["Psi"]
+    rhos = [stats.spearmanr([PAPER_PSI[n] for n in names], [psi_seed[n][s] for n in names])[0]
+            for s in range(3)]
+    assert [c["seed"] for c in corr["by_seed"]] == [0, 1, 2]
+    np.testing.assert_allclose([c["spearman"] for c in corr["by_seed"]], rhos, atol=1e-12)
+    assert corr["spearman_seed_std"] == pytest.approx(np.std(rhos, ddof=1), abs=1e-12)
+    assert corr["spearman_seed_mean"] == pytest.approx(np.mean(rhos), abs=1e-12)
+    paper_k = {r["measure"]: r["paper_K"] for r in res["measures"]}
+    taus = [stats.kendalltau([paper_k[n] for n in names], [k_seed[n][s] for n in names])[0]
+            for s in range(3)]
+    np.testing.assert_allclose([c["kendall"] for c in res["rank_correlation"]["K"]["by_seed"]],
+                               taus, atol=1e-12)
+    out = CliRunner().invoke(query, ["compare", "--paper", "--db", str(db)])
+    assert out.exit_code == 0
+    assert "Spearman ρ of Ψ, per seed: std over 3 seeds" in out.output
+    assert "Psi_std" in out.output and "paper_Psi_std" in out.output
 
 
 def test_not_in_paper_and_missing(warehouse):
