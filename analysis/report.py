@@ -24,6 +24,7 @@ from .compare import compare_paper
 from .evaluate import Selection, select_models, table5, table6
 
 TRACE_MODELS = 200   # at most this many training curves, chosen evenly, to keep the page light
+TRACE_POINTS = 4000  # and at most this many points over all of them (each curve thinned evenly)
 # URL strings inside the Vega bundle that are links, not namespaces: blanked so the page
 # names no network address. What remains are the W3C XML namespace identifiers SVG needs.
 BUNDLE_LINKS = ("https://vega.github.io/editor/", "https://github.com/vega/vega-lite/issues/2415",
@@ -48,15 +49,23 @@ def script_json(obj: object) -> str:
             .replace("&", "\\u0026"))
 
 
+def _to_dict(chart: alt.TopLevelMixin) -> dict:
+    """The chart's Vega-Lite spec with its data inline, however many rows: altair's
+    default 5,000-row guard would fail a report on a large grid (one row per model
+    and axis) with a traceback. The curves are thinned before (TRACE_POINTS)."""
+    with alt.data_transformers.disable_max_rows():
+        return chart.to_dict()
+
+
 def spec(chart: alt.TopLevelMixin) -> dict:
-    out = chart.to_dict()
+    out = _to_dict(chart)
     out.pop("$schema", None)
     return out
 
 
 def save_images(chart: alt.TopLevelMixin, out: Path, name: str) -> list[Path]:
     import vl_convert as vlc
-    d = chart.to_dict()
+    d = _to_dict(chart)
     version = d.get("$schema", "").rsplit("/v", 1)[-1].rsplit(".", 2)[0] or None
     kw = {"vl_version": version} if version in vlc.get_vegalite_versions() else {}
     png, svg = out / f"{name}.png", out / f"{name}.svg"
@@ -205,12 +214,26 @@ def _traces(con: duckdb.DuckDBPyConnection, b: _Basics,
     if not axis:
         return None
     keep = sorted(trace["model_id"].unique().to_list())
-    keep = keep[:: max(1, len(keep) // TRACE_MODELS)]
+    keep = keep[:: -(-len(keep) // TRACE_MODELS)]       # ceil: never more than TRACE_MODELS
     labels = b.hp.filter(pl.col("axis") == axis).select("model_id", pl.col("value").alias(axis))
     points = trace.filter(pl.col("model_id").is_in(keep)).join(labels, on="model_id")
+    points = thin_curves(points, max(2, TRACE_POINTS // len(keep)))
     note = (f"{len(keep)} of {trace['model_id'].n_unique()} models shown"
             if len(keep) < trace["model_id"].n_unique() else "")
     return charts.traces(points, axis, level_order(b.hp, axis)), note
+
+
+def thin_curves(points: pl.DataFrame, per_curve: int) -> pl.DataFrame:
+    """At most `per_curve` points of each model's curve, evenly spaced by index, its
+    first and last point always kept (a long run's 300 points would otherwise make
+    the page heavy and the chart no clearer)."""
+    points = points.sort("model_id", "step")
+    i = pl.int_range(pl.len()).over("model_id")
+    n = pl.len().over("model_id")
+    # the k-th of per_curve evenly spaced indexes, 0 .. n-1: keep row i if it is one
+    at = (i * (per_curve - 1) / (n - 1).clip(lower_bound=1)).floor()
+    prev = ((i - 1) * (per_curve - 1) / (n - 1).clip(lower_bound=1)).floor()
+    return points.filter((n <= per_curve) | (i == 0) | (i == n - 1) | (at != prev))
 
 
 def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | None = None, *,

@@ -287,3 +287,32 @@ def test_training_curves_colour_each_value_distinctly(seeded, tmp_path):
     ten = category_scale([str(i) for i in range(10)]).to_dict()["range"]
     assert len(set(ten)) == 10
     assert min(math.dist(lab(a), lab(b)) for a, b in itertools.combinations(ten, 2)) > 25
+
+
+def test_report_of_a_large_grid_with_long_curves(db, tmp_path):
+    """252 models with 300-point training curves: the report is written (altair's
+    5,000-row guard used to end it with a traceback), at most TRACE_MODELS curves are
+    drawn, thinned to TRACE_POINTS points in all, each keeping its first and last."""
+    from fgm.analysis.report import TRACE_MODELS, TRACE_POINTS
+    table = seeded_table(n_seeds=42)
+    build_warehouse(db, table)
+    con = connect(db)
+    con.execute("INSERT INTO traces SELECT model_id, s * 10, s, 2.0 / (s + 1), 0.1, s "
+                "FROM models, range(1, 301) AS r(s)")
+    con.close()
+    out = tmp_path / "rep"
+    run("report", "--out", out, "--draws", "2", "--db", db)
+    assert (out / "traces.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "index.html").read_text()
+    traces = list(json.loads(re.search(r"const specs = (\{.*?\});\n", page, re.S)
+                             .group(1)).values())[-1]
+    rows = [r for values in traces["datasets"].values() for r in values]
+    models = {r["model_id"] for r in rows}
+    assert 100 < len(models) <= TRACE_MODELS < 252
+    assert len(rows) <= TRACE_POINTS
+    for m in models:
+        steps = sorted(r["step"] for r in rows if r["model_id"] == m)
+        assert steps[0] == 10 and steps[-1] == 3000 and len(steps) >= 10
+    # every point drawn is a real point of its curve
+    assert all(r["train_loss"] == pytest.approx(2.0 / (r["step"] / 10 + 1)) for r in rows)
+    assert f"{len(models)} of 252 models shown" in page
