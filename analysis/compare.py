@@ -102,21 +102,35 @@ def _correlation(paper: list, here: list) -> dict:
     return out
 
 
+def _each_seed(res: dict, seeds: np.ndarray) -> dict[int, dict]:
+    """seed -> that seed's own summary figures of one measure. A measure with values
+    on a single seed has no per-seed breakdown: its figures are that seed's."""
+    if "seeds" in res:
+        return dict(zip(res["seeds"]["values"], res["seeds"]["each"], strict=True))
+    values = np.unique(seeds)
+    if len(values) == 1:
+        return {int(values[0]): {k: res[k] for k in ("tau", "Psi", "K") if k in res}}
+    return {}
+
+
 def _per_seed_correlation(key: str, have: list[dict], by_seed: list, seeds: list) -> dict:
     """The rank correlation of each seed's figures with the paper's, and the mean and
     std (ddof 1) of those correlations across seeds: how much the agreement itself
-    moves from one seed to the next."""
-    figures: dict[str, list] = {}
+    moves from one seed to the next. Figures are matched by seed, never by position:
+    a measure with no value on a seed is left out of that seed's correlation (its `n`
+    says over how many measures each was taken)."""
+    figures: dict[str, dict[int, dict]] = {}
     for name, each in by_seed:       # a measure's Ψ, τ row and its K row: merged
-        merged = figures.setdefault(name, [{} for _ in each])
-        for m, e in zip(merged, each, strict=True):
-            m.update(e)
+        merged = figures.setdefault(name, {})
+        for s, e in each.items():
+            merged.setdefault(s, {}).update(e)
     paper = [r[f"paper_{key}"] for r in have]
     each = []
-    for i, s in enumerate(seeds):
-        c = _correlation(paper, [figures.get(r["measure"], [{}] * len(seeds))[i].get(key)
+    for s in seeds:
+        c = _correlation(paper, [figures.get(r["measure"], {}).get(s, {}).get(key)
                                  for r in have])
-        each.append({"seed": s, "spearman": c["spearman"], "kendall": c["kendall"]})
+        each.append({"seed": s, "n": c["n"], "spearman": c["spearman"],
+                     "kendall": c["kendall"]})
     out: dict = {"by_seed": each}
     for stat in ("spearman", "kendall"):
         v = [e[stat] for e in each if e[stat] is not None]
@@ -178,7 +192,7 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
     # with several seeds: each measure's figures per seed too, for the std across seeds
     # of the rank correlations (each seed's figures against the paper's)
     table10 = _paper_psi_std() if "5" in tables else {}
-    rows, empty, by_seed, seed_values = [], [], [], None
+    rows, empty, by_seed, seed_values = [], [], [], set()
     for name in sorted(set(known) & set(labels)):
         mu, sub = measure_values(con, name, models, known)
         if len(mu) == 0:    # stored, but no value on these models: as good as missing
@@ -195,8 +209,8 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
                 row.update(tau_std=res["seeds"]["std"].get("tau"),
                            Psi_std=res["seeds"]["std"].get("Psi"),
                            paper_Psi_std=table10.get(name))
-                seed_values = res["seeds"]["values"]
-                by_seed.append((name, res["seeds"]["each"]))
+                seed_values.update(res["seeds"]["values"])
+            by_seed.append((name, _each_seed(res, sub.seeds)))
         if name in paper_k:
             res = with_seeds(sub, mu, lambda m, s, n=name: cmi_result(n, m, s,
                                                                       convention="paper"),
@@ -204,8 +218,8 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
             row.update(paper_K=paper_k[name][1], K=res["K"])
             if "seeds" in res:
                 row["K_std"] = res["seeds"]["std"].get("K")
-                seed_values = res["seeds"]["values"]
-                by_seed.append((name, res["seeds"]["each"]))
+                seed_values.update(res["seeds"]["values"])
+            by_seed.append((name, _each_seed(res, sub.seeds)))
         rows.append(row)
     signs = [r.get("Psi_sign") for r in rows]
     registered = _registered() if registered is None else registered
@@ -237,9 +251,9 @@ def compare_paper(con: duckdb.DuckDBPyConnection, sel: Selection,
         if have:
             out["rank_correlation"][key] = _correlation([r[f"paper_{key}"] for r in have],
                                                         [r[key] for r in have])
-            if seed_values is not None:
+            if seed_values and not seeding["pool_seeds"]:
                 out["rank_correlation"][key].update(
-                    _per_seed_correlation(key, have, by_seed, seed_values))
+                    _per_seed_correlation(key, have, by_seed, sorted(seed_values)))
     if dataset_note:
         out["note"] = dataset_note
     elif not set(datasets) & set(paper_sets):

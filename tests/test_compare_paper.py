@@ -276,6 +276,12 @@ def test_report_section_paper_vs_here(warehouse, tmp_path):
     points = data[dots["data"]["name"]]
     assert sorted(p["measure"] for p in points) == sorted(PAPER_PSI)
     assert k_panel["layer"][1]["encoding"]["x"]["title"] == "K in the paper"
+    # the K panel's points are coloured by the measure's sign of Ψ, as the shared
+    # legend says: sharpness_flatness, whose Ψ flips, is red there too
+    k_dots = k_panel["layer"][1]
+    assert k_dots["encoding"]["color"]["field"] == "sign"
+    k_points = {p["measure"]: p["sign"] for p in data[k_dots["data"]["name"]]}
+    assert k_points["sharpness_flatness"] == "flip" and k_points["path_norm"] == "agree"
 
 
 def test_report_section_without_the_papers_measures(db, tmp_path):
@@ -403,3 +409,27 @@ def test_a_measure_whose_values_failed_is_filled_with_recompute(db):
     assert f"no value on the selected models: vc_dim (the paper's 'VC dim'); its {a.height} " \
            "values failed (fgm-query measures says why); fill with: fgm-measure --measures " \
            f"vc_dim --recompute --db {db}" in out
+
+
+def test_per_seed_correlations_match_figures_by_seed_not_position(db):
+    """vc_dim has no values on seed 2 (a measure run that failed there): seed 2's rank
+    correlation is over the other three measures, seeds 0 and 1 over all four, and
+    no figure of one seed is read as another's."""
+    table = pl.concat([grid(seed=s).with_columns(pl.lit(s).alias("seed"),
+                                                 pl.col("model_id") + f"s{s}")
+                       for s in range(3)])
+    table = table.with_columns(
+        pl.when(pl.col("seed") == 2).then(None).otherwise(pl.col("complexity.vc_dim"))
+        .alias("complexity.vc_dim"))
+    build_warehouse(db, table)
+    res = json.loads(run("compare", "--paper", "--db", db, "--format", "json"))
+    by_seed = {c["seed"]: c for c in res["rank_correlation"]["Psi"]["by_seed"]}
+    assert sorted(by_seed) == [0, 1, 2]
+    assert [by_seed[s]["n"] for s in range(3)] == [4, 4, 3]
+    for s in range(3):
+        t = table.filter(pl.col("seed") == s).sort("model_id")
+        names = sorted(n for n in PAPER_PSI if t[f"complexity.{n}"].null_count() == 0)
+        here = [float(np.mean(psi_ref(t[f"complexity.{n}"].to_list(), t["gen.gap"].to_list(),
+                                      _levels(t)))) for n in names]
+        rho = stats.spearmanr([PAPER_PSI[n] for n in names], here)[0]
+        assert by_seed[s]["spearman"] == pytest.approx(rho, abs=1e-12)
