@@ -136,7 +136,8 @@ def measure_vs_gap(frame: pl.DataFrame, measure: str, color: str, log: bool,
 
 def paper_vs_here(points: pl.DataFrame) -> alt.HConcatChart:
     """The paper's figure against this warehouse's, one point per measure, the
-    diagonal drawn: a panel for Ψ (coloured by whether its sign agrees) and one for K.
+    diagonal drawn: a panel for Ψ and one for K, each point coloured by whether the
+    measure's sign of Ψ agrees with the paper's.
     points: measure, quantity (Ψ or K), paper, here, sign."""
     panels = []
     for quantity in ("Ψ", "K"):
@@ -150,10 +151,11 @@ def paper_vs_here(points: pl.DataFrame) -> alt.HConcatChart:
                                     .item()) * 1.05, 1e-3)
         diagonal = alt.Chart(pl.DataFrame({"paper": [lo, hi], "here": [lo, hi]})).mark_line(
             color="#888", strokeDash=[4, 4]).encode(x="paper:Q", y="here:Q")
-        color = (alt.Color("sign:N", title="sign of Ψ",
-                           scale=alt.Scale(domain=["agree", "flip", "n/a"],
-                                           range=["#1f77b4", "#d62728", "#999999"]))
-                 if quantity == "Ψ" else alt.value("#1f77b4"))
+        # both panels coloured by the measure's sign of Ψ: the legend is shared, and a
+        # measure whose Ψ flips is the same red in the K panel
+        color = alt.Color("sign:N", title="sign of Ψ",
+                          scale=alt.Scale(domain=["agree", "flip", "n/a"],
+                                          range=["#1f77b4", "#d62728", "#999999"]))
         dots = alt.Chart(data).mark_circle(size=60, opacity=0.8).encode(
             x=alt.X("paper:Q", title=f"{quantity} in the paper",
                     scale=alt.Scale(domain=[lo, hi])),
