@@ -34,6 +34,7 @@ from .evaluate import (
     with_seeds,
 )
 from .paper import paper_figures, paper_table
+from .seeds import SUMMARY_KEYS
 
 PSI_TABLES = {"5": "cifar10", "7": "svhn"}   # τ tables and the dataset behind each
 CMI_TABLES = {"6": "cifar10"}
@@ -109,7 +110,7 @@ def _each_seed(res: dict, seeds: np.ndarray) -> dict[int, dict]:
         return dict(zip(res["seeds"]["values"], res["seeds"]["each"], strict=True))
     values = np.unique(seeds)
     if len(values) == 1:
-        return {int(values[0]): {k: res[k] for k in ("tau", "Psi", "K") if k in res}}
+        return {int(values[0]): {k: res[k] for k in SUMMARY_KEYS if k in res}}
     return {}
 
 

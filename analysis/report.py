@@ -228,12 +228,13 @@ def thin_curves(points: pl.DataFrame, per_curve: int) -> pl.DataFrame:
     first and last point always kept (a long run's 300 points would otherwise make
     the page heavy and the chart no clearer)."""
     points = points.sort("model_id", "step")
-    i = pl.int_range(pl.len()).over("model_id")
-    n = pl.len().over("model_id")
-    # the k-th of per_curve evenly spaced indexes, 0 .. n-1: keep row i if it is one
-    at = (i * (per_curve - 1) / (n - 1).clip(lower_bound=1)).floor()
-    prev = ((i - 1) * (per_curve - 1) / (n - 1).clip(lower_bound=1)).floor()
-    return points.filter((n <= per_curve) | (i == 0) | (i == n - 1) | (at != prev))
+    i = pl.int_range(pl.len(), dtype=pl.Int64).over("model_id")
+    last = (pl.len().over("model_id").cast(pl.Int64) - 1).clip(lower_bound=1)
+    # row i is kept when floor(i·(per_curve−1)/last) steps up from row i−1's: exact
+    # integers, so the first row (−1 → 0), the last (→ per_curve−1) and, for a curve
+    # no longer than per_curve, every row are kept
+    bucket = i * (per_curve - 1) // last
+    return points.filter(bucket != (i - 1) * (per_curve - 1) // last)
 
 
 def build_report(con: duckdb.DuckDBPyConnection, out: Path, sel: Selection | None = None, *,
